@@ -1,0 +1,138 @@
+"""Store events: a nudge to server replicas that the live merge changed, so they hot-swap.
+
+The ledger is the truth; an event only says "look again". A lost event (Redis down, a
+subscriber reconnecting) is harmless for a server that also runs a :class:`LedgerWatcher`,
+and a server without Redis runs only the watcher.
+
+Events go over Redis pub/sub on a channel derived from the store root, so stores sharing
+one Redis never wake each other's servers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import redis
+
+from adapters_store.store import LEDGER_FILE
+
+log = logging.getLogger(__name__)
+
+CHANNEL_PREFIX = "lamina:store:"
+
+
+def channel_for(store_root: str | Path) -> str:
+    """The pub/sub channel of a store. Local paths are resolved, so "./store" and its absolute
+    path share one channel; URLs (``s3://...``) are used as written."""
+    root = str(store_root)
+    if "://" not in root:
+        root = str(Path(root).expanduser().resolve())
+    return CHANNEL_PREFIX + hashlib.sha256(root.encode()).hexdigest()[:16]
+
+
+def publish_event(redis_url: str, store_root: str | Path, event: dict[str, Any]) -> int:
+    """Publish ``event`` (JSON-serializable) for the store; returns how many subscribers got it."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.publish(channel_for(store_root), json.dumps(event)))
+    finally:
+        client.close()
+
+
+def redis_notifier(redis_url: str, store_root: str | Path) -> Callable[[dict[str, Any]], None]:
+    """An ``on_event`` callback for :class:`adapters_store.store.AdapterStore`."""
+
+    def notify(event: dict[str, Any]) -> None:
+        publish_event(redis_url, store_root, event)
+
+    return notify
+
+
+class EventSubscriber:
+    """Subscribed from construction on, so no event published after it returns is missed.
+
+    Use as a context manager; :meth:`get` for one event, :meth:`events` to loop until a stop
+    event is set (run it in the server's own thread). Connection errors propagate: the caller
+    decides whether to reconnect or fall back to the ledger watcher.
+    """
+
+    def __init__(self, redis_url: str, store_root: str | Path, confirm_timeout_s: float = 5.0) -> None:
+        self.channel = channel_for(store_root)
+        self._client = redis.Redis.from_url(redis_url)
+        self._pubsub = self._client.pubsub()
+        self._pubsub.subscribe(self.channel)
+        # Wait for Redis to confirm: until then a publish from another connection can be lost.
+        confirm = self._pubsub.get_message(timeout=confirm_timeout_s)
+        if confirm is None or confirm["type"] != "subscribe":
+            self.close()
+            raise TimeoutError(f"Redis did not confirm the subscription to {self.channel}")
+
+    def get(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        """The next event, or None if none arrives within ``timeout`` seconds."""
+        message = self._pubsub.get_message(timeout=timeout)
+        if message is None or message["type"] != "message":
+            return None
+        try:
+            event = json.loads(message["data"])
+        except ValueError:
+            log.warning("ignoring a malformed event on %s", self.channel)
+            return None
+        return event if isinstance(event, dict) else None
+
+    def events(self, stop: threading.Event, poll_s: float = 1.0) -> Iterator[dict[str, Any]]:
+        while not stop.is_set():
+            event = self.get(timeout=poll_s)
+            if event is not None:
+                yield event
+
+    def close(self) -> None:
+        self._pubsub.close()
+        self._client.close()
+
+    def __enter__(self) -> EventSubscriber:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class LedgerWatcher:
+    """Polls ``ledger.jsonl`` for servers without Redis (and as a safety net beside it).
+
+    The ledger is append-only, so any change of its size or mtime means a new entry. The
+    state at construction counts as seen: load the live merge first, then start watching.
+    """
+
+    def __init__(self, store_root: str | Path, interval_s: float = 2.0) -> None:
+        self.path = Path(store_root) / LEDGER_FILE
+        self.interval_s = interval_s
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_size, stat.st_mtime_ns
+
+    def poll(self) -> bool:
+        """True once per change since the last call."""
+        stamp = self._stamp()
+        changed = stamp != self._seen
+        self._seen = stamp
+        return changed
+
+    def changes(self, stop: threading.Event) -> Iterator[None]:
+        """Yield after each change, checking every ``interval_s`` until ``stop`` is set."""
+        while not stop.wait(self.interval_s):
+            if self.poll():
+                yield None

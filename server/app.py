@@ -1,0 +1,75 @@
+"""The FastAPI application factory.
+
+The vLLM engine is built in a background thread during the app's lifespan, so that
+``/health`` answers at once and ``/ready`` turns 200 when the engine can serve; the engine is
+shut down on every exit path (Ctrl-C included) so its child processes never outlive us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from server.engine import Engine
+from server.errors import install_error_handlers
+from server.models import ModelRegistry
+from server.openai.router import router as openai_router
+from server.openai.serving import CompletionService
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ServerSettings | None = None, *, start_engine: bool = True) -> FastAPI:
+    """Build the app. ``start_engine=False`` gives an app whose engine never loads (for tests
+    of the code around the engine: validation, error shapes, routing)."""
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine: Engine = app.state.engine
+        loading = asyncio.create_task(asyncio.to_thread(engine.start)) if start_engine else None
+        app.state.engine_loading = loading
+        try:
+            yield
+        finally:
+            if loading is not None and not loading.done():
+                log.info("waiting for the engine to finish loading before shutting it down")
+                await asyncio.gather(loading, return_exceptions=True)
+            engine.shutdown()
+
+    app = FastAPI(title="Lamina", version="0.1.0", lifespan=lifespan)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(settings.model))
+    engine = Engine(settings)
+    registry = ModelRegistry(settings.base_model_name)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.registry = registry
+    app.state.completions = CompletionService(settings, engine, registry, tokenizer)
+    install_error_handlers(app)
+    app.include_router(openai_router)
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> dict[str, str]:
+        """The process is up (the engine may still be loading)."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"])
+    async def ready(request: Request) -> JSONResponse:
+        """200 once the engine can serve requests, 503 before (and if it failed to load)."""
+        loading = getattr(request.app.state, "engine_loading", None)
+        if loading is not None and loading.done() and loading.exception() is not None:
+            detail = f"engine failed to start: {loading.exception()}"
+            return JSONResponse(status_code=503, content={"status": "failed", "detail": detail})
+        if request.app.state.engine.ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse(status_code=503, content={"status": "loading"})
+
+    return app

@@ -1,0 +1,84 @@
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+Handlers translate every failure the server expects into a 4xx naming the offending field;
+services raise ``APIError`` instead of building responses themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.models import ModelNotFound
+from server.openai.protocol import ErrorBody, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error the client can act on."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        error = ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=error).model_dump()
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(status_code=error.status, content=error.body())
+
+
+def _field_path(loc: tuple) -> str | None:
+    """``("body", "messages", 0, "role")`` -> ``"messages.0.role"``."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    # pydantic adds the union member's type name (``str``, ``list[str]``) to the location
+    parts = [p for p in parts if p not in ("str", "list[str]", "int", "float")]
+    return ".".join(parts) or None
+
+
+async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = _field_path(tuple(first.get("loc", ())))
+    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    return error_response(APIError(400, message, param=param, code="invalid_value"))
+
+
+async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def _on_model_not_found(_: Request, exc: ModelNotFound) -> JSONResponse:
+    return error_response(APIError(404, str(exc), param="model", code="model_not_found"))
+
+
+async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+
+
+async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error")
+    return error_response(APIError(500, "internal server error", type="server_error"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(APIError, _on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ModelNotFound, _on_model_not_found)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _on_unexpected)

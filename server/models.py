@@ -1,0 +1,84 @@
+"""Which engine adapter answers a request's ``model`` field.
+
+One resolver serves every endpoint: ``base`` (no adapter), a task name (that task's own
+adapter) and ``continual`` (the live merge). Public names are aliases onto engine adapter
+handles; a hot-swap points an alias at a new handle, and a handle that no alias points at
+and no request holds any more can be unloaded from the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from server.engine import AdapterHandle
+
+
+class ModelNotFound(LookupError):
+    """The request named a model this server does not serve."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"The model `{name}` does not exist. GET /v1/models lists the served models.")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class Route:
+    """A public model name and what currently answers for it."""
+
+    name: str
+    adapter: AdapterHandle | None  # None: the base model's own weights
+    kind: str  # "base" | "task" | "continual"
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class ModelRegistry:
+    """Alias table plus a count of in-flight requests per engine adapter."""
+
+    def __init__(self, base_name: str) -> None:
+        self.base_name = base_name
+        self._routes: dict[str, Route] = {base_name: Route(base_name, None, "base")}
+        self._in_flight: Counter[int] = Counter()
+
+    def routes(self) -> list[Route]:
+        return list(self._routes.values())
+
+    def resolve(self, name: str) -> Route:
+        try:
+            return self._routes[name]
+        except KeyError:
+            raise ModelNotFound(name) from None
+
+    def set_route(self, route: Route) -> AdapterHandle | None:
+        """Point ``route.name`` at a new adapter; returns the handle it pointed at before."""
+        previous = self._routes.get(route.name)
+        self._routes[route.name] = route
+        return previous.adapter if previous else None
+
+    def drop_route(self, name: str) -> AdapterHandle | None:
+        previous = self._routes.pop(name, None)
+        return previous.adapter if previous else None
+
+    @contextmanager
+    def lease(self, name: str) -> Iterator[Route]:
+        """Resolve ``name`` and hold its adapter for the duration of one request, so a
+        hot-swap never unloads an adapter that a running request still decodes with."""
+        route = self.resolve(name)
+        lora_id = route.adapter.lora_id if route.adapter else None
+        if lora_id is not None:
+            self._in_flight[lora_id] += 1
+        try:
+            yield route
+        finally:
+            if lora_id is not None:
+                self._in_flight[lora_id] -= 1
+                if self._in_flight[lora_id] <= 0:
+                    del self._in_flight[lora_id]
+
+    def in_use(self, adapter: AdapterHandle) -> bool:
+        """True while an alias points at ``adapter`` or a request still holds it."""
+        routed = any(r.adapter == adapter for r in self._routes.values())
+        return routed or self._in_flight.get(adapter.lora_id, 0) > 0

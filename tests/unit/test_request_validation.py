@@ -1,0 +1,117 @@
+"""Request validation and error shapes, without the engine: the app is built with
+``start_engine=False`` and the service with an engine stand-in that claims to be ready
+(these tests are about the code in front of the engine, not the engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.errors import APIError
+from server.models import ModelRegistry
+from server.openai.protocol import ChatCompletionRequest, CompletionRequest
+from server.openai.serving import CompletionService
+from server.settings import ServerSettings
+
+
+class ReadyEngine:
+    ready = True
+
+
+@pytest.fixture(scope="module")
+def service(base_model_dir: Path) -> CompletionService:
+    from transformers import AutoTokenizer
+
+    settings = ServerSettings(model=base_model_dir, max_model_len=64)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
+    return CompletionService(settings, ReadyEngine(), ModelRegistry("base"), tokenizer)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def client(base_model_dir: Path) -> TestClient:
+    with TestClient(create_app(ServerSettings(model=base_model_dir), start_engine=False)) as test_client:
+        yield test_client
+
+
+def _raises(call, param: str, status: int = 400) -> APIError:  # type: ignore[no-untyped-def]
+    with pytest.raises(APIError) as caught:
+        call()
+    assert (caught.value.status, caught.value.param) == (status, param)
+    return caught.value
+
+
+def test_prompt_longer_than_context_names_prompt(service: CompletionService) -> None:
+    error = _raises(
+        lambda: service._prepare_completion(CompletionRequest(model="base", prompt="rain " * 100)), "prompt"
+    )
+    assert error.code == "context_length_exceeded"
+
+
+def test_max_tokens_beyond_context_names_max_tokens(service: CompletionService) -> None:
+    request = CompletionRequest(model="base", prompt="rain", max_tokens=500)
+    _raises(lambda: service._prepare_completion(request), "max_tokens")
+
+
+def test_chat_names_max_completion_tokens_when_that_was_sent(service: CompletionService) -> None:
+    request = ChatCompletionRequest(
+        model="base", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=500
+    )
+    _raises(lambda: service._prepare_chat(request), "max_completion_tokens")
+
+
+def test_chat_prompt_uses_default_template(service: CompletionService) -> None:
+    request = ChatCompletionRequest(model="base", messages=[{"role": "user", "content": "hi"}])
+    prompts, params = service._prepare_chat(request)
+    text = service.tokenizer.decode(prompts[0])
+    assert "<|user|>" in text and text.rstrip().endswith("<|assistant|>")
+    assert params.max_tokens == 64 - len(prompts[0]), "chat defaults to the rest of the context"
+
+
+def test_greedy_n_runs_as_single_sample_copies(service: CompletionService) -> None:
+    _, params = service._prepare_completion(CompletionRequest(model="base", prompt="x", n=3, temperature=0))
+    assert params.n == 1
+    _, params = service._prepare_completion(CompletionRequest(model="base", prompt="x", n=3, temperature=0.7))
+    assert params.n == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "base", "prompt": "x", "max_tokens": -3}, "max_tokens"),
+        ({"model": "base", "prompt": "x", "temperature": -1}, "temperature"),
+        ({"model": "base", "prompt": []}, "prompt"),
+        ({"model": "base"}, "prompt"),
+        ({"model": "base", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "base", "prompt": "x", "bogus": 1}, "bogus"),
+    ],
+)
+def test_bad_completion_bodies_are_400_naming_the_field(client: TestClient, body: dict, param: str) -> None:
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_bad_chat_role_names_the_nested_field(client: TestClient) -> None:
+    response = client.post(
+        "/v1/chat/completions", json={"model": "base", "messages": [{"role": "robot", "content": "x"}]}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages.0.role"
+
+
+def test_unknown_model_is_404_before_engine_readiness(client: TestClient) -> None:
+    response = client.post("/v1/completions", json={"model": "ghost", "prompt": "x"})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_valid_request_while_loading_is_503_and_ready_says_so(client: TestClient) -> None:
+    assert client.get("/health").status_code == 200
+    assert client.get("/ready").status_code == 503
+    response = client.post("/v1/completions", json={"model": "base", "prompt": "x"})
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "server_error"
