@@ -15,12 +15,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from adapters_store.fingerprint import fingerprint_model
+from adapters_store.store import AdapterStore
 from server.engine import Engine
 from server.errors import install_error_handlers
+from server.hotswap import AdapterSync
 from server.models import ModelRegistry
 from server.openai.router import router as openai_router
 from server.openai.serving import CompletionService
 from server.settings import ServerSettings
+from server.training.router import router as training_router
+from server.training.service import TrainingService
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,13 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine: Engine = app.state.engine
-        loading = asyncio.create_task(asyncio.to_thread(engine.start)) if start_engine else None
+        sync: AdapterSync = app.state.sync
+
+        async def boot() -> None:
+            await asyncio.to_thread(engine.start)
+            app.state.following = asyncio.create_task(sync.follow())
+
+        loading = asyncio.create_task(boot()) if start_engine else None
         app.state.engine_loading = loading
         try:
             yield
@@ -41,6 +52,10 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
             if loading is not None and not loading.done():
                 log.info("waiting for the engine to finish loading before shutting it down")
                 await asyncio.gather(loading, return_exceptions=True)
+            following = getattr(app.state, "following", None)
+            if following is not None:
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
             engine.shutdown()
 
     app = FastAPI(title="Lamina", version="0.1.0", lifespan=lifespan)
@@ -49,12 +64,26 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
     tokenizer = AutoTokenizer.from_pretrained(str(settings.model))
     engine = Engine(settings)
     registry = ModelRegistry(settings.base_model_name)
+    store = AdapterStore(
+        settings.store_dir, fingerprint_model(settings.model), base_model=str(settings.model)
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.registry = registry
+    app.state.store = store
+    app.state.sync = AdapterSync(
+        engine,
+        registry,
+        store,
+        cache_dir=settings.home / "cache",
+        max_lora_rank=settings.max_lora_rank,
+        events_url=settings.events_url,
+    )
     app.state.completions = CompletionService(settings, engine, registry, tokenizer)
+    app.state.training = TrainingService(settings, store, settings.default_method)
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(training_router)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:
@@ -68,8 +97,9 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         if loading is not None and loading.done() and loading.exception() is not None:
             detail = f"engine failed to start: {loading.exception()}"
             return JSONResponse(status_code=503, content={"status": "failed", "detail": detail})
-        if request.app.state.engine.ready:
-            return JSONResponse({"status": "ready"})
+        if request.app.state.engine.ready and request.app.state.sync.status.syncs > 0:
+            status = request.app.state.sync.status
+            return JSONResponse({"status": "ready", "live_merge": status.live_merge, "tasks": status.tasks})
         return JSONResponse(status_code=503, content={"status": "loading"})
 
     return app

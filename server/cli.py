@@ -35,3 +35,81 @@ def serve(
     overrides = {k: v for k, v in {"host": host, "port": port, "model": model}.items() if v is not None}
     settings = ServerSettings(**overrides)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command()
+def worker(
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run the training worker (Celery; concurrency 1, acks_late, prefetch 1)."""
+    from trainer.worker import celery, settings
+
+    celery.worker_main(
+        [
+            "worker",
+            "--concurrency=1",
+            "--prefetch-multiplier=1",
+            "-Q",
+            settings.queue,
+            f"--loglevel={loglevel}",
+            "--hostname=lamina@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="Port of the demo server.")] = 8000,
+) -> None:
+    """Server + worker on the embedded model, no external services (Ctrl-C stops both)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LAMINA_PORT": str(port)}
+    worker_process = subprocess.Popen([sys.executable, "-m", "server", "worker"], env=env)
+    try:
+        os.environ["LAMINA_PORT"] = str(port)
+        typer.echo(f"Lamina demo: http://127.0.0.1:{port}/v1 (model names: base, continual, your tasks)")
+        serve(host=None, port=port, model=None)
+    finally:
+        worker_process.terminate()
+        worker_process.wait(timeout=30)
+
+
+@app.command()
+def train(
+    name: Annotated[str, typer.Argument(help="The task's name (becomes a model name).")],
+    file: Annotated[Path, typer.Argument(help="JSONL file, one {prompt, completion} per line.", exists=True)],
+    method: Annotated[str | None, typer.Option(help="Method preset, e.g. lori-s, ps-lora.")] = None,
+    hyperparameters: Annotated[str, typer.Option(help="JSON object of hyper-parameters.")] = "{}",
+    url: Annotated[str, typer.Option(help="Lamina server.")] = "http://127.0.0.1:8000",
+) -> None:
+    """Post a task to a running server and follow its training with a progress bar."""
+    import time
+
+    import httpx
+    from tqdm import tqdm
+
+    data = {"name": name, "hyperparameters": hyperparameters, **({"method": method} if method else {})}
+    with file.open("rb") as handle:
+        response = httpx.post(f"{url}/tasks", data=data, files={"file": handle}, timeout=60)
+    if response.status_code != 202:
+        typer.echo(f"refused ({response.status_code}): {response.json()['error']['message']}", err=True)
+        raise typer.Exit(1)
+    job = response.json()
+    with tqdm(total=1, desc=f"{name} ({job['method']})", unit="step") as bar:
+        while job["status"] not in ("succeeded", "failed", "cancelled"):
+            time.sleep(0.5)
+            job = httpx.get(f"{url}/tasks/{job['id']}", timeout=30).json()
+            progress = job.get("progress") or {}
+            if progress:
+                bar.total = progress["total"]
+                bar.n = progress["step"]
+                bar.set_postfix(status=job["status"], loss=progress.get("loss"))
+                bar.refresh()
+    typer.echo(f"{job['status']}: {job.get('task_version') or job.get('error')}")
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)

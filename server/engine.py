@@ -60,6 +60,7 @@ class Engine:
             enable_lora=True,
             max_lora_rank=s.max_lora_rank,
             max_loras=s.max_loras,
+            max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
             seed=0,
         )
         log.info("starting vLLM engine for %s", s.model)

@@ -1,0 +1,194 @@
+"""Keep the running engine in step with the adapter store, with no restart.
+
+The store's ledger is the truth: on start-up and after every change (a Redis event, or the
+ledger file growing), ``AdapterSync.sync`` reads the live tasks and the live merge, loads
+any version the engine does not have yet under a fresh name and id, flips the aliases, and
+unloads versions that no alias points at and no request still holds.
+
+A version that fails to load leaves the aliases as they were: the live model never changes
+half-way. Dense merges (PS-LoRA's magnitude merge) are served as their best rank-R
+approximation at the engine's max_lora_rank; its relative error is logged and reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapters_store.events import EventSubscriber, LedgerWatcher
+from adapters_store.merges import DenseDelta
+from adapters_store.store import AdapterStore, MergeRecord
+from server.engine import AdapterHandle, Engine
+from server.models import ModelRegistry, Route
+
+log = logging.getLogger(__name__)
+CONTINUAL = "continual"
+
+
+@dataclass
+class SyncStatus:
+    """What the last sync did, for /ready and the admin view."""
+
+    live_merge: str | None = None
+    tasks: list[str] = field(default_factory=list)
+    last_error: str | None = None
+    svd_relative_error: float | None = None
+    syncs: int = 0
+
+
+class AdapterSync:
+    """Mirrors one store into one engine's adapters and the registry's aliases."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        registry: ModelRegistry,
+        store: AdapterStore,
+        cache_dir: Path,
+        max_lora_rank: int,
+        events_url: str | None = None,
+        poll_interval_s: float = 0.5,
+    ) -> None:
+        self.engine, self.registry, self.store = engine, registry, store
+        self.cache_dir = cache_dir
+        self.max_lora_rank = max_lora_rank
+        self.events_url = events_url
+        self.poll_interval_s = poll_interval_s
+        self.status = SyncStatus()
+        self._loaded: dict[str, AdapterHandle] = {}  # engine adapter name -> handle
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+        registry.set_route(Route(CONTINUAL, None, CONTINUAL))  # no tasks yet: continual = base
+
+    # --- one sync ---------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        async with self._lock:
+            try:
+                await self._sync()
+                self.status.last_error = None
+            except Exception as error:  # the live model stays as it was
+                log.exception("adapter sync failed; keeping the current adapters")
+                self.status.last_error = f"{type(error).__name__}: {error}"
+            finally:
+                self.status.syncs += 1
+            await self._unload_unused()
+
+    async def _sync(self) -> None:
+        tasks = self.store.tasks()
+        live = self.store.live()
+        routes: list[Route] = []
+        for task in tasks:  # load everything first, flip aliases only when all loaded
+            handle = await self._load(f"{task.name}@v{task.version}", task.path)
+            routes.append(Route(task.name, handle, "task"))
+        if live is not None:
+            routes.append(Route(CONTINUAL, await self._load_merge(live), CONTINUAL))
+        else:
+            routes.append(Route(CONTINUAL, None, CONTINUAL))
+        wanted = {r.name for r in routes}
+        for route in routes:
+            self.registry.set_route(route)
+        for route in self.registry.routes():
+            if route.kind == "task" and route.name not in wanted:
+                self.registry.drop_route(route.name)
+        self.status.live_merge = live.id if live else None
+        self.status.tasks = [t.id for t in tasks]
+
+    async def _load(self, name: str, path: Path) -> AdapterHandle:
+        if name not in self._loaded:
+            handle = AdapterHandle(name, next(self._ids), str(path))
+            await self.engine.add_adapter(handle)
+            self._loaded[name] = handle
+            log.info("loaded adapter %s (id %d) from %s", name, handle.lora_id, path)
+        return self._loaded[name]
+
+    async def _load_merge(self, merge: MergeRecord) -> AdapterHandle:
+        if merge.kind == "lora":
+            rank = int(merge.meta.get("rank", 0))
+            if rank > self.max_lora_rank:
+                raise ValueError(f"merge {merge.id} has rank {rank} > max_lora_rank {self.max_lora_rank}")
+            return await self._load(f"{CONTINUAL}@{merge.id}", merge.path)
+        name = f"{CONTINUAL}@{merge.id}-svd{self.max_lora_rank}"
+        if name not in self._loaded:
+            path = await asyncio.to_thread(self._export_dense, merge)
+            return await self._load(name, path)
+        return self._loaded[name]
+
+    def _export_dense(self, merge: MergeRecord) -> Path:
+        """Write the dense merge's rank-R approximation once, atomically, into the cache."""
+        target = self.cache_dir / f"{merge.id}-svd{self.max_lora_rank}"
+        if not target.exists():
+            delta = DenseDelta.load(merge.path)
+            adapter, error = delta.to_lora_svd(self.max_lora_rank)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+            tmp.mkdir(parents=True)
+            adapter.save_peft(tmp, base_model=self.store.base_model)
+            (tmp / "svd_error.txt").write_text(f"{error:.6g}\n")
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another replica won the race; its copy is identical
+                shutil.rmtree(tmp, ignore_errors=True)
+            log.info(
+                "dense merge %s served at rank %d, relative error %.4f", merge.id, self.max_lora_rank, error
+            )
+        self.status.svd_relative_error = float((target / "svd_error.txt").read_text())
+        return target
+
+    async def _unload_unused(self) -> None:
+        for name, handle in list(self._loaded.items()):
+            if not self.registry.in_use(handle):
+                await self.engine.remove_adapter(handle)
+                del self._loaded[name]
+                log.info("unloaded adapter %s (id %d)", name, handle.lora_id)
+
+    # --- following the store -----------------------------------------------------------------
+
+    async def follow(self) -> None:
+        """Sync now, then after every store change, until cancelled. Redis events make the
+        swap immediate; polling the ledger catches anything an event missed."""
+        watcher = LedgerWatcher(self.store.root, interval_s=self.poll_interval_s)
+        await self.sync()
+        nudged = asyncio.Event()
+        stop = threading.Event()
+        listener = self._listen_for_events(nudged, stop) if self.events_url else None
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(nudged.wait(), timeout=self.poll_interval_s)
+                changed = watcher.poll()
+                if nudged.is_set() or changed:
+                    nudged.clear()
+                    await self.sync()
+                elif self._loaded and any(not self.registry.in_use(h) for h in self._loaded.values()):
+                    await self._unload_unused()
+        finally:
+            stop.set()
+            if listener is not None:
+                listener.join(timeout=5)
+
+    def _listen_for_events(self, nudged: asyncio.Event, stop: threading.Event) -> threading.Thread:
+        loop = asyncio.get_running_loop()
+        url = self.events_url
+        assert url is not None
+
+        def listen() -> None:
+            while not stop.is_set():
+                try:
+                    with EventSubscriber(url, self.store.root) as subscriber:
+                        for _ in subscriber.events(stop, poll_s=0.5):
+                            loop.call_soon_threadsafe(nudged.set)
+                except Exception as error:  # Redis down: the ledger poll still works
+                    log.warning("store events unavailable (%s); relying on the ledger poll", error)
+                    stop.wait(2.0)
+
+        thread = threading.Thread(target=listen, name="store-events", daemon=True)
+        thread.start()
+        return thread

@@ -1,0 +1,117 @@
+"""The logic behind the training API: validate a task completely, record the job, and send
+it to the worker queue by name (this process never imports the training code)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+from adapters_store.store import AdapterStore
+from server.errors import APIError
+from server.training.protocol import ExampleIn, TaskCreate
+from trainer.admission import AdmissionError, admit
+from trainer.celery_app import TRAIN_TASK, make_celery
+from trainer.config import Example, Hyperparameters, UnknownMethodError, resolve_method
+from trainer.jobs import Job, JobBoard, JobNotFound, JobStatus, now
+from trainer.settings import LaminaSettings
+
+log = logging.getLogger(__name__)
+
+
+class TrainingService:
+    def __init__(self, settings: LaminaSettings, store: AdapterStore, default_method: str) -> None:
+        self.settings = settings
+        self.store = store
+        self.board = JobBoard(settings.store_dir)
+        self.celery = make_celery(settings)
+        self.default_method = default_method
+
+    def submit(self, request: TaskCreate) -> Job:
+        method_name = request.method or self.default_method
+        try:
+            method = resolve_method(method_name)
+        except UnknownMethodError as error:
+            raise APIError(400, str(error), param="method", code="unknown_method") from None
+        try:
+            hp = Hyperparameters.model_validate(request.hyperparameters)
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            param = f"hyperparameters.{field}" if field else "hyperparameters"
+            raise APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
+        try:
+            admit(self.store, request.name, method, hp, self.settings.max_lora_rank)
+        except AdmissionError as error:
+            raise APIError(error.status, error.message, param=error.param, code=error.code) from None
+        active = self.board.active()
+        if any(job.name == request.name for job in active):
+            raise APIError(
+                409,
+                f"a task named {request.name!r} is already queued or training.",
+                param="name",
+                code="task_exists",
+            )
+        if len(active) >= self.settings.max_pending_tasks:
+            raise APIError(
+                429,
+                f"{len(active)} tasks are already pending (limit {self.settings.max_pending_tasks}); "
+                "retry when some have finished.",
+                code="queue_full",
+                type="rate_limit_error",
+            )
+        examples = [Example(prompt=e.prompt, completion=e.completion) for e in request.examples]
+        job = self.board.create(
+            request.name, method.name, hp.model_dump(mode="json", exclude_unset=True), examples
+        )
+        try:
+            self.celery.send_task(TRAIN_TASK, args=[job.id])
+        except Exception as error:  # broker down: the job must not stay "queued" forever
+            log.exception("could not enqueue %s", job.id)
+            self.board.update(
+                job.id,
+                status=JobStatus.failed,
+                finished_at=now(),
+                error={"message": f"could not reach the task queue: {error}"},
+            )
+            raise APIError(
+                503, "the task queue is unavailable; nothing was queued.", type="server_error"
+            ) from None
+        return job
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return self.board.get(job_id)
+        except JobNotFound:
+            raise APIError(404, f"no task job {job_id!r}", param="id", code="job_not_found") from None
+
+    def list(self) -> list[Job]:
+        return self.board.list()
+
+    def cancel(self, job_id: str) -> Job:
+        self.get(job_id)
+        return self.board.request_cancel(job_id)
+
+
+def parse_jsonl(content: bytes) -> list[ExampleIn]:
+    """Examples from an uploaded JSONL file, one ``{"prompt", "completion"}`` object a line;
+    errors name the line."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "file: not UTF-8 text", param="file") from None
+    examples: list[ExampleIn] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data: Any = json.loads(line)
+            examples.append(ExampleIn.model_validate(data))
+        except (ValueError, ValidationError) as error:
+            reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else "not valid JSON"
+            raise APIError(400, f"file line {number}: {reason}", param="file") from None
+    if not examples:
+        raise APIError(400, "file: no examples", param="file")
+    return examples

@@ -1,0 +1,59 @@
+"""Can this task join this store? Checked twice: by the API before anything is queued (so the
+user gets a 4xx at once) and by the worker when the task's turn comes (the store may have
+changed since). Imports no training code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adapters_store.store import AdapterStore, InvalidTaskName, check_task_name
+from trainer.config import Hyperparameters, MethodSpec
+
+
+@dataclass
+class AdmissionError(Exception):
+    """Why a task cannot be trained into this store, with the field to blame."""
+
+    status: int
+    message: str
+    param: str
+    code: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def admit(
+    store: AdapterStore, name: str, method: MethodSpec, hp: Hyperparameters, max_lora_rank: int
+) -> None:
+    try:
+        check_task_name(name)
+    except InvalidTaskName:
+        raise AdmissionError(
+            400, "name must match [a-z0-9][a-z0-9_-]{0,63} (lower-case ASCII).", "name", "invalid_name"
+        ) from None
+    tasks = store.tasks()
+    if any(t.name == name for t in tasks):
+        raise AdmissionError(
+            409, f"a task named {name!r} already exists in this store.", "name", "task_exists"
+        )
+    if tasks:
+        store_method = tasks[0].meta.get("method")
+        if store_method and store_method != method.name:
+            raise AdmissionError(
+                409,
+                f"this store's continual adapter is built with method {store_method!r}; a task trained with "
+                f"{method.name!r} cannot join it. Use {store_method!r}, or a separate store (LAMINA_STORE).",
+                "method",
+                "method_mismatch",
+            )
+    if method.merge == "concat":
+        rank = sum(int(t.meta.get("rank", 0)) for t in tasks) + hp.r
+        if rank > max_lora_rank:
+            raise AdmissionError(
+                409,
+                f"the continual concat merge would have rank {rank}, above the server's max_lora_rank "
+                f"{max_lora_rank}. Lower hyperparameters.r, remove a task, or raise LAMINA_MAX_LORA_RANK.",
+                "hyperparameters.r",
+                "rank_exceeded",
+            )

@@ -1,0 +1,41 @@
+"""The Celery application. Importable by the API process (it only *sends* tasks by name);
+the training code is imported by the worker alone (``include`` below)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from trainer.settings import LaminaSettings
+
+TRAIN_TASK = "lamina.train"
+
+
+def make_celery(settings: LaminaSettings) -> Celery:
+    """A Celery app for these settings: acks_late + prefetch 1 so a job whose worker dies is
+    redelivered, not lost; one queue; results are not kept (jobs have their own records)."""
+    app = Celery("lamina", include=["trainer.worker"])
+    if settings.broker_url:
+        app.conf.broker_url = settings.broker_url
+    else:
+        # The embedded default: kombu's filesystem transport, so the demo needs no service.
+        folder = settings.home.resolve() / "broker"
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        app.conf.broker_url = "filesystem://"
+        app.conf.broker_transport_options = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    app.conf.update(
+        task_default_queue=settings.queue,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=False,
+    )
+    return app

@@ -1,0 +1,182 @@
+"""Training jobs: what ``POST /tasks`` created and how far the worker has got.
+
+Jobs live as small JSON files next to the adapter store (``<store>/jobs/``), so every server
+replica and every worker that shares the store sees the same jobs with no extra service.
+Each file is replaced atomically under a lock, because two processes write it: the worker
+(progress, status) and the API (cancellation). Imports nothing heavy: the API uses it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from trainer.config import Example
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    validating = "validating"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+    loss: float | None = None
+
+
+class JobError(BaseModel):
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+class Job(BaseModel):
+    """A training job as the API shows it."""
+
+    id: str
+    object: Literal["task.job"] = "task.job"
+    name: str = Field(description="The task's name; also the `model` that serves its own adapter.")
+    method: str
+    status: JobStatus = JobStatus.queued
+    seq: int = Field(description="Arrival order; tasks of one store train in this order.")
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    n_examples: int
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    progress: Progress | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    error: JobError | None = None
+    task_version: str | None = Field(None, description="Store id of the published task version.")
+    merge_id: str | None = Field(None, description="Store id of the merge made live by this job.")
+    cancel_requested: bool = False
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+class JobBoard:
+    """All jobs of one store."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.root = Path(store_dir) / "jobs"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # --- files ----------------------------------------------------------------------------
+
+    def _path(self, job_id: str) -> Path:
+        if not job_id.startswith("job-") or not job_id[4:].isalnum():
+            raise JobNotFound(job_id)
+        return self.root / f"{job_id}.json"
+
+    def _examples_path(self, job_id: str) -> Path:
+        return self.root / f"{job_id}.examples.jsonl"
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self, job: Job) -> None:
+        _atomic_write(self._path(job.id), job.model_dump_json(indent=1))
+
+    # --- operations -----------------------------------------------------------------------
+
+    def create(self, name: str, method: str, hyperparameters: dict[str, Any], examples: list[Example]) -> Job:
+        """Record a queued job with its examples; the examples file is written first, so a
+        visible job always has its data."""
+        job_id = f"job-{uuid.uuid4().hex[:20]}"
+        lines = "".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in examples)
+        _atomic_write(self._examples_path(job_id), lines)
+        with self._locked():
+            seq = 1 + max((j.seq for j in self.list()), default=0)
+            job = Job(
+                id=job_id,
+                name=name,
+                method=method,
+                seq=seq,
+                created_at=now(),
+                n_examples=len(examples),
+                hyperparameters=hyperparameters,
+            )
+            self._write(job)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        path = self._path(job_id)
+        try:
+            return Job.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            raise JobNotFound(job_id) from None
+
+    def list(self) -> list[Job]:
+        jobs = []
+        for path in self.root.glob("job-*.json"):
+            try:
+                jobs.append(Job.model_validate_json(path.read_text()))
+            except (OSError, ValueError):  # vanished or being replaced: skip this round
+                continue
+        return sorted(jobs, key=lambda j: j.seq)
+
+    def examples(self, job_id: str) -> list[Example]:
+        text = self._examples_path(job_id).read_text()
+        return [Example(**json.loads(line)) for line in text.splitlines() if line.strip()]
+
+    def update(self, job_id: str, **changes: Any) -> Job:
+        """Read-modify-write one job under the board's lock."""
+        with self._locked():
+            job = self.get(job_id).model_copy(update=changes)
+            self._write(Job.model_validate(job.model_dump()))
+            return job
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Queued jobs are cancelled at once; running ones are asked to stop at the next step
+        (the worker then marks them cancelled). Finished jobs are returned unchanged."""
+        with self._locked():
+            job = self.get(job_id)
+            if job.status == JobStatus.queued:
+                job = job.model_copy(update={"status": JobStatus.cancelled, "finished_at": now()})
+            elif not job.status.terminal:
+                job = job.model_copy(update={"cancel_requested": True})
+            self._write(job)
+            return job
+
+    def active(self) -> list[Job]:
+        return [j for j in self.list() if not j.status.terminal]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
