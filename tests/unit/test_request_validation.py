@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,9 @@ def service(base_model_dir: Path) -> CompletionService:
 
 
 @pytest.fixture(scope="module")
-def client(base_model_dir: Path) -> TestClient:
-    with TestClient(create_app(ServerSettings(model=base_model_dir), start_engine=False)) as test_client:
+def client(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    settings = ServerSettings(model=base_model_dir, home=tmp_path_factory.mktemp("home"))
+    with TestClient(create_app(settings, start_engine=False)) as test_client:
         yield test_client
 
 

@@ -1,0 +1,278 @@
+"""Train one task's adapter: the whole training loop, readable top to bottom.
+
+``train_task`` injects a LoRA adapter into a loaded base model with PEFT, lets the method's
+parametrization initialise and constrain it, optimises
+
+    loss = cross-entropy on the completion tokens + Σ λ · regularizer
+
+with AdamW, and returns the task's adapter as a :class:`~adapters_store.lora.LoraAdapter`.
+Afterwards the base model is exactly as it was passed in (adapter removed, flags restored), so
+a worker loads its base model once and trains task after task on it.
+
+Methods are looked up by name in the registries of :mod:`trainer.methods`; nothing here
+branches on which method runs. Phases: with a parametrization that calibrates (LoRI-S, LoRAF),
+the first ``calibration_steps`` steps train unmasked (or on the feasible set), then
+``calibrate`` picks the mask and resets B, and the optimizer starts afresh for the main phase.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from adapters_store.lora import LoraAdapter
+from trainer.config import Example, Hyperparameters, MethodSpec
+from trainer.methods import PARAMETRIZATIONS, REGULARIZERS, Layers, LoraParams
+from trainer.methods.regularizers import history_factors
+
+PROGRESS_EVERY = 5  # report progress every this many steps (and at the last one)
+IGNORE_INDEX = -100  # label of tokens the loss skips (the prompt, the padding)
+_ADAPTER = "task"  # PEFT's adapter name while training; not visible in the result
+_PEFT_PREFIX = "base_model.model."
+
+
+class TrainingCancelled(Exception):
+    """``should_stop()`` returned True; the base model has already been restored."""
+
+
+@dataclass
+class TrainResult:
+    """The new task's adapter (fp32, masks filled for LoRI-S / LoRAF) and what training measured."""
+
+    adapter: LoraAdapter
+    metrics: dict[str, float | int | str]
+    losses: list[float] = field(default_factory=list)  # task loss of every step, calibration included
+
+
+def load_base(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM in fp32 (training and ΔW maths stay in fp32) and its tokenizer."""
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: tokenize once, then an endless shuffled stream of padded batches.
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_seq_len: int
+) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per example: prompt + completion + EOS, labels −100 on the prompt.
+
+    Prompt and completion are tokenized separately so the boundary between them is exact. Too
+    long sequences lose the start of the prompt, never the completion's end (EOS teaches stopping).
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; completions must end with one")
+    encoded = []
+    for index, example in enumerate(examples):
+        prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+        completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+        completion = [*completion, tokenizer.eos_token_id][:max_seq_len]
+        room = max_seq_len - len(completion)
+        prompt = prompt[max(0, len(prompt) - room) :]  # keep the prompt's end, next to the completion
+        if len(prompt) + len(completion) < 2:
+            raise ValueError(f"example {index} has nothing to learn from (empty prompt and completion)")
+        encoded.append((prompt + completion, [IGNORE_INDEX] * len(prompt) + completion))
+    return encoded
+
+
+def batches(
+    encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, seed: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (input_ids, attention_mask, labels), each (b, T), forever, reshuffling every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            chunk = [encoded[i] for i in order[start : start + batch_size]]
+            width = max(len(ids) for ids, _ in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (b, T)
+            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)  # (b, T)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (b, T)
+            for row, (ids, labs) in enumerate(chunk):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                labels[row, : len(labs)] = torch.tensor(labs)
+                attention_mask[row, : len(ids)] = 1
+            yield input_ids.to(device), attention_mask.to(device), labels.to(device)
+
+
+def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (completion) tokens."""
+    vocab = logits.shape[-1]
+    predictions = logits[:, :-1].reshape(-1, vocab)  # (b·(T−1), V): position t predicts token t+1
+    targets = labels[:, 1:].reshape(-1)  # (b·(T−1),)
+    return F.cross_entropy(predictions.float(), targets, ignore_index=IGNORE_INDEX)
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT plumbing.
+
+
+def lora_layers(peft_model: nn.Module) -> Layers:
+    """The injected LoRA weights by base-model path (``model.layers.0.self_attn.q_proj``)."""
+    layers: Layers = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and _ADAPTER in module.lora_A:
+            A = cast(nn.Parameter, module.lora_A[_ADAPTER].weight)  # (r, d_in)
+            B = cast(nn.Parameter, module.lora_B[_ADAPTER].weight)  # (d_out, r)
+            layers[name.removeprefix(_PEFT_PREFIX)] = LoraParams(
+                A=A, B=B, scale=float(module.scaling[_ADAPTER])
+            )
+    return layers
+
+
+def stack_history_into_forward(
+    model: nn.Module, layers: Layers, history: list[LoraAdapter]
+) -> list[RemovableHandle]:
+    """Add Σ_{i<t} ΔW_i x, frozen, to each target module's output (``MethodSpec.stack_history``)."""
+    handles = []
+    for name, p in layers.items():
+        factors = history_factors(history, name)
+        if factors is None:
+            continue
+        B_cat, A_cat = (t.to(device=p.A.device, dtype=p.A.dtype) for t in factors)  # (d_out, R), (R, d_in)
+
+        def add_history(_module: nn.Module, inputs: tuple, output: torch.Tensor, B_cat=B_cat, A_cat=A_cat):
+            return output + (inputs[0].to(A_cat.dtype) @ A_cat.T) @ B_cat.T  # (..., d_in) -> (..., d_out)
+
+        handles.append(model.get_submodule(name).register_forward_hook(add_history))
+    return handles
+
+
+def _optimizer(layers: Layers, hp: Hyperparameters) -> torch.optim.AdamW:
+    params = [t for p in layers.values() for t in (p.A, p.B) if t.requires_grad]
+    return torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train_task(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    method: MethodSpec,
+    hp: Hyperparameters,
+    history: list[LoraAdapter],
+    *,
+    progress: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train one task's adapter on ``model`` and return it; ``model`` is left unchanged.
+
+    ``history`` holds the earlier live tasks' adapters, oldest first, with their masks.
+    ``progress(step, total, task_loss)`` is called every few steps; ``should_stop()`` every step,
+    and True raises :class:`TrainingCancelled`. Raises ``CapacityError`` (LoRAF, store full) and
+    ``ValueError`` (examples or history that cannot be trained on) before the first step.
+    """
+    if not examples:
+        raise ValueError("no training examples")
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    encoded = tokenize(tokenizer, examples, hp.max_seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    steps = hp.steps or hp.epochs * math.ceil(len(encoded) / hp.batch_size)
+
+    parametrization = PARAMETRIZATIONS[method.parametrization](hp, method, history)
+    lambdas = method.lambdas(hp)
+    regularizers = {name: REGULARIZERS[name](hp, history) for name in lambdas}
+    calibration = parametrization.calibration_steps
+    total = calibration + steps
+
+    was_training = model.training
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    config = LoraConfig(
+        r=hp.r,
+        lora_alpha=hp.lora_alpha,
+        target_modules=list(hp.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, config, adapter_name=_ADAPTER)
+    hooks: list[RemovableHandle] = []
+    losses: list[float] = []
+    last_terms: dict[str, float] = {}
+    try:
+        layers = lora_layers(peft_model)
+        parametrization.setup(layers)
+        if method.stack_history:
+            hooks = stack_history_into_forward(model, layers, history)  # model is wrapped in place
+        optimizer = _optimizer(layers, hp)
+        data = batches(encoded, hp.batch_size, pad_id, hp.seed, device)
+        model.train()
+        completion_tokens = 0
+
+        for step in range(total):
+            if step == calibration and calibration > 0:
+                parametrization.calibrate(layers)  # mask chosen, B reset
+                optimizer = _optimizer(layers, hp)  # fresh moments for the main phase
+            if should_stop is not None and should_stop():
+                raise TrainingCancelled(f"cancelled at step {step} of {total}")
+
+            input_ids, attention_mask, labels = next(data)  # (b, T) each
+            logits = peft_model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits  # (b, T, V)
+            task_loss = completion_loss(logits, labels)
+            terms = {name: regularizer(layers) for name, regularizer in regularizers.items()}
+            loss = task_loss
+            for name, term in terms.items():
+                loss = loss + lambdas[name] * term
+
+            loss.backward()
+            if hp.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(
+                    [t for g in optimizer.param_groups for t in g["params"]], hp.max_grad_norm
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            parametrization.after_step(layers)  # re-apply masks
+
+            losses.append(task_loss.item())
+            last_terms = {name: term.item() for name, term in terms.items()}
+            completion_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+            if progress is not None and ((step + 1) % PROGRESS_EVERY == 0 or step + 1 == total):
+                progress(step + 1, total, losses[-1])
+
+        adapter = parametrization.export(layers)
+        trainable = sum(t.numel() for g in optimizer.param_groups for t in g["params"])
+    finally:
+        parametrization.close()
+        for handle in hooks:
+            handle.remove()
+        peft_model.unload()  # puts the original Linear modules back, unmerged
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        model.train(was_training)
+
+    metrics: dict[str, float | int | str] = {
+        "method": method.name,
+        "initial_loss": losses[calibration],
+        "final_loss": losses[-1],
+        "steps": steps,
+        "calibration_steps": calibration,
+        "seconds": round(time.perf_counter() - started, 3),
+        "examples": len(encoded),
+        "completion_tokens": completion_tokens,
+        "trainable_params": trainable,  # tensors the optimizer updates, before masking (see mask_density)
+        **{f"lambda/{name}": value for name, value in lambdas.items()},
+        **{f"regularizer/{name}": value for name, value in last_terms.items()},
+        **parametrization.metrics(),
+    }
+    return TrainResult(adapter=adapter, metrics=metrics, losses=losses)
