@@ -78,6 +78,8 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         cache_dir=settings.home / "cache",
         max_lora_rank=settings.max_lora_rank,
         events_url=settings.events_url,
+        dense_serving=settings.dense_merge_serving,
+        base_model_dir=settings.model,
     )
     app.state.completions = CompletionService(settings, engine, registry, tokenizer)
     app.state.training = TrainingService(settings, store, settings.default_method)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from server.dense_weights import WORKER_EXTENSION
 from server.settings import ServerSettings
 
 if TYPE_CHECKING:  # vLLM is heavy to import; only the engine process pays for it, once.
@@ -61,6 +62,8 @@ class Engine:
             max_lora_rank=s.max_lora_rank,
             max_loras=s.max_loras,
             max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
+            # Adds Lamina's dense-weight writer to vLLM's worker (server/dense_weights.py).
+            worker_extension_cls=WORKER_EXTENSION,
             seed=0,
         )
         log.info("starting vLLM engine for %s", s.model)

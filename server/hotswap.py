@@ -6,8 +6,13 @@ any version the engine does not have yet under a fresh name and id, flips the al
 unloads versions that no alias points at and no request still holds.
 
 A version that fails to load leaves the aliases as they were: the live model never changes
-half-way. Dense merges (PS-LoRA's magnitude merge) are served as their best rank-R
-approximation at the engine's max_lora_rank; its relative error is logged and reported.
+half-way. Dense merges (PS-LoRA's magnitude merge) are served one of two ways:
+
+- ``lora`` (default): as their best rank-R approximation at the engine's max_lora_rank (the
+  relative error is logged and reported); ``base`` and every task keep their own weights.
+- ``weights``: W0 + ΔW is written into the engine's weights (exact, and no LoRA cost per
+  token). The engine's weights then no longer are the base model's, so while such a merge is
+  live only ``continual`` is served; W0 comes back from disk when it stops being live.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 from adapters_store.events import EventSubscriber, LedgerWatcher
 from adapters_store.merges import DenseDelta
 from adapters_store.store import AdapterStore, MergeRecord
+from server.dense_weights import apply_dense_delta
 from server.engine import AdapterHandle, Engine
 from server.models import ModelRegistry, Route
 
@@ -56,9 +62,14 @@ class AdapterSync:
         max_lora_rank: int,
         events_url: str | None = None,
         poll_interval_s: float = 0.5,
+        dense_serving: str = "lora",
+        base_model_dir: Path | None = None,
     ) -> None:
         self.engine, self.registry, self.store = engine, registry, store
         self.cache_dir = cache_dir
+        self.dense_serving = dense_serving
+        self.base_model_dir = base_model_dir
+        self._weights_merge: str | None = None  # the dense merge written into the engine, if any
         self.max_lora_rank = max_lora_rank
         self.events_url = events_url
         self.poll_interval_s = poll_interval_s
@@ -85,6 +96,15 @@ class AdapterSync:
     async def _sync(self) -> None:
         tasks = self.store.tasks()
         live = self.store.live()
+        if live is not None and live.kind == "dense" and self.dense_serving == "weights":
+            await self._serve_in_weights(live)
+            self.status.live_merge, self.status.tasks = live.id, [t.id for t in tasks]
+            return
+        if self._weights_merge is not None:  # back to W0 before anything else is served
+            assert self.base_model_dir is not None
+            await apply_dense_delta(self.engine, self.base_model_dir, None)
+            self._weights_merge = None
+            self.registry.set_route(Route(self.registry.base_name, None, "base"))
         routes: list[Route] = []
         for task in tasks:  # load everything first, flip aliases only when all loaded
             handle = await self._load(f"{task.name}@v{task.version}", task.path)
@@ -101,6 +121,18 @@ class AdapterSync:
                 self.registry.drop_route(route.name)
         self.status.live_merge = live.id if live else None
         self.status.tasks = [t.id for t in tasks]
+
+    async def _serve_in_weights(self, live: MergeRecord) -> None:
+        """Write W0 + ΔW into the engine and serve only ``continual`` from it."""
+        assert self.base_model_dir is not None, "weights serving needs the base model directory"
+        if self._weights_merge != live.id:
+            await apply_dense_delta(self.engine, self.base_model_dir, live.path / "delta.safetensors")
+            self._weights_merge = live.id
+            log.info("dense merge %s written into the engine's weights", live.id)
+        self.registry.set_route(Route(CONTINUAL, None, CONTINUAL))
+        for route in self.registry.routes():
+            if route.kind in ("task", "base"):
+                self.registry.drop_route(route.name)
 
     async def _load(self, name: str, path: Path) -> AdapterHandle:
         if name not in self._loaded:

@@ -30,6 +30,12 @@ class ServerSettings(LaminaSettings):
     enforce_eager: bool = Field(True, description="Skip graph compilation (faster start, right for CPU).")
     max_loras: int = Field(8, ge=1, description="Adapters that can be active in one batch.")
     max_cpu_loras: int = Field(64, ge=1, description="Adapters the engine keeps loaded in host memory.")
+    dense_merge_serving: Literal["lora", "weights"] = Field(
+        "lora",
+        description="How a dense (magnitude) merge is served: `lora` = its rank-max_lora_rank SVD as an "
+        "adapter (base and tasks stay available); `weights` = W0 + ΔW written into the engine (exact; "
+        "only `continual` is served while it is live).",
+    )
     default_method: str = Field("lori-s", description="Method of a POST /tasks that names none.")
     max_tokens_limit: int = Field(
         4096, ge=1, description="Upper bound a single request may ask for in max_tokens."

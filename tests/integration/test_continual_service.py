@@ -1,0 +1,273 @@
+"""The product end to end: real Redis, a real ``lamina worker`` process and the real server.
+
+Post task A, wait for it, query it as ``model=A`` and ``model=continual``; post task B; the
+continual model answers both and A's own adapter still answers A. A cancelled job and a
+failed job leave the live model exactly as it was. Bad submissions are refused with a 4xx
+naming the field, and nothing is queued.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+import redis
+
+from tests.conftest import REPO, RunningServer, start_server, stop_server
+
+pytestmark = [pytest.mark.engine, pytest.mark.integration]
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+JOB_TIMEOUT_S = 240
+METHOD = "lori-d"
+# Small memorisation tasks: what is checked is that each adapter carries its task through the
+# store, the merge and the hot-swap, so the prompts are the training prompts.
+TASK_A = [
+    (f"Code word for {w}:", f" {c}")
+    for w, c in [
+        ("apple", "zulu"),
+        ("river", "kilo"),
+        ("stone", "echo"),
+        ("cloud", "delta"),
+        ("tiger", "lima"),
+        ("piano", "oscar"),
+    ]
+]
+TASK_B = [
+    (f"Opposite of {w} =", f" {o}")
+    for w, o in [
+        ("hot", "cold"),
+        ("up", "down"),
+        ("big", "small"),
+        ("fast", "slow"),
+        ("open", "shut"),
+        ("early", "late"),
+    ]
+]
+HYPERPARAMETERS = {"steps": 120, "learning_rate": 0.005, "batch_size": 6, "r": 8, "seed": 0}
+
+
+@dataclass
+class Stack:
+    server: RunningServer
+    worker: subprocess.Popen
+    env: dict[str, str]
+    home: Path
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+def _redis_available() -> bool:
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping())
+    except redis.RedisError:
+        return False
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", "worker"],
+        cwd=REPO,
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    try:
+        family = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    worker.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    for proc in alive:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if not _redis_available():
+        pytest.fail(f"Redis is required at {REDIS_URL} for the integration tests")
+    home = tmp_path_factory.mktemp("lamina-home")
+    env = {
+        "LAMINA_HOME": str(home),
+        "LAMINA_BROKER_URL": REDIS_URL,
+        "LAMINA_QUEUE": f"lamina-test-{uuid.uuid4().hex[:8]}",  # isolated from any other run
+        "LAMINA_DEFAULT_METHOD": METHOD,
+    }
+    worker = start_worker(env, home / "worker.log")
+    server = start_server(env, home / "server.log")
+    yield Stack(server, worker, env, home)
+    stop_server(server)
+    stop_worker(worker)
+
+
+def post_task(stack: Stack, name: str, examples: list[tuple[str, str]], **extra: object) -> httpx.Response:
+    body = {
+        "name": name,
+        "method": METHOD,
+        "examples": [{"prompt": p, "completion": c} for p, c in examples],
+        "hyperparameters": HYPERPARAMETERS,
+        **extra,
+    }
+    return httpx.post(f"{stack.url}/tasks", json=body, timeout=30)
+
+
+def wait_for(
+    stack: Stack, job_id: str, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled")
+) -> dict:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{stack.url}/tasks/{job_id}", timeout=10).json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.5)
+    log = (stack.home / "worker.log").read_text()[-3000:]
+    pytest.fail(f"job {job_id} still {job['status']} after {JOB_TIMEOUT_S} s; worker log:\n{log}")
+
+
+def wait_until_served(stack: Stack, merge_id: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if httpx.get(f"{stack.url}/ready").json().get("live_merge") == merge_id:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"server never swapped to {merge_id}")
+
+
+def answers(stack: Stack, model: str, examples: list[tuple[str, str]]) -> list[str]:
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    result = client.completions.create(
+        model=model, prompt=[p for p, _ in examples], max_tokens=4, temperature=0, stop=["\n"]
+    )
+    return [c.text for c in sorted(result.choices, key=lambda c: c.index)]
+
+
+def accuracy(stack: Stack, model: str, examples: list[tuple[str, str]]) -> float:
+    got = answers(stack, model, examples)
+    return sum(g.strip().split(" ")[0] == c.strip() for g, (_, c) in zip(got, examples, strict=True)) / len(
+        examples
+    )
+
+
+def train(stack: Stack, name: str, examples: list[tuple[str, str]]) -> dict:
+    response = post_task(stack, name, examples)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["object"] == "task.job" and job["status"] == "queued"
+    job = wait_for(stack, job["id"])
+    assert job["status"] == "succeeded", job["error"]
+    wait_until_served(stack, job["merge_id"])
+    return job
+
+
+def test_learns_a_then_b_and_keeps_a(stack: Stack) -> None:
+    base_a = accuracy(stack, "base", TASK_A)
+    job_a = train(stack, "codes", TASK_A)
+    assert job_a["progress"]["step"] == job_a["progress"]["total"]
+    assert job_a["metrics"]["final_loss"] < job_a["metrics"]["initial_loss"]
+    models = {m["id"] for m in httpx.get(f"{stack.url}/v1/models").json()["data"]}
+    assert {"base", "continual", "codes"} <= models
+    assert accuracy(stack, "codes", TASK_A) >= 0.8 > base_a
+    assert accuracy(stack, "continual", TASK_A) >= 0.8
+
+    train(stack, "opposites", TASK_B)
+    assert accuracy(stack, "opposites", TASK_B) >= 0.8
+    assert accuracy(stack, "codes", TASK_A) >= 0.8, "A's own adapter must not change"
+    assert accuracy(stack, "continual", TASK_B) >= 0.8
+    assert accuracy(stack, "continual", TASK_A) >= 0.6, "the continual model forgot A"
+
+
+def _live_state(stack: Stack) -> tuple[str | None, list[str]]:
+    return httpx.get(f"{stack.url}/ready").json()["live_merge"], answers(stack, "continual", TASK_A + TASK_B)
+
+
+def test_cancelled_job_leaves_continual_unchanged(stack: Stack) -> None:
+    before = _live_state(stack)
+    response = post_task(stack, "cancelled-task", TASK_B, hyperparameters={**HYPERPARAMETERS, "steps": 5000})
+    job_id = response.json()["id"]
+    wait_for(stack, job_id, ("running",))
+    cancelled = httpx.post(f"{stack.url}/tasks/{job_id}/cancel").json()
+    assert cancelled["cancel_requested"] or cancelled["status"] == "cancelled"
+    job = wait_for(stack, job_id)
+    assert job["status"] == "cancelled"
+    assert _live_state(stack) == before
+    assert not (stack.home / "store" / "tasks" / "cancelled-task").exists()
+
+
+def test_failed_job_leaves_continual_unchanged(stack: Stack) -> None:
+    before = _live_state(stack)
+    # Valid in shape, but the model has no such layer: only the worker can find that out.
+    response = post_task(
+        stack, "failing-task", TASK_B, hyperparameters={**HYPERPARAMETERS, "target_modules": ["nope_proj"]}
+    )
+    assert response.status_code == 202
+    job = wait_for(stack, response.json()["id"])
+    assert job["status"] == "failed"
+    assert "nope_proj" in job["error"]["message"]
+    assert _live_state(stack) == before
+    assert not (stack.home / "store" / "tasks" / "failing-task").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "param"),
+    [
+        ({"name": "Bad Name"}, 400, "name"),
+        ({"name": "../escape"}, 400, "name"),
+        ({"name": "codes"}, 409, "name"),
+        ({"method": "no-such-method"}, 400, "method"),
+        ({"method": "ps-lora"}, 409, "method"),
+        ({"examples": []}, 400, "examples"),
+        ({"examples": [{"prompt": "x"}]}, 400, "examples.0.completion"),
+        ({"hyperparameters": {"r": 0}}, 400, "hyperparameters.r"),
+        ({"hyperparameters": {"bogus": 1}}, 400, "hyperparameters.bogus"),
+        ({"hyperparameters": {"r": 64}}, 409, "hyperparameters.r"),
+    ],
+)
+def test_bad_submissions_are_refused_and_nothing_is_queued(
+    stack: Stack, change: dict, status: int, param: str
+) -> None:
+    before = len(httpx.get(f"{stack.url}/tasks").json()["data"])
+    body = {
+        "name": "fresh-task",
+        "method": METHOD,
+        "examples": [{"prompt": "a", "completion": "b"}],
+        **change,
+    }
+    response = httpx.post(f"{stack.url}/tasks", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+    assert len(httpx.get(f"{stack.url}/tasks").json()["data"]) == before
+
+
+def test_jsonl_upload_errors_name_the_line(stack: Stack) -> None:
+    content = b'{"prompt": "a", "completion": "b"}\nnot json\n'
+    response = httpx.post(
+        f"{stack.url}/tasks", data={"name": "uploaded"}, files={"file": ("t.jsonl", content)}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": "file line 2: not valid JSON",
+        "type": "invalid_request_error",
+        "param": "file",
+        "code": None,
+    }
+
+
+def test_unknown_job_is_404(stack: Stack) -> None:
+    assert httpx.get(f"{stack.url}/tasks/job-doesnotexist").status_code == 404
