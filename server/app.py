@@ -12,11 +12,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
+from server.admin.auth import require_user
+from server.admin.router import router as admin_router
 from server.engine import Engine
 from server.errors import install_error_handlers
 from server.hotswap import AdapterSync
@@ -84,8 +86,9 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
     app.state.completions = CompletionService(settings, engine, registry, tokenizer)
     app.state.training = TrainingService(settings, store, settings.default_method)
     install_error_handlers(app)
-    app.include_router(openai_router)
-    app.include_router(training_router)
+    app.include_router(openai_router, dependencies=[Depends(require_user)])
+    app.include_router(training_router, dependencies=[Depends(require_user)])
+    app.include_router(admin_router)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:

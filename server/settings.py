@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
 
 from trainer.settings import LaminaSettings
 
@@ -40,3 +41,18 @@ class ServerSettings(LaminaSettings):
     max_tokens_limit: int = Field(
         4096, ge=1, description="Upper bound a single request may ask for in max_tokens."
     )
+    admin_key: SecretStr | None = Field(
+        None, description="Bearer key for /admin. None: the admin endpoints are disabled."
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated bearer keys for completions and training. Empty: those endpoints are "
+        "open (the demo); set them in production.",
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value

@@ -29,6 +29,8 @@ from tests.conftest import REPO, RunningServer, start_server, stop_server
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+ADMIN_KEY = "test-admin-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 JOB_TIMEOUT_S = 240
 METHOD = "lori-d"
 # Small memorisation tasks: what is checked is that each adapter carries its task through the
@@ -109,6 +111,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "LAMINA_BROKER_URL": REDIS_URL,
         "LAMINA_QUEUE": f"lamina-test-{uuid.uuid4().hex[:8]}",  # isolated from any other run
         "LAMINA_DEFAULT_METHOD": METHOD,
+        "LAMINA_ADMIN_KEY": ADMIN_KEY,
     }
     worker = start_worker(env, home / "worker.log")
     server = start_server(env, home / "server.log")
@@ -271,3 +274,45 @@ def test_jsonl_upload_errors_name_the_line(stack: Stack) -> None:
 
 def test_unknown_job_is_404(stack: Stack) -> None:
     assert httpx.get(f"{stack.url}/tasks/job-doesnotexist").status_code == 404
+
+
+def _served_models(stack: Stack) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{stack.url}/v1/models").json()["data"]}
+
+
+def test_admin_remove_task_then_rollback_changes_what_continual_answers(stack: Stack) -> None:
+    adapters = httpx.get(f"{stack.url}/admin/adapters", headers=ADMIN).json()
+    assert [t["name"] for t in adapters["tasks"]] == ["codes", "opposites"]
+    both = adapters["live_merge"]
+    assert accuracy(stack, "continual", TASK_B) >= 0.8
+
+    removed = httpx.delete(f"{stack.url}/admin/tasks/opposites", headers=ADMIN)
+    assert removed.status_code == 200, removed.text
+    assert "opposites" not in _served_models(stack)
+    assert accuracy(stack, "continual", TASK_B) < 0.5, "continual still answers the removed task"
+    assert accuracy(stack, "continual", TASK_A) >= 0.8
+
+    back = httpx.post(f"{stack.url}/admin/rollback", headers=ADMIN, json={"merge_id": both})
+    assert back.status_code == 200, back.text
+    assert "opposites" in _served_models(stack)
+    assert accuracy(stack, "continual", TASK_B) >= 0.8
+    ledger_ops = [e["op"] for e in stack_ledger(stack)]
+    assert ledger_ops[-4:] == ["remove_task", "set_live", "rollback", "set_live"]
+
+
+def stack_ledger(stack: Stack) -> list[dict]:
+    import json
+
+    text = (stack.home / "store" / "ledger.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_admin_errors(stack: Stack) -> None:
+    assert httpx.get(f"{stack.url}/admin/adapters").status_code == 401
+    assert (
+        httpx.get(f"{stack.url}/admin/adapters", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    )
+    missing = httpx.delete(f"{stack.url}/admin/tasks/ghost", headers=ADMIN)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "name"
+    bad = httpx.post(f"{stack.url}/admin/rollback", headers=ADMIN, json={"merge_id": "m999"})
+    assert bad.status_code == 404 and bad.json()["error"]["param"] == "merge_id"

@@ -1,0 +1,65 @@
+"""PS-LoRA end to end with its dense magnitude merge written into the engine's weights
+(``LAMINA_DENSE_MERGE_SERVING=weights``): the continual model answers the task, and the
+aliases whose weights the engine no longer holds (base, task adapters) are not served."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import start_server, stop_server
+from tests.integration.test_continual_service import (
+    HYPERPARAMETERS,
+    REDIS_URL,
+    TASK_A,
+    Stack,
+    accuracy,
+    start_worker,
+    stop_worker,
+    wait_for,
+    wait_until_served,
+)
+
+pytestmark = [pytest.mark.engine, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("lamina-dense")
+    env = {
+        "LAMINA_HOME": str(home),
+        "LAMINA_BROKER_URL": REDIS_URL,
+        "LAMINA_QUEUE": f"lamina-test-{uuid.uuid4().hex[:8]}",
+        "LAMINA_DENSE_MERGE_SERVING": "weights",
+    }
+    worker = start_worker(env, home / "worker.log")
+    server = start_server(env, home / "server.log")
+    yield Stack(server, worker, env, home)
+    stop_server(server)
+    stop_worker(worker)
+
+
+def test_ps_lora_merge_is_served_from_the_engine_weights(stack: Stack) -> None:
+    base_accuracy = accuracy(stack, "base", TASK_A)
+    body = {
+        "name": "codes",
+        "method": "ps-lora",
+        "examples": [{"prompt": p, "completion": c} for p, c in TASK_A],
+        "hyperparameters": HYPERPARAMETERS,
+    }
+    response = httpx.post(f"{stack.url}/tasks", json=body, timeout=30)
+    assert response.status_code == 202, response.text
+    job = wait_for(stack, response.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    wait_until_served(stack, job["merge_id"])
+
+    assert accuracy(stack, "continual", TASK_A) >= 0.8 > base_accuracy
+    served = {m["id"] for m in httpx.get(f"{stack.url}/v1/models").json()["data"]}
+    assert served == {"continual"}, "base and task adapters would not mean what they say"
+    response = httpx.post(
+        f"{stack.url}/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 1}
+    )
+    assert response.status_code == 404
