@@ -33,7 +33,7 @@ def serve(
     from server.settings import ServerSettings
 
     overrides = {k: v for k, v in {"host": host, "port": port, "model": model}.items() if v is not None}
-    settings = ServerSettings(**overrides)
+    settings = ServerSettings(**overrides)  # type: ignore[arg-type]
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 

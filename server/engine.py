@@ -59,7 +59,7 @@ class Engine:
             gpu_memory_utilization=s.kv_cache_fraction,
             enforce_eager=s.enforce_eager,
             enable_lora=True,
-            max_lora_rank=s.max_lora_rank,
+            max_lora_rank=s.max_lora_rank,  # type: ignore[arg-type]  # validated in settings
             max_loras=s.max_loras,
             max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
             # Adds Lamina's dense-weight writer to vLLM's worker (server/dense_weights.py).
@@ -92,7 +92,9 @@ class Engine:
         return self.llm.generate(prompt, params, request_id, lora_request=_lora_request(adapter))
 
     async def add_adapter(self, adapter: AdapterHandle) -> None:
-        if not await self.llm.add_lora(_lora_request(adapter)):
+        request = _lora_request(adapter)
+        assert request is not None
+        if not await self.llm.add_lora(request):
             raise RuntimeError(f"vLLM refused adapter {adapter.name} from {adapter.path}")
 
     async def remove_adapter(self, adapter: AdapterHandle) -> None:

@@ -117,7 +117,7 @@ class JobBoard:
         lines = "".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in examples)
         _atomic_write(self._examples_path(job_id), lines)
         with self._locked():
-            seq = 1 + max((j.seq for j in self.list()), default=0)
+            seq = 1 + max((j.seq for j in self.all()), default=0)
             job = Job(
                 id=job_id,
                 name=name,
@@ -137,7 +137,7 @@ class JobBoard:
         except FileNotFoundError:
             raise JobNotFound(job_id) from None
 
-    def list(self) -> list[Job]:
+    def all(self) -> list[Job]:
         jobs = []
         for path in self.root.glob("job-*.json"):
             try:
@@ -170,7 +170,7 @@ class JobBoard:
             return job
 
     def active(self) -> list[Job]:
-        return [j for j in self.list() if not j.status.terminal]
+        return [j for j in self.all() if not j.status.terminal]
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -88,7 +88,7 @@ class TrainingService:
             raise APIError(404, f"no task job {job_id!r}", param="id", code="job_not_found") from None
 
     def list(self) -> list[Job]:
-        return self.board.list()
+        return self.board.all()
 
     def cancel(self, job_id: str) -> Job:
         self.get(job_id)

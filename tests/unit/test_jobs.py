@@ -19,7 +19,7 @@ def test_jobs_get_increasing_arrival_numbers_and_keep_their_examples(board: JobB
     first = board.create("a", "lori-s", {}, [Example("p1", "c1")])
     second = board.create("b", "lori-s", {"r": 4}, [Example("p2", "c2"), Example("p3", "c3")])
     assert (first.seq, second.seq) == (1, 2)
-    assert [j.id for j in board.list()] == [first.id, second.id]
+    assert [j.id for j in board.all()] == [first.id, second.id]
     assert board.examples(second.id) == [Example("p2", "c2"), Example("p3", "c3")]
     assert board.get(second.id).hyperparameters == {"r": 4}
 
