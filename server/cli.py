@@ -9,7 +9,10 @@ from typing import Annotated
 
 import typer
 
+from trainer.benchmark_cli import bench_app
+
 app = typer.Typer(help="Lamina: an LLM server that keeps learning.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 
 @app.callback()
@@ -113,3 +116,74 @@ def train(
     typer.echo(f"{job['status']}: {job.get('task_version') or job.get('error')}")
     if job["status"] != "succeeded":
         raise typer.Exit(1)
+
+
+@app.command()
+def stats(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the JSON the admin endpoint serves.")
+    ] = False,
+) -> None:
+    """Print the store's occupancy and interference statistics (the admin view) as tables."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from adapters_store.fingerprint import fingerprint_model
+    from adapters_store.stats_cache import stats_for_store
+    from adapters_store.store import AdapterStore
+    from trainer.settings import LaminaSettings
+
+    settings = LaminaSettings()
+    data = stats_for_store(AdapterStore(settings.store_dir, fingerprint_model(settings.model)))
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    console = Console()
+    agg = data["aggregate"]
+    if not data["tasks"]:
+        console.print("The store has no live task.")
+        return
+
+    def fmt(value: object) -> str:
+        return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    summary = Table(title=f"Store {settings.store_dir} — live merge {data['store_version']['merge']}")
+    for column in ("occupancy", "B positions free", "mask overlap (mean)", "ACR ΔW", "ACR B"):
+        summary.add_column(column, justify="right")
+    summary.add_row(
+        *(fmt(agg[k]) for k in ("occupancy", "b_positions_free", "mask_overlap_mean", "acr_dw", "acr_b"))
+    )
+    console.print(summary)
+
+    per_task = Table(title="Per task")
+    for column in ("task", "share", "OO", "AWOM", "sparsity", "eff. rank", "sign same", "sign opposite"):
+        per_task.add_column(column, justify="right")
+    for i, task in enumerate(data["tasks"]):
+        keys = (
+            "task_share",
+            "oo_per_task",
+            "awom_per_task",
+            "sparsity",
+            "effective_rank",
+            "sign_same",
+            "sign_opposite",
+        )
+        per_task.add_row(task, *(fmt(agg[k][i]) for k in keys))
+    console.print(per_task)
+
+    collisions = Table(title="Collision rate CR_ij in ΔW space")
+    collisions.add_column("")
+    for task in data["tasks"]:
+        collisions.add_column(task, justify="right")
+    for task, row in zip(data["tasks"], agg["cr_dw"], strict=True):
+        collisions.add_row(task, *(fmt(v) for v in row))
+    console.print(collisions)
+
+    modules = Table(title="Per module")
+    for column in ("module", "occupancy", "ACR ΔW", "ACR B"):
+        modules.add_column(column, justify="right")
+    for name, module in data["modules"].items():
+        modules.add_row(name, fmt(module["occupancy"]), fmt(module["acr_dw"]), fmt(module["acr_b"]))
+    console.print(modules)

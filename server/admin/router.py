@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
@@ -93,7 +94,7 @@ async def stats(request: Request) -> dict[str, Any]:
     and effective rank, per module and aggregated (cached per live merge)."""
     from adapters_store.stats_cache import stats_for_store
 
-    return stats_for_store(_store(request))
+    return await run_in_threadpool(stats_for_store, _store(request))
 
 
 @router.get("/stats.png", response_class=Response)
@@ -101,4 +102,5 @@ async def stats_png(request: Request) -> Response:
     from adapters_store.stats_cache import stats_for_store
     from adapters_store.stats_plot import render_stats_png
 
-    return Response(render_stats_png(stats_for_store(_store(request))), media_type="image/png")
+    stats = await run_in_threadpool(stats_for_store, _store(request))
+    return Response(await run_in_threadpool(render_stats_png, stats), media_type="image/png")

@@ -316,3 +316,15 @@ def test_admin_errors(stack: Stack) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "name"
     bad = httpx.post(f"{stack.url}/admin/rollback", headers=ADMIN, json={"merge_id": "m999"})
     assert bad.status_code == 404 and bad.json()["error"]["param"] == "merge_id"
+
+
+def test_admin_stats_as_json_and_png(stack: Stack) -> None:
+    stats = httpx.get(f"{stack.url}/admin/stats", headers=ADMIN, timeout=60).json()
+    assert stats["tasks"] == ["codes/v1", "opposites/v1"]
+    aggregate = stats["aggregate"]
+    assert len(aggregate["cr_dw"]) == 2 and len(aggregate["oo"]) == 2
+    assert 0 < aggregate["occupancy"] <= 1
+    png = httpx.get(f"{stack.url}/admin/stats.png", headers=ADMIN, timeout=60)
+    assert png.headers["content-type"] == "image/png"
+    assert png.content.startswith(b"\x89PNG\r\n\x1a\n")
+    assert httpx.get(f"{stack.url}/admin/stats").status_code == 401

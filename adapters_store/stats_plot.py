@@ -1,0 +1,98 @@
+"""The picture behind ``GET /admin/stats.png``: the collision-rate matrix and the occupancy of
+every module, readable at a glance.
+
+Left: a heatmap of CR_ij in ΔW space over all modules (N-LoRA eq. 11; the diagonal is each task's
+own share of active positions), tasks labelled oldest first, ACR (eq. 10) in the title. Right: one
+bar per module, the share of its B positions some task owns and how many are left. The figure
+grows with the number of tasks and of modules, so labels never overlap.
+
+Built on matplotlib's object API with the Agg canvas (no pyplot, no global state), so it is safe
+to call from a server's worker threads.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_ANNOTATE_UP_TO = 12  # tasks; beyond that the numbers would be unreadable, colours remain
+_LAYER = re.compile(r"layers\.(\d+)\.(?:.*\.)?([^.]+)$")
+
+
+def short_module_name(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` → ``L3 q_proj``; otherwise the last two parts."""
+    match = _LAYER.search(name)
+    if match:
+        return f"L{match[1]} {match[2]}"
+    return ".".join(name.split(".")[-2:])
+
+
+def render_stats_png(stats: dict[str, Any], dpi: int = 100) -> bytes:
+    """A PNG of ``stats`` (the JSON view of :func:`adapters_store.stats.summary`)."""
+    tasks: list[str] = stats.get("tasks", [])
+    modules: dict[str, Any] = stats.get("modules", {})
+    if not tasks:
+        fig = Figure(figsize=(5, 2))
+        fig.text(0.5, 0.5, "no live tasks", ha="center", va="center", fontsize=14)
+        return _png(fig, dpi)
+
+    side = 2.5 + 0.45 * len(tasks)  # inches of heatmap per side
+    height = max(side, 1.2 + 0.22 * len(modules), 4.0)
+    fig = Figure(figsize=(side + 6.0, height), layout="constrained")
+    cr_axes, bar_axes = fig.subplots(1, 2, width_ratios=[side, 4.5])
+    _cr_heatmap(fig, cr_axes, stats["aggregate"], tasks)
+    _occupancy_bars(bar_axes, modules)
+    return _png(fig, dpi)
+
+
+def _cr_heatmap(fig: Figure, ax: Any, aggregate: dict[str, Any], tasks: list[str]) -> None:
+    cr = [[0.0 if x is None else x for x in row] for row in aggregate["cr_dw"]]
+    image = ax.imshow(cr, cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    acr = aggregate.get("acr_dw")
+    error = aggregate.get("cr_standard_error_max") or 0.0
+    title = "collision rate CR (ΔW)" + (f"   ACR = {acr:.3g}" if acr is not None else "")
+    ax.set_title(title + (f" ± {error:.1g}" if error else ""), fontsize=10)
+    if len(tasks) <= _ANNOTATE_UP_TO:
+        for i, row in enumerate(cr):
+            for j, value in enumerate(row):
+                colour = "black" if value > 0.6 else "white"
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of positions active in both")
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Layer 2 before layer 10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _occupancy_bars(ax: Any, modules: dict[str, Any]) -> None:
+    names = sorted(modules, key=_natural_key)
+    occupancy = [modules[n]["occupancy"] or 0.0 for n in names]
+    free = [modules[n]["b_positions_free"] for n in names]
+    rows = range(len(names))
+    ax.barh(rows, [1.0] * len(names), color="#e8e8e8")  # the whole B of the module
+    ax.barh(rows, occupancy, color="#d62728")
+    ax.set_yticks(rows, [short_module_name(n) for n in names], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("share of B positions owned by some task")
+    ax.set_title("occupancy of B per module", fontsize=10)
+    for row, (share, left) in enumerate(zip(occupancy, free, strict=True)):
+        label = f"{share:.0%} · {left} left"
+        if share > 0.35:  # inside the bar, right-aligned
+            ax.text(share - 0.01, row, label, va="center", ha="right", fontsize=7, color="white")
+        else:
+            ax.text(share + 0.01, row, label, va="center", ha="left", fontsize=7)
+
+
+def _png(fig: Figure, dpi: int) -> bytes:
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig)  # attaches the Agg canvas to the figure
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
