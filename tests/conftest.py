@@ -50,7 +50,8 @@ class RunningServer:
 def start_server(env_overrides: dict[str, str], log_path: Path) -> RunningServer:
     """Start ``lamina serve`` and wait for /ready; fail with the server's log if it never is."""
     port = free_port()
-    env = {**os.environ, **env_overrides, "LAMINA_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    home = {"LAMINA_HOME": str(log_path.parent / "home")}  # never the repository's own var/
+    env = {**os.environ, **home, **env_overrides, "LAMINA_PORT": str(port), "PYTHONUNBUFFERED": "1"}
     log_file = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "serve"],
