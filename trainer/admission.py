@@ -4,6 +4,7 @@ changed since). Imports no training code."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from adapters_store.store import AdapterStore, InvalidTaskName, check_task_name
@@ -56,4 +57,27 @@ def admit(
                 f"{max_lora_rank}. Lower hyperparameters.r, remove a task, or raise LAMINA_MAX_LORA_RANK.",
                 "hyperparameters.r",
                 "rank_exceeded",
+            )
+    if method.parametrization == "loraf":
+        _check_loraf_capacity(store, hp)
+
+
+def _check_loraf_capacity(store: AdapterStore, hp: Hyperparameters) -> None:
+    """LoRAF tasks own disjoint B positions; refuse a task whose mask cannot fit (per module,
+    k = ⌊mask_fraction · d_out · r⌋, as the trainer draws it)."""
+    history = store.history()
+    if not history:
+        return
+    for name, module in history[0].modules.items():
+        d_out, rank = module.B.shape
+        owned = sum(int(task.masks[name].sum()) for task in history if name in task.masks)
+        free, need = d_out * rank - owned, math.floor(hp.mask_fraction * d_out * rank)
+        if free < need:
+            raise AdmissionError(
+                409,
+                f"LoRAF capacity: module {name} has {free} of {d_out * rank} B positions left and this task "
+                f"needs {need} (mask_fraction {hp.mask_fraction}). Lower hyperparameters.mask_fraction to at most "
+                f"{free / (d_out * rank):.4f}, remove a task (DELETE /admin/tasks/{{name}}), or start a new store.",
+                "hyperparameters.mask_fraction",
+                "capacity_exceeded",
             )

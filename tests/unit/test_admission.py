@@ -1,0 +1,61 @@
+"""Whether a task may join a store: checked by the API before queueing and by the worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters_store.lora import LoraAdapter, LoraModule
+from adapters_store.store import AdapterStore
+from trainer.admission import AdmissionError, admit
+from trainer.config import Hyperparameters, resolve_method
+
+MODULE = "model.layers.0.self_attn.q_proj"
+D_OUT, D_IN, R = 8, 6, 4
+
+
+def _adapter(mask: torch.Tensor | None = None, seed: int = 0) -> LoraAdapter:
+    A = torch.randn(R, D_IN, generator=torch.Generator().manual_seed(0))  # shared A (LoRAF)
+    B = torch.randn(D_OUT, R, generator=torch.Generator().manual_seed(seed + 1))
+    if mask is not None:
+        B = B * mask
+    return LoraAdapter(
+        {MODULE: LoraModule(A=A, B=B, scale=1.0)}, masks={MODULE: mask} if mask is not None else {}
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AdapterStore:
+    return AdapterStore(tmp_path, "fp")
+
+
+def _reason(store: AdapterStore, name: str, method: str, **hp: object) -> tuple[int, str]:
+    with pytest.raises(AdmissionError) as caught:
+        admit(store, name, resolve_method(method), Hyperparameters(**hp), max_lora_rank=16)
+    return caught.value.status, caught.value.param
+
+
+def test_a_fresh_store_admits_a_valid_task(store: AdapterStore) -> None:
+    admit(store, "first", resolve_method("lori-s"), Hyperparameters(), max_lora_rank=16)
+
+
+def test_name_duplicate_method_and_rank(store: AdapterStore) -> None:
+    store.publish("first", _adapter(), {"method": "inc-lora"}, merge="concat")
+    assert _reason(store, "Bad", "inc-lora") == (400, "name")
+    assert _reason(store, "first", "inc-lora") == (409, "name")
+    assert _reason(store, "second", "lori-s") == (409, "method")
+    assert _reason(store, "second", "inc-lora", r=16) == (409, "hyperparameters.r")  # 4 + 16 > 16
+    admit(store, "second", resolve_method("inc-lora"), Hyperparameters(r=12), max_lora_rank=16)
+
+
+def test_loraf_store_refuses_a_task_whose_mask_cannot_fit(store: AdapterStore) -> None:
+    mask = torch.zeros(D_OUT, R, dtype=torch.bool)
+    mask.view(-1)[:28] = True  # 28 of 32 positions owned, 4 free
+    store.publish("first", _adapter(mask), {"method": "loraf"}, merge="sum")
+    admit(
+        store, "fits", resolve_method("loraf"), Hyperparameters(mask_fraction=0.125), max_lora_rank=16
+    )  # needs 4
+    status, param = _reason(store, "too-big", "loraf", mask_fraction=0.2)  # needs 6
+    assert (status, param) == (409, "hyperparameters.mask_fraction")
