@@ -94,7 +94,7 @@ def stop_server(server: RunningServer, timeout: float = 60) -> list[psutil.Proce
     return alive
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     running = start_server({}, log_path)

@@ -51,7 +51,6 @@ from adapters_store.store import AdapterStore
 from trainer.config import Example, Hyperparameters, resolve_method
 from trainer.loop import load_base, train_task
 from trainer.settings import default_base_model_dir
-from trainer.suite import Example as SuiteExample
 from trainer.suite import Task, accuracy, get_order, get_task
 from trainer.suite.metrics import (
     AccuracyMatrix,
@@ -392,7 +391,7 @@ def evaluate_task(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
-    test: Sequence[SuiteExample],
+    test: Sequence[Example],
     batch_size: int,
 ) -> float:
     """Exact-match accuracy of greedy decoding on one task's test split (the suite's ``score``)."""
@@ -412,19 +411,18 @@ class _Suite:
 
     tasks: list[Task]
     train: list[list[Example]]
-    test: list[list[SuiteExample]]
+    test: list[list[Example]]
 
 
 def load_suite(config: BenchmarkConfig) -> _Suite:
-    """The order's tasks and their deterministic splits. The suite has its own ``Example``
-    type; the trainer's is converted here (same two fields)."""
+    """The order's tasks and their deterministic splits."""
     tasks = [get_task(name) for name in config.task_names()]
     train, test = [], []
     for task in tasks:
         task_train, task_test = task.split(
             seed=config.data_seed, n_train=config.n_train, n_test=config.n_test
         )
-        train.append([Example(prompt=e.prompt, completion=e.completion) for e in task_train])
+        train.append(task_train)
         test.append(task_test)
     return _Suite(tasks, train, test)
 

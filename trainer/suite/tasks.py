@@ -36,22 +36,11 @@ from trainer.base_model.corpus import (
     TOPIC_WORDS,
     plural,
 )
+from trainer.config import Example  # the trainer's own pair type, so suite data trains as is
 
 PROMPT_TEMPLATE = "{instruction}: {input} ->"
 DEFAULT_N_TRAIN = 200
 DEFAULT_N_TEST = 50
-
-
-@dataclass(frozen=True)
-class Example:
-    """One supervised pair: the model sees ``prompt`` and should continue with ``completion``."""
-
-    prompt: str
-    completion: str
-
-    def to_dict(self) -> dict[str, str]:
-        """The JSON form the training API accepts (``{"prompt": ..., "completion": ...}``)."""
-        return {"prompt": self.prompt, "completion": self.completion}
 
 
 # A maker draws one (input, answer) pair from the task's input space.
