@@ -93,7 +93,10 @@ class LoraAdapter:
         }
         (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
         if self.masks:
-            save_file({k: v.to(torch.uint8).contiguous() for k, v in self.masks.items()}, str(directory / MASKS_FILE))
+            save_file(
+                {k: v.to(torch.uint8).contiguous() for k, v in self.masks.items()},
+                str(directory / MASKS_FILE),
+            )
 
     @classmethod
     def load_peft(cls, directory: Path) -> LoraAdapter:

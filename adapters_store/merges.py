@@ -256,26 +256,29 @@ def sum_shared(adapters: list[LoraAdapter], weights: list[float], previous: Dens
     (Σ_t w_t · s_t · (B_t ⊙ M_t)) @ A is a single rank-r adapter.
 
     Both premises are checked, not assumed: a different A or an overlapping mask would make
-    the sum silently wrong (another task's entries added twice, or a foreign A).
+    the sum silently wrong (another task's entries added twice, or a foreign A). A store that
+    grew its rank has tasks whose A is a prefix (the first r_t rows) of the widest one; their
+    B columns land in the first r_t columns.
     """
     modules: dict[str, LoraModule] = {}
     masks: dict[str, torch.Tensor] = {}
     for name in _common_modules(adapters):
-        A = adapters[0].modules[name].A.float()  # (r, d_in)
-        owned = torch.zeros_like(adapters[0].modules[name].B, dtype=torch.bool)  # (d_out, r)
+        A = max((a.modules[name] for a in adapters), key=lambda m: m.rank).A.float()  # (r, d_in)
+        owned = torch.zeros(adapters[0].modules[name].B.shape[0], A.shape[0], dtype=torch.bool)  # (d_out, r)
         B = torch.zeros_like(owned, dtype=torch.float32)
         for i, (adapter, w) in enumerate(zip(adapters, weights, strict=True)):
             module = adapter.modules[name]
-            if module.A.shape != A.shape or not torch.equal(module.A.float(), A):
+            r = module.rank
+            if module.A.shape[1] != A.shape[1] or not torch.equal(module.A.float(), A[:r]):
                 raise MergeError(f"sum needs one shared A; adapter {i} has a different A in {name}")
             mask = _mask(adapter, name)
-            overlap = int((owned & mask).sum())
+            overlap = int((owned[:, :r] & mask).sum())
             if overlap:
                 raise MergeError(
                     f"sum needs disjoint masks; adapter {i} overlaps earlier ones at {overlap} positions of {name}"
                 )
-            owned |= mask
-            B += _scaled_B(adapter, name, w)
+            owned[:, :r] |= mask
+            B[:, :r] += _scaled_B(adapter, name, w)
         modules[name] = LoraModule(A=A, B=B, scale=1.0)
         if any(name in a.masks for a in adapters):
             masks[name] = owned

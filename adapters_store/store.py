@@ -130,6 +130,7 @@ class Store(Protocol):
         meta: dict[str, Any],
         merge: str,
         weights: list[float] | None = None,
+        notes: list[dict[str, Any]] | None = None,
     ) -> Publication: ...
     def tasks(self) -> list[TaskRecord]: ...
     def task_adapter(self, name: str) -> LoraAdapter: ...
@@ -188,8 +189,12 @@ class AdapterStore:
         meta: dict[str, Any],
         merge: str,
         weights: list[float] | None = None,
+        notes: list[dict[str, Any]] | None = None,
     ) -> Publication:
         """Add a task version and make the merge of all live tasks plus it live.
+
+        ``notes`` are extra ledger entries written in the same append, before ``add_task``
+        (e.g. a LoRAF store growing its rank).
 
         ``merge`` names a registered merge; ``weights`` (one per live task, oldest first,
         this task last) are recorded and apply to this merge only. The magnitude merge
@@ -233,6 +238,7 @@ class AdapterStore:
                 written.append(merge_dir)
                 entries = self._ledger.append(
                     [
+                        *(notes or []),
                         {"op": "add_task", "task": name, "version": version, "id": task_id},
                         {"op": "set_live", "merge": merge_id, "parents": parents, "cause": "add_task"},
                     ]

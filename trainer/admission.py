@@ -25,8 +25,15 @@ class AdmissionError(Exception):
 
 
 def admit(
-    store: AdapterStore, name: str, method: MethodSpec, hp: Hyperparameters, max_lora_rank: int
-) -> None:
+    store: AdapterStore,
+    name: str,
+    method: MethodSpec,
+    hp: Hyperparameters,
+    max_lora_rank: int,
+    loraf_grow_rank: int = 0,
+) -> Hyperparameters:
+    """Raise :class:`AdmissionError` if the task cannot join the store; else return the
+    hyper-parameters to train with (LoRAF tasks take the store's shared rank, grown if allowed)."""
     try:
         check_task_name(name)
     except InvalidTaskName:
@@ -59,25 +66,53 @@ def admit(
                 "rank_exceeded",
             )
     if method.parametrization == "loraf":
-        _check_loraf_capacity(store, hp)
+        return _loraf_plan(store, hp, max_lora_rank, loraf_grow_rank)
+    return hp
 
 
-def _check_loraf_capacity(store: AdapterStore, hp: Hyperparameters) -> None:
-    """LoRAF tasks own disjoint B positions; refuse a task whose mask cannot fit (per module,
-    k = ⌊mask_fraction · d_out · r⌋, as the trainer draws it)."""
+def _loraf_plan(store: AdapterStore, hp: Hyperparameters, max_lora_rank: int, grow: int) -> Hyperparameters:
+    """LoRAF tasks own disjoint B positions of one shared (A, B). A task takes the store's rank
+    and scale; if its mask (k = ⌊mask_fraction · d_out · r⌋ per module, as the trainer draws
+    it) does not fit, the store grows by ``grow`` ranks, or the task is refused with 409."""
     history = store.history()
     if not history:
-        return
-    for name, module in history[0].modules.items():
-        d_out, rank = module.B.shape
-        owned = sum(int(task.masks[name].sum()) for task in history if name in task.masks)
+        return hp
+    widest = {
+        name: max((t.modules[name] for t in history if name in t.modules), key=lambda m: m.rank)
+        for name in history[-1].modules
+    }
+    rank = max(m.rank for m in widest.values())
+    scale = next(iter(widest.values())).scale
+    short = []
+    for name, module in widest.items():
+        d_out = module.B.shape[0]
+        owned = sum(int(t.masks[name].sum()) for t in history if name in t.masks)
         free, need = d_out * rank - owned, math.floor(hp.mask_fraction * d_out * rank)
         if free < need:
-            raise AdmissionError(
-                409,
-                f"LoRAF capacity: module {name} has {free} of {d_out * rank} B positions left and this task "
-                f"needs {need} (mask_fraction {hp.mask_fraction}). Lower hyperparameters.mask_fraction to at most "
-                f"{free / (d_out * rank):.4f}, remove a task (DELETE /admin/tasks/{{name}}), or start a new store.",
-                "hyperparameters.mask_fraction",
-                "capacity_exceeded",
-            )
+            short.append((name, free, need, d_out))
+    if not short:
+        return _with_rank(hp, rank, scale)
+    if grow > 0:
+        new_rank = rank + grow
+        still_short = [
+            n
+            for n, free, _, d_out in short
+            if free + d_out * grow < math.floor(hp.mask_fraction * d_out * new_rank)
+        ]
+        if not still_short and new_rank <= max_lora_rank and float(scale * new_rank).is_integer():
+            return _with_rank(hp, new_rank, scale)
+    name, free, need, d_out = short[0]
+    raise AdmissionError(
+        409,
+        f"LoRAF capacity: module {name} has {free} of {d_out * rank} B positions left and this task "
+        f"needs {need} (mask_fraction {hp.mask_fraction}). Lower hyperparameters.mask_fraction to at most "
+        f"{free / (d_out * rank):.4f}, remove a task (DELETE /admin/tasks/{{name}}), start a new store, or let "
+        "the store grow its rank (LAMINA_LORAF_GROW_RANK).",
+        "hyperparameters.mask_fraction",
+        "capacity_exceeded",
+    )
+
+
+def _with_rank(hp: Hyperparameters, rank: int, scale: float) -> Hyperparameters:
+    """The store's rank and scale (alpha = scale · rank keeps every earlier task's ΔW intact)."""
+    return hp.model_copy(update={"r": rank, "lora_alpha": round(scale * rank)})

@@ -218,7 +218,11 @@ PRESETS: dict[str, MethodSpec] = {
         # N-LoRA: L1 on the full product ΔW. λ is far below the paper's 0.4 because the norm here is
         # summed over d_out × d_in entries of every module, not over an r × r product.
         MethodSpec(
-            name="n-lora", parametrization="lora", regularizers={"l1": 1e-4}, merge="concat", stack_history=True
+            name="n-lora",
+            parametrization="lora",
+            regularizers={"l1": 1e-4},
+            merge="concat",
+            stack_history=True,
         ),
         # PS-LoRA: stability loss (eq. 4, λ = 0.01 as for llama2-7b long sequences) + magnitude merge (eq. 5).
         MethodSpec(

@@ -49,6 +49,12 @@ class LaminaSettings(BaseSettings):
     queue: str = Field("lamina", description="Celery queue the API sends tasks to and the worker consumes.")
     max_lora_rank: int = Field(64, description="Largest adapter rank the engine can serve.")
     max_pending_tasks: int = Field(64, ge=1, description="Queued or running tasks allowed at once.")
+    loraf_grow_rank: int = Field(
+        0,
+        ge=0,
+        description="LoRAF stores: when the shared B has no room for the next task's mask, add this many "
+        "rank columns (fresh frozen rows of A) instead of refusing the task with 409. 0: never grow.",
+    )
 
     @field_validator("max_lora_rank")
     @classmethod

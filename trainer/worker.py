@@ -86,7 +86,10 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job) -> None:
         examples = board.examples(job.id)
         with store_turn(settings) as keep_alive:
             store = open_store(settings)
-            admit(store, job.name, method, hp, settings.max_lora_rank)
+            requested_rank = hp.r
+            hp = admit(store, job.name, method, hp, settings.max_lora_rank, settings.loraf_grow_rank)
+            history = store.history()
+            notes = _growth_notes(method.parametrization, history, hp.r)
             board.update(job.id, status=JobStatus.running)
             model, tokenizer = _base_model(str(settings.model))
             result = train_task(
@@ -95,7 +98,7 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job) -> None:
                 examples,
                 method,
                 hp,
-                store.history(),
+                history,
                 progress=_progress_reporter(board, job.id, keep_alive),
                 should_stop=_cancel_checker(board, job.id),
             )
@@ -104,11 +107,12 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job) -> None:
             meta = {
                 "method": method.name,
                 "hyperparameters": hp.model_dump(mode="json"),
+                "requested_rank": requested_rank,
                 "data_hash": _data_hash(examples),
                 "job_id": job.id,
                 "metrics": result.metrics,
             }
-            publication = store.publish(job.name, result.adapter, meta, merge=method.merge)
+            publication = store.publish(job.name, result.adapter, meta, merge=method.merge, notes=notes)
         board.update(
             job.id,
             status=JobStatus.succeeded,
@@ -135,6 +139,14 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job) -> None:
             finished_at=now(),
             error=JobError(message=f"{type(error).__name__}: {error}"),
         )
+
+
+def _growth_notes(parametrization: str, history: list[Any], rank: int) -> list[dict[str, Any]]:
+    """A ledger entry when this LoRAF task widens the store's shared rank."""
+    if parametrization != "loraf" or not history:
+        return []
+    previous = max(m.rank for adapter in history for m in adapter.modules.values())
+    return [{"op": "grow", "rank_from": previous, "rank_to": rank}] if rank > previous else []
 
 
 def _progress_reporter(board: JobBoard, job_id: str, keep_alive: Any) -> Any:

@@ -62,6 +62,7 @@ async def adapters(request: Request) -> dict[str, Any]:
         "live_merge": live_id,
         "tasks": tasks,
         "merges": merges,
+        "growth": [e for e in store.ledger() if e.get("op") == "grow"],  # LoRAF rank growth, oldest first
         "served": request.app.state.sync.status.__dict__,
     }
 

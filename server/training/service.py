@@ -43,7 +43,14 @@ class TrainingService:
             param = f"hyperparameters.{field}" if field else "hyperparameters"
             raise APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
         try:
-            admit(self.store, request.name, method, hp, self.settings.max_lora_rank)
+            admit(
+                self.store,
+                request.name,
+                method,
+                hp,
+                self.settings.max_lora_rank,
+                self.settings.loraf_grow_rank,
+            )
         except AdmissionError as error:
             raise APIError(error.status, error.message, param=error.param, code=error.code) from None
         active = self.board.active()

@@ -59,3 +59,25 @@ def test_loraf_store_refuses_a_task_whose_mask_cannot_fit(store: AdapterStore) -
     )  # needs 4
     status, param = _reason(store, "too-big", "loraf", mask_fraction=0.2)  # needs 6
     assert (status, param) == (409, "hyperparameters.mask_fraction")
+
+
+def test_loraf_store_configured_to_grow_admits_at_a_wider_rank(store: AdapterStore) -> None:
+    mask = torch.zeros(D_OUT, R, dtype=torch.bool)
+    mask.view(-1)[:28] = True
+    store.publish("first", _adapter(mask), {"method": "loraf"}, merge="sum")
+    hp = Hyperparameters(mask_fraction=0.2, r=8, lora_alpha=16)  # the store's r=4, scale 1 win
+    plan = admit(store, "grows", resolve_method("loraf"), hp, max_lora_rank=16, loraf_grow_rank=4)
+    assert (plan.r, plan.lora_alpha) == (R + 4, R + 4), "one more block of 4 ranks at the same scale"
+    with pytest.raises(AdmissionError):  # growing past the engine's max rank is refused
+        admit(store, "grows", resolve_method("loraf"), hp, max_lora_rank=6, loraf_grow_rank=4)
+    no_growth_needed = admit(
+        store, "fits", resolve_method("loraf"), Hyperparameters(mask_fraction=0.1), 16, 4
+    )
+    assert no_growth_needed.r == R
+
+
+def test_growth_is_recorded_in_the_ledger(store: AdapterStore) -> None:
+    store.publish(
+        "first", _adapter(), {"method": "inc-lora"}, merge="concat", notes=[{"op": "grow", "rank_to": 8}]
+    )
+    assert [e["op"] for e in store.ledger()] == ["grow", "add_task", "set_live"]

@@ -251,3 +251,24 @@ def test_load_base_reads_a_saved_model_in_fp32(model, tokenizer, tmp_path: Path)
     assert loaded_tokenizer("a=bc")["input_ids"] == PROBE[0].tolist()
     with torch.no_grad():
         torch.testing.assert_close(loaded(PROBE).logits, model(PROBE).logits)
+
+
+def test_loraf_grows_the_rank_when_the_store_is_full(model, tokenizer) -> None:
+    from adapters_store.merges import build_merge
+
+    hp = HP.model_copy(update={"mask_fraction": 0.6})
+    first = train_task(model, tokenizer, TASKS[0], resolve_method("loraf"), hp, [])
+    wider = hp.model_copy(update={"r": 2 * hp.r, "lora_alpha": 2 * hp.lora_alpha})  # same scale
+    second = train_task(model, tokenizer, TASKS[1], resolve_method("loraf"), wider, [first.adapter])
+    expected = {}
+    for name, m1 in first.adapter.modules.items():
+        m2 = second.adapter.modules[name]
+        assert m2.rank == 2 * m1.rank and m2.scale == m1.scale
+        assert torch.equal(m2.A[: m1.rank], m1.A), "the old rows of A must stay as they were"
+        mask1, mask2 = first.adapter.masks[name], second.adapter.masks[name]
+        assert not (mask2[:, : m1.rank] & mask1).any(), "masks stay disjoint after growth"
+        assert mask2[:, m1.rank :].any(), "the new columns are where the new task fits"
+        expected[name] = m1.delta() + m2.delta()
+    merged = build_merge("sum", [first.adapter, second.adapter], None)
+    for name, module in merged.modules.items():
+        torch.testing.assert_close(module.delta(), expected[name], atol=1e-6, rtol=1e-5)

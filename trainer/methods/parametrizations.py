@@ -241,6 +241,11 @@ class LoraF(_Base):
     k = ⌊mask_fraction · d_out · r⌋ as the paper's K = ⌊(1 − s) d₁ r⌋ is per matrix), B is reset
     (line 8) and then trained on M_t only (line 10). Masks are disjoint by construction. The
     exported adapter is the shared A with B ⊙ M_t: only this task's own entries.
+
+    Growth: when the store is full, the worker may train the task at a larger rank r' than
+    the store's r (same scale). The shared A then gains r' − r fresh frozen rows below the old
+    ones and B gains r' − r empty columns, so every earlier task's A is a prefix of the new A
+    and its entries keep their positions; the new columns are all feasible.
     """
 
     def __init__(self, hp: Hyperparameters, method: MethodSpec, history: list[LoraAdapter]) -> None:
@@ -255,7 +260,7 @@ class LoraF(_Base):
         seed = self._task_seed()
         for index, name, p in _sorted(layers):
             if self.history:
-                A, B0, owned = self._shared_state(name, p)
+                A, B0, owned = self._shared_state(name, p, module_seed(seed, index))
             else:
                 A = kaiming_uniform(p.A.shape, seed=module_seed(seed, index))
                 B0, owned = torch.zeros_like(p.B), torch.zeros(p.B.shape, dtype=torch.bool)
@@ -294,25 +299,38 @@ class LoraF(_Base):
     def _k(self, p: LoraParams) -> int:
         return max(1, math.floor(self.hp.mask_fraction * p.B.numel()))
 
-    def _shared_state(self, name: str, p: LoraParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(shared A, Σ earlier B_i ⊙ M_i, positions owned) for one module, from the history."""
-        first = self.history[0].modules.get(name)
-        if first is None or first.A.shape != p.A.shape or not math.isclose(first.scale, p.scale):
-            raise ValueError(
-                f"loraf: module {name} of the store's first task does not match r/lora_alpha/targets"
-            )
-        B0 = torch.zeros_like(first.B, dtype=torch.float32)
-        owned = torch.zeros(first.B.shape, dtype=torch.bool)
+    def _shared_state(
+        self, name: str, p: LoraParams, grow_seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(shared A, Σ earlier B_i ⊙ M_i, positions owned) for one module, from the history,
+        widened with fresh frozen rows of A (and empty columns of B) when this task grows the rank."""
+        widest = max(
+            (a.modules[name] for a in self.history if name in a.modules), key=lambda m: m.rank, default=None
+        )
+        rank, new_rank = (widest.rank if widest else 0), p.A.shape[0]
+        if (
+            widest is None
+            or rank > new_rank
+            or widest.A.shape[1] != p.A.shape[1]
+            or not math.isclose(widest.scale, p.scale)
+        ):
+            raise ValueError(f"loraf: module {name} of the store does not match r/lora_alpha/targets")
+        A = widest.A.float()  # (r, d_in)
+        if new_rank > rank:
+            fresh = kaiming_uniform((new_rank - rank, A.shape[1]), seed=grow_seed)  # (r' − r, d_in)
+            A = torch.cat([A, fresh])  # (r', d_in)
+        B0 = torch.zeros(p.B.shape, dtype=torch.float32)  # (d_out, r')
+        owned = torch.zeros(p.B.shape, dtype=torch.bool)
         for position, adapter in enumerate(self.history):
             module, mask = adapter.modules.get(name), adapter.masks.get(name)
-            if module is None or mask is None or not torch.equal(module.A, first.A):
+            if module is None or mask is None or not torch.equal(module.A.float(), A[: module.rank]):
                 raise ValueError(
                     f"loraf: task {position} of the store is not a loraf task sharing A (module {name}); "
                     "loraf needs every earlier task to be loraf"
                 )
-            B0 += module.B.float() * mask
-            owned |= mask
-        return first.A.float(), B0, owned
+            B0[:, : module.rank] += module.B.float() * mask
+            owned[:, : module.rank] |= mask
+        return A, B0, owned
 
     def _check_capacity(self, layers: Layers) -> None:
         for name, p in layers.items():
