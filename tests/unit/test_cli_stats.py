@@ -1,0 +1,34 @@
+"""``lamina stats`` prints the admin view's figures from the store as tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from adapters_store.fingerprint import fingerprint_model
+from adapters_store.lora import LoraAdapter, LoraModule
+from adapters_store.store import AdapterStore
+from server.cli import app
+
+
+def _adapter(seed: int) -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    module = LoraModule(A=torch.randn(2, 6, generator=g), B=torch.randn(5, 2, generator=g), scale=1.0)
+    return LoraAdapter({"model.layers.0.self_attn.q_proj": module})
+
+
+def test_stats_prints_tasks_and_collision_matrix(
+    base_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = AdapterStore(tmp_path / "store", fingerprint_model(base_model_dir))
+    store.publish("alpha", _adapter(0), {"method": "inc-lora"}, merge="concat")
+    store.publish("beta", _adapter(1), {"method": "inc-lora"}, merge="concat")
+    monkeypatch.setenv("LAMINA_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("LAMINA_MODEL", str(base_model_dir))
+    result = CliRunner().invoke(app, ["stats"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "alpha/v1" in result.output and "beta/v1" in result.output
+    assert "Collision rate" in result.output and "live merge m2" in result.output
