@@ -41,6 +41,12 @@ class ServerSettings(LaminaSettings):
     max_tokens_limit: int = Field(
         4096, ge=1, description="Upper bound a single request may ask for in max_tokens."
     )
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest request body (JSON or upload) accepted; 413 beyond."
+    )
+    max_examples: int = Field(
+        20_000, ge=1, description="Most training examples one task may have; 413 beyond."
+    )
     admin_key: SecretStr | None = Field(
         None, description="Bearer key for /admin. None: the admin endpoints are disabled."
     )

@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class TrainingService:
-    def __init__(self, settings: LaminaSettings, store: AdapterStore, default_method: str) -> None:
+    def __init__(
+        self, settings: LaminaSettings, store: AdapterStore, default_method: str, max_examples: int
+    ) -> None:
+        self.max_examples = max_examples
         self.settings = settings
         self.store = store
         self.board = JobBoard(settings.store_dir)
@@ -30,6 +33,13 @@ class TrainingService:
         self.default_method = default_method
 
     def submit(self, request: TaskCreate) -> Job:
+        if len(request.examples) > self.max_examples:
+            raise APIError(
+                413,
+                f"{len(request.examples)} examples; a task may have at most {self.max_examples}.",
+                param="examples",
+                code="too_many_examples",
+            )
         method_name = request.method or self.default_method
         try:
             method = resolve_method(method_name)

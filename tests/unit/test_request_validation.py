@@ -117,3 +117,21 @@ def test_valid_request_while_loading_is_503_and_ready_says_so(client: TestClient
     response = client.post("/v1/completions", json={"model": "base", "prompt": "x"})
     assert response.status_code == 503
     assert response.json()["error"]["type"] == "server_error"
+
+
+def test_bodies_over_the_limit_are_413_before_being_read(base_model_dir: Path, tmp_path: Path) -> None:
+    settings = ServerSettings(model=base_model_dir, home=tmp_path, max_request_bytes=2048, max_examples=3)
+    with TestClient(create_app(settings, start_engine=False)) as small:
+        response = small.post("/v1/completions", json={"model": "base", "prompt": "x" * 5000})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: the limit must hold while the body streams in
+            for _ in range(10):
+                yield b" " * 500
+
+        streamed = small.post("/tasks", content=chunks(), headers={"content-type": "application/json"})
+        assert streamed.status_code == 413
+
+        examples = [{"prompt": "a", "completion": "b"}] * 4
+        too_many = small.post("/tasks", json={"name": "t", "method": "lori-s", "examples": examples})
+        assert too_many.status_code == 413 and too_many.json()["error"]["param"] == "examples"
