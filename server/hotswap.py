@@ -199,7 +199,7 @@ class AdapterSync:
                 if nudged.is_set() or changed:
                     nudged.clear()
                     await self.sync()
-                elif self._loaded and any(not self.registry.in_use(h) for h in self._loaded.values()):
+                else:  # requests that held a swapped-out version may have finished
                     await self._unload_unused()
         finally:
             stop.set()

@@ -153,8 +153,8 @@ class JobBoard:
     def update(self, job_id: str, **changes: Any) -> Job:
         """Read-modify-write one job under the board's lock."""
         with self._locked():
-            job = self.get(job_id).model_copy(update=changes)
-            self._write(Job.model_validate(job.model_dump()))
+            job = Job.model_validate({**self.get(job_id).model_dump(), **changes})  # validates the changes
+            self._write(job)
             return job
 
     def request_cancel(self, job_id: str) -> Job:
