@@ -36,6 +36,9 @@ def make_celery(settings: LaminaSettings) -> Celery:
         task_ignore_result=True,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
+        # A broker restart must not kill the training in progress: its job is on the job
+        # board, which the worker keeps using (trainer/worker.py).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_send_task_events=False,
     )
     return app

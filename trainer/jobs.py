@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,6 +70,15 @@ class Job(BaseModel):
     task_version: str | None = Field(None, description="Store id of the published task version.")
     merge_id: str | None = Field(None, description="Store id of the merge made live by this job.")
     cancel_requested: bool = False
+    worker: str | None = Field(None, description="The worker process that claimed the job.")
+    lease_expires_at: float | None = Field(
+        None, description="Unix time until which the worker's claim holds; renewed while it trains."
+    )
+
+
+# A job in one of these states belongs to the worker named in it, for as long as its lease holds.
+CLAIMED = (JobStatus.validating, JobStatus.running)
+WORKER_LOST = "worker_lost"
 
 
 def now() -> str:
@@ -171,6 +181,80 @@ class JobBoard:
 
     def active(self) -> list[Job]:
         return [j for j in self.all() if not j.status.terminal]
+
+    # --- claims: which worker trains what ------------------------------------------------
+
+    def claim_next(self, worker: str, lease_s: float) -> Job | None:
+        """Give ``worker`` the earliest queued job, or None when none is queued or another
+        worker's claim still holds: tasks of one store train one at a time, in arrival order.
+        Lapsed claims are failed first, so a dead worker never blocks the queue for longer
+        than its lease."""
+        with self._locked():
+            jobs = self._fail_lapsed(self.all())
+            if any(j.status in CLAIMED for j in jobs):
+                return None
+            queued = [j for j in jobs if j.status == JobStatus.queued]
+            if not queued:
+                return None
+            job = queued[0].model_copy(
+                update={
+                    "status": JobStatus.validating,
+                    "started_at": now(),
+                    "worker": worker,
+                    "lease_expires_at": time.time() + lease_s,
+                }
+            )
+            self._write(job)
+            return job
+
+    def renew(self, job_id: str, worker: str, lease_s: float) -> bool:
+        """Extend ``worker``'s claim on the job; False once the claim is gone (the job finished
+        or was failed as lapsed), which tells that worker to stop and publish nothing."""
+        with self._locked():
+            job = self.get(job_id)
+            if job.status not in CLAIMED or job.worker != worker:
+                return False
+            self._write(job.model_copy(update={"lease_expires_at": time.time() + lease_s}))
+            return True
+
+    def update_claimed(self, job_id: str, worker: str, **changes: Any) -> Job | None:
+        """Apply ``changes`` to a job ``worker`` still holds (a terminal status also stamps
+        ``finished_at``). Writes nothing and returns None once the claim is lost, so a worker
+        that stalled past its lease cannot overwrite what the board decided meanwhile."""
+        with self._locked():
+            job = self.get(job_id)
+            if job.status not in CLAIMED or job.worker != worker:
+                return None
+            job = Job.model_validate({**job.model_dump(), **changes})
+            if job.status.terminal:
+                job = job.model_copy(update={"finished_at": now()})
+            self._write(job)
+            return job
+
+    def fail_lapsed(self) -> list[Job]:
+        """Fail every claimed job whose lease lapsed; returns all jobs as they are now."""
+        with self._locked():
+            return self._fail_lapsed(self.all())
+
+    def _fail_lapsed(self, jobs: list[Job]) -> list[Job]:
+        current = []
+        for job in jobs:
+            if job.status in CLAIMED and (job.lease_expires_at or 0.0) < time.time():
+                job = job.model_copy(
+                    update={
+                        "status": JobStatus.failed,
+                        "finished_at": now(),
+                        "error": JobError(
+                            message=f"the worker training this task ({job.worker}) stopped before "
+                            "publishing it; nothing was published and the live model is unchanged. "
+                            "Submit the task again to retry.",
+                            code=WORKER_LOST,
+                        ),
+                    }
+                )
+                self._write(job)
+            current.append(job)
+        return current
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -49,6 +49,13 @@ class LaminaSettings(BaseSettings):
     queue: str = Field("lamina", description="Celery queue the API sends tasks to and the worker consumes.")
     max_lora_rank: int = Field(64, description="Largest adapter rank the engine can serve.")
     max_pending_tasks: int = Field(64, ge=1, description="Queued or running tasks allowed at once.")
+    job_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="A training job is claimed by one worker for this long and renewed while it "
+        "runs; a job whose worker stops renewing (killed, lost) is failed after it lapses and the "
+        "next task trains. Also the TTL of the store's Redis training lock.",
+    )
     loraf_grow_rank: int = Field(
         0,
         ge=0,

@@ -1,9 +1,13 @@
-"""The worker's one Celery task: train a queued job's adapter and publish it to the store.
+"""The worker's one Celery task: train the store's queued jobs and publish them to the store.
 
-Run it with ``lamina worker`` (concurrency 1, acks_late, prefetch 1). Tasks of one store
-train one at a time in arrival order: a job whose earlier jobs are not finished goes back to
-the queue, and the training itself holds a per-store lock (Redis when configured, else a
-file lock) so two workers never publish from the same starting state.
+Run it with ``lamina worker`` (concurrency 1, acks_late, prefetch 1). The job board, not the
+broker, is the truth about what is left to train: a message only says "there is work", and the
+worker that gets it claims the earliest queued job (:meth:`JobBoard.claim_next`), trains it,
+and goes on until none is queued. So tasks of a store train one at a time in arrival order, a
+lost or duplicated message neither loses nor repeats a job, and a job whose worker died is
+failed once its lease lapses, after which the next task trains. A worker renews its claim from
+a heartbeat thread while it trains and also holds the store's lock (Redis when configured,
+else a file lock) so two workers never publish from the same starting state.
 """
 
 from __future__ import annotations
@@ -11,11 +15,17 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import os
+import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from typing import Any
+
+import redis
+from celery.signals import worker_ready
 
 from adapters_store.events import redis_notifier
 from adapters_store.fingerprint import fingerprint_model
@@ -23,32 +33,58 @@ from adapters_store.store import AdapterStore
 from trainer.admission import AdmissionError, admit
 from trainer.celery_app import TRAIN_TASK, make_celery
 from trainer.config import Example, Hyperparameters, resolve_method
-from trainer.jobs import Job, JobBoard, JobError, JobStatus, Progress, now
+from trainer.jobs import Job, JobBoard, JobError, JobStatus, Progress
 from trainer.settings import LaminaSettings
 
 log = logging.getLogger(__name__)
 settings = LaminaSettings()
 celery = make_celery(settings)
 
-REQUEUE_DELAY_S = 0.5
 CANCEL_POLL_S = 0.5
-TRAIN_LOCK_TTL_S = 60  # refreshed with every progress report
+CLAIM_RETRY_S = 1.0
 
 
-@celery.task(name=TRAIN_TASK, bind=True)
-def train(self: Any, job_id: str) -> None:  # noqa: ARG001 - Celery passes the task as self
+class ClaimLost(Exception):
+    """This worker's claim on its job lapsed (it stalled past the lease): stop, publish nothing."""
+
+
+@celery.task(name=TRAIN_TASK)
+def train(job_id: str | None = None) -> None:
+    """Train queued jobs, earliest first, until none is left. ``job_id`` is the job whose
+    submission sent this message; it is only logged, since any queued job may be next."""
+    log.info("woken by %s", job_id or "worker start")
+    import trainer.loop  # noqa: F401 - seconds of torch imports, paid before a claim's lease starts
+
     board = JobBoard(settings.store_dir)
-    job = board.get(job_id)
-    if job.status.terminal:
-        log.info("job %s is already %s; nothing to do", job_id, job.status)
-        return
-    if any(other.seq < job.seq for other in board.active()):
-        # Not this job's turn: put it back behind the earlier ones instead of blocking the
-        # (possibly only) worker that the earlier jobs need.
-        time.sleep(REQUEUE_DELAY_S)
-        celery.send_task(TRAIN_TASK, args=[job_id])
-        return
-    run_job(settings, board, job)
+    while True:
+        try:
+            with store_turn(settings) as keep_lock:
+                job = board.claim_next(worker_name(), settings.job_lease_s)
+                if job is not None:
+                    log.info("claimed %s (%s, seq %d)", job.id, job.name, job.seq)
+                    run_job(settings, board, job, keep_lock)
+                    continue
+        except redis.exceptions.ConnectionError:
+            log.warning("Redis is unreachable for the store lock; retrying")
+        else:
+            if not any(j.status == JobStatus.queued for j in board.all()):
+                return
+        # Redis is away, or another worker's claim still holds although we had the lock (its
+        # Redis lock vanished in a Redis restart): wait until it finishes or its lease lapses.
+        time.sleep(CLAIM_RETRY_S)
+
+
+@worker_ready.connect
+def _look_at_the_board_on_start(**_: Any) -> None:
+    """A (re)started worker looks at the job board at once, so jobs whose messages were lost
+    (a broker restarted without persistence) or whose worker died are handled without waiting
+    for the next submission."""
+    celery.send_task(TRAIN_TASK, args=[None])
+
+
+def worker_name() -> str:
+    """Who holds a claim: host and process (the prefork child that trains)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @cache
@@ -74,23 +110,23 @@ def open_store(settings: LaminaSettings) -> AdapterStore:
     )
 
 
-def run_job(settings: LaminaSettings, board: JobBoard, job: Job) -> None:
-    """Validate, train, publish; every failure ends the job as failed with the store untouched
-    (publishing is the last step and is atomic)."""
+def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Callable[[], Any]) -> None:
+    """Validate, train, publish a job this worker has claimed; every failure ends the job as
+    failed with the store untouched (publishing is the last step and is atomic)."""
     from trainer.loop import TrainingCancelled, train_task
 
-    board.update(job.id, status=JobStatus.validating, started_at=now())
-    try:
-        method = resolve_method(job.method)
-        hp = Hyperparameters.model_validate(job.hyperparameters)
-        examples = board.examples(job.id)
-        with store_turn(settings) as keep_alive:
+    me = job.worker or worker_name()
+    with heartbeat(board, job.id, me, settings.job_lease_s, keep_lock) as claim_held:
+        try:
+            method = resolve_method(job.method)
+            hp = Hyperparameters.model_validate(job.hyperparameters)
+            examples = board.examples(job.id)
             store = open_store(settings)
             requested_rank = hp.r
             hp = admit(store, job.name, method, hp, settings.max_lora_rank, settings.loraf_grow_rank)
             history = store.history()
             notes = _growth_notes(method.parametrization, history, hp.r)
-            board.update(job.id, status=JobStatus.running)
+            board.update_claimed(job.id, me, status=JobStatus.running)
             model, tokenizer = _base_model(str(settings.model))
             result = train_task(
                 model,
@@ -99,9 +135,11 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job) -> None:
                 method,
                 hp,
                 history,
-                progress=_progress_reporter(board, job.id, keep_alive),
-                should_stop=_cancel_checker(board, job.id),
+                progress=_progress_reporter(board, job.id, me),
+                should_stop=_stop_checker(board, job.id, claim_held),
             )
+            if not claim_held() or not board.renew(job.id, me, settings.job_lease_s):
+                raise ClaimLost()
             if board.get(job.id).cancel_requested:
                 raise TrainingCancelled()
             meta = {
@@ -113,32 +151,67 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job) -> None:
                 "metrics": result.metrics,
             }
             publication = store.publish(job.name, result.adapter, meta, merge=method.merge, notes=notes)
-        board.update(
-            job.id,
-            status=JobStatus.succeeded,
-            finished_at=now(),
-            metrics=result.metrics,
-            task_version=publication.task.id,
-            merge_id=publication.merge.id,
-        )
-        log.info("job %s: published %s, live merge %s", job.id, publication.task.id, publication.merge.id)
-    except TrainingCancelled:
-        board.update(job.id, status=JobStatus.cancelled, finished_at=now())
-    except AdmissionError as error:
-        board.update(
-            job.id,
-            status=JobStatus.failed,
-            finished_at=now(),
-            error=JobError(message=error.message, param=error.param, code=error.code),
-        )
-    except Exception as error:
-        log.exception("job %s failed", job.id)
-        board.update(
-            job.id,
-            status=JobStatus.failed,
-            finished_at=now(),
-            error=JobError(message=f"{type(error).__name__}: {error}"),
-        )
+            board.update_claimed(
+                job.id,
+                me,
+                status=JobStatus.succeeded,
+                metrics=result.metrics,
+                task_version=publication.task.id,
+                merge_id=publication.merge.id,
+            )
+            log.info("job %s: published %s, live merge %s", job.id, publication.task.id, publication.merge.id)
+        except TrainingCancelled:
+            if not claim_held():
+                log.warning("job %s: claim lapsed during training; stopped without publishing", job.id)
+            board.update_claimed(job.id, me, status=JobStatus.cancelled)
+        except ClaimLost:
+            log.warning("job %s: claim lapsed; stopped without publishing", job.id)
+        except AdmissionError as error:
+            board.update_claimed(
+                job.id,
+                me,
+                status=JobStatus.failed,
+                error=JobError(message=error.message, param=error.param, code=error.code),
+            )
+        except Exception as error:
+            log.exception("job %s failed", job.id)
+            board.update_claimed(
+                job.id,
+                me,
+                status=JobStatus.failed,
+                error=JobError(message=f"{type(error).__name__}: {error}"),
+            )
+
+
+@contextmanager
+def heartbeat(
+    board: JobBoard, job_id: str, worker: str, lease_s: float, keep_lock: Callable[[], Any]
+) -> Iterator[Callable[[], bool]]:
+    """Renew the job's claim and the store lock every third of the lease from a thread, so the
+    claim holds exactly as long as this process lives, however long one step takes. Yields a
+    check that turns False once the claim is lost."""
+    lost, stop = threading.Event(), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(lease_s / 3):
+            try:
+                if not board.renew(job_id, worker, lease_s):
+                    lost.set()
+                    return
+            except OSError:
+                log.warning("could not renew the claim on %s; retrying", job_id, exc_info=True)
+            try:
+                keep_lock()
+            except Exception:  # Redis away: the board's lease still guards the store
+                log.warning("could not extend the store lock", exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"lease-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield lambda: not lost.is_set()
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _growth_notes(parametrization: str, history: list[Any], rank: int) -> list[dict[str, Any]]:
@@ -149,21 +222,22 @@ def _growth_notes(parametrization: str, history: list[Any], rank: int) -> list[d
     return [{"op": "grow", "rank_from": previous, "rank_to": rank}] if rank > previous else []
 
 
-def _progress_reporter(board: JobBoard, job_id: str, keep_alive: Any) -> Any:
+def _progress_reporter(board: JobBoard, job_id: str, worker: str) -> Callable[[int, int, float], None]:
     def report(step: int, total: int, loss: float) -> None:
-        board.update(job_id, progress=Progress(step=step, total=total, loss=round(float(loss), 6)))
-        keep_alive()
+        progress = Progress(step=step, total=total, loss=round(float(loss), 6))
+        board.update_claimed(job_id, worker, progress=progress)
 
     return report
 
 
-def _cancel_checker(board: JobBoard, job_id: str) -> Any:
+def _stop_checker(board: JobBoard, job_id: str, claim_held: Callable[[], bool]) -> Callable[[], bool]:
+    """Stop on a cancel request (read at most every CANCEL_POLL_S) or a lost claim."""
     last = [0.0, False]
 
     def should_stop() -> bool:
         if time.monotonic() - last[0] >= CANCEL_POLL_S:
             last[0], last[1] = time.monotonic(), board.get(job_id).cancel_requested
-        return bool(last[1])
+        return bool(last[1]) or not claim_held()
 
     return should_stop
 
@@ -180,18 +254,21 @@ def store_turn(settings: LaminaSettings) -> Iterator[Any]:
     """Hold the store's training lock; yields a callable that keeps the lock alive."""
     url = settings.events_url
     if url:
-        import redis
-
         client = redis.Redis.from_url(url)
-        lock = client.lock(f"lamina:train-lock:{settings.store_dir.resolve()}", timeout=TRAIN_LOCK_TTL_S)
+        # Not thread-local: the heartbeat thread extends the lock that this thread took.
+        lock = client.lock(
+            f"lamina:train-lock:{settings.store_dir.resolve()}",
+            timeout=settings.job_lease_s,
+            thread_local=False,
+        )
         lock.acquire(blocking=True)
         try:
-            yield lambda: lock.extend(TRAIN_LOCK_TTL_S, replace_ttl=True)
+            yield lambda: lock.extend(settings.job_lease_s, replace_ttl=True)
         finally:
             try:
                 lock.release()
-            except redis.exceptions.LockError:
-                log.warning("training lock expired before release")
+            except redis.exceptions.RedisError:
+                log.warning("training lock expired (or Redis restarted) before release")
     else:
         settings.store_dir.mkdir(parents=True, exist_ok=True)
         with open(settings.store_dir / ".train.lock", "a+") as handle:

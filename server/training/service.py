@@ -23,9 +23,15 @@ log = logging.getLogger(__name__)
 
 class TrainingService:
     def __init__(
-        self, settings: LaminaSettings, store: AdapterStore, default_method: str, max_examples: int
+        self,
+        settings: LaminaSettings,
+        store: AdapterStore,
+        default_method: str,
+        max_examples: int,
+        reserved_names: tuple[str, ...] = (),
     ) -> None:
         self.max_examples = max_examples
+        self.reserved_names = reserved_names  # model names the server answers for itself
         self.settings = settings
         self.store = store
         self.board = JobBoard(settings.store_dir)
@@ -39,6 +45,13 @@ class TrainingService:
                 f"{len(request.examples)} examples; a task may have at most {self.max_examples}.",
                 param="examples",
                 code="too_many_examples",
+            )
+        if request.name in self.reserved_names:
+            raise APIError(
+                400,
+                f"name {request.name!r} is reserved: it is one of the models the server always serves.",
+                param="name",
+                code="reserved_name",
             )
         method_name = request.method or self.default_method
         try:
@@ -63,7 +76,7 @@ class TrainingService:
             )
         except AdmissionError as error:
             raise APIError(error.status, error.message, param=error.param, code=error.code) from None
-        active = self.board.active()
+        active = [job for job in self.board.fail_lapsed() if not job.status.terminal]
         if any(job.name == request.name for job in active):
             raise APIError(
                 409,
@@ -99,13 +112,14 @@ class TrainingService:
         return job
 
     def get(self, job_id: str) -> Job:
+        self.board.fail_lapsed()  # a job whose worker died shows as failed even with no worker left
         try:
             return self.board.get(job_id)
         except JobNotFound:
             raise APIError(404, f"no task job {job_id!r}", param="id", code="job_not_found") from None
 
     def list(self) -> list[Job]:
-        return self.board.all()
+        return self.board.fail_lapsed()
 
     def cancel(self, job_id: str) -> Job:
         self.get(job_id)

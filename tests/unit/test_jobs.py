@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from trainer.config import Example
-from trainer.jobs import JobBoard, JobNotFound, JobStatus, Progress
+from trainer.jobs import WORKER_LOST, JobBoard, JobNotFound, JobStatus, Progress
 
 
 @pytest.fixture
@@ -49,3 +50,44 @@ def test_finished_jobs_ignore_cancel(board: JobBoard) -> None:
 def test_unknown_or_hostile_ids_are_not_found(board: JobBoard, job_id: str) -> None:
     with pytest.raises(JobNotFound):
         board.get(job_id)
+
+
+def _queue(board: JobBoard, *names: str) -> list[str]:
+    return [board.create(name, "lori-d", {}, [Example("p", "c")]).id for name in names]
+
+
+def test_claims_follow_arrival_order_one_at_a_time(board: JobBoard) -> None:
+    first, second = _queue(board, "a", "b")
+    claimed = board.claim_next("w1", lease_s=30)
+    assert claimed is not None and claimed.id == first and claimed.status == JobStatus.validating
+    assert board.claim_next("w2", lease_s=30) is None  # w1's claim holds: b waits
+    assert board.update_claimed(first, "w1", status=JobStatus.succeeded) is not None
+    following = board.claim_next("w2", lease_s=30)
+    assert following is not None and following.id == second and following.worker == "w2"
+    board.update_claimed(second, "w2", status=JobStatus.succeeded)
+    assert board.claim_next("w2", lease_s=30) is None  # nothing queued
+
+
+def test_a_lapsed_claim_fails_its_job_and_frees_the_queue(board: JobBoard) -> None:
+    dead, waiting = _queue(board, "a", "b")
+    board.claim_next("dead-worker", lease_s=0.05)
+    time.sleep(0.1)
+    claimed = board.claim_next("w2", lease_s=30)
+    assert claimed is not None and claimed.id == waiting
+    failed = board.get(dead)
+    assert failed.status == JobStatus.failed and failed.error is not None
+    assert failed.error.code == WORKER_LOST
+    # the dead worker, should it come back, can neither renew nor overwrite the verdict
+    assert board.renew(dead, "dead-worker", lease_s=30) is False
+    assert board.update_claimed(dead, "dead-worker", status=JobStatus.succeeded) is None
+    assert board.get(dead).status == JobStatus.failed
+
+
+def test_renewing_keeps_a_claim_alive(board: JobBoard) -> None:
+    (job_id,) = _queue(board, "a")
+    board.claim_next("w1", lease_s=0.2)
+    for _ in range(4):
+        time.sleep(0.1)
+        assert board.renew(job_id, "w1", lease_s=0.2)
+    assert [j.status for j in board.fail_lapsed()] == [JobStatus.validating]
+    assert board.renew(job_id, "someone-else", lease_s=0.2) is False

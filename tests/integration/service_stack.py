@@ -1,0 +1,119 @@
+"""A running Lamina service for integration tests: the server, a real ``lamina worker``
+process, and helpers to post tasks and wait for them. Shared by the service and fault tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.conftest import REPO, RunningServer
+
+JOB_TIMEOUT_S = 240
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class Stack:
+    server: RunningServer
+    worker: subprocess.Popen
+    env: dict[str, str]
+    home: Path
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def ledger(self) -> list[dict]:
+        text = (self.home / "store" / "ledger.jsonl").read_text()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """``lamina worker`` in its own process group (so a test can kill all of it at once)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", "worker"],
+        cwd=REPO,
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        stdout=log_path.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    try:
+        family = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    worker.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    for proc in alive:
+        proc.kill()
+
+
+def post_task(
+    stack: Stack,
+    name: str,
+    examples: list[tuple[str, str]],
+    method: str,
+    hyperparameters: dict,
+    **extra: object,
+) -> httpx.Response:
+    body = {
+        "name": name,
+        "method": method,
+        "examples": [{"prompt": p, "completion": c} for p, c in examples],
+        "hyperparameters": hyperparameters,
+        **extra,
+    }
+    return httpx.post(f"{stack.url}/tasks", json=body, timeout=30)
+
+
+def get_job(stack: Stack, job_id: str) -> dict:
+    return httpx.get(f"{stack.url}/tasks/{job_id}", timeout=10).json()
+
+
+def wait_for(
+    stack: Stack, job_id: str, statuses: tuple[str, ...] = TERMINAL, timeout_s: float = JOB_TIMEOUT_S
+) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = get_job(stack, job_id)
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.5)
+    log = (stack.home / "worker.log").read_text()[-3000:]
+    pytest.fail(f"job {job_id} still {job['status']} after {timeout_s} s; worker log:\n{log}")
+
+
+def wait_until_served(stack: Stack, merge_id: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if httpx.get(f"{stack.url}/ready").json().get("live_merge") == merge_id:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"server never swapped to {merge_id}")
+
+
+def answers(stack: Stack, model: str, examples: list[tuple[str, str]]) -> list[str]:
+    """Greedy answers of ``model`` to the examples' prompts."""
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    result = client.completions.create(
+        model=model, prompt=[p for p, _ in examples], max_tokens=4, temperature=0, stop=["\n"]
+    )
+    return [c.text for c in sorted(result.choices, key=lambda c: c.index)]
+
+
+def served_models(stack: Stack) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{stack.url}/v1/models").json()["data"]}

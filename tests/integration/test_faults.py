@@ -1,0 +1,215 @@
+"""Faults, with real processes: a worker SIGKILLed mid-training, Redis restarted while a job
+runs, 20 tasks posted at once, and the server restarted.
+
+The stack has its own ``redis-server`` (no persistence, so a restart loses every queued
+message: the hardest case), a ``lamina worker`` and the server. Jobs hold a short lease
+(LAMINA_JOB_LEASE_S) so a dead worker's job is noticed in seconds. The tests run in file
+order and build on each other's tasks; the server restart comes last.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import free_port, start_server, stop_server
+from tests.integration import service_stack
+from tests.integration.service_stack import (
+    Stack,
+    answers,
+    get_job,
+    served_models,
+    start_worker,
+    stop_worker,
+    wait_for,
+    wait_until_served,
+)
+
+pytestmark = [pytest.mark.engine, pytest.mark.integration]
+
+METHOD = "lori-d"
+LEASE_S = 5
+SHORT = {"steps": 8, "learning_rate": 0.005, "batch_size": 4, "r": 2, "seed": 0}
+LONG = {**SHORT, "steps": 1_000_000}  # never finishes on its own
+MEDIUM = {**SHORT, "steps": 100}  # runs long enough to restart Redis under it
+EXAMPLES = [(f"Word {i} means", f" {w}") for i, w in enumerate(["sun", "moon", "star", "sky"])]
+BURST = 20
+
+
+class RedisServer:
+    """A private ``redis-server`` that a test may restart."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is required for the fault tests")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.workdir,
+            stdout=(self.workdir / "redis.log").open("a"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis.from_url(self.url, socket_connect_timeout=1).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.1)
+        pytest.fail("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+            self.process = None
+
+    def restart(self) -> None:
+        """Down and up again, losing every key (queued messages, locks) in between."""
+        self.stop()
+        time.sleep(1.0)
+        self.start()
+        assert redis.Redis.from_url(self.url).dbsize() == 0
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, private_redis: RedisServer) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("lamina-home")
+    env = {
+        "LAMINA_HOME": str(home),
+        "LAMINA_BROKER_URL": private_redis.url,
+        "LAMINA_QUEUE": f"lamina-faults-{uuid.uuid4().hex[:8]}",
+        "LAMINA_DEFAULT_METHOD": METHOD,
+        "LAMINA_JOB_LEASE_S": str(LEASE_S),
+    }
+    worker = start_worker(env, home / "worker.log")
+    server = start_server(env, home / "server.log")
+    running = Stack(server, worker, env, home)
+    yield running
+    stop_server(running.server)
+    stop_worker(running.worker)
+
+
+def post(stack: Stack, name: str, hyperparameters: dict) -> str:
+    response = service_stack.post_task(stack, name, EXAMPLES, METHOD, hyperparameters)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def wait_until_training(stack: Stack, job_id: str) -> None:
+    """Until the job has taken at least one optimizer step."""
+    deadline = time.monotonic() + service_stack.JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        job = get_job(stack, job_id)
+        assert job["status"] not in service_stack.TERMINAL, job
+        if job["status"] == "running" and (job["progress"] or {}).get("step", 0) >= 1:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"job {job_id} never started training")
+
+
+def published_tasks(stack: Stack) -> list[str]:
+    """Task names in the order the store's ledger says they were published."""
+    return [entry["task"] for entry in stack.ledger() if entry["op"] == "add_task"]
+
+
+def live_merge(stack: Stack) -> str | None:
+    return httpx.get(f"{stack.url}/ready").json()["live_merge"]
+
+
+def kill_worker(worker: subprocess.Popen) -> None:
+    """SIGKILL the worker's whole process group: no handler runs, nothing is cleaned up."""
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=10)
+
+
+def test_a_worker_killed_mid_training_loses_nothing_and_the_queue_moves_on(stack: Stack) -> None:
+    keep = wait_for(stack, post(stack, "keep", SHORT))
+    assert keep["status"] == "succeeded", keep
+    wait_until_served(stack, keep["merge_id"])
+    before = (live_merge(stack), answers(stack, "continual", EXAMPLES))
+
+    doomed = post(stack, "doomed", LONG)
+    wait_until_training(stack, doomed)
+    kill_worker(stack.worker)
+    following = post(stack, "after-kill", SHORT)
+    time.sleep(LEASE_S + 1)  # the dead worker's lease lapses; nothing may have changed meanwhile
+
+    assert (live_merge(stack), answers(stack, "continual", EXAMPLES)) == before
+    assert "doomed" not in served_models(stack)
+    assert "doomed" not in published_tasks(stack)
+    assert not list((stack.home / "store" / "tasks").glob("doomed*")), "a partial version is visible"
+    failed = get_job(stack, doomed)  # no worker is alive: the API itself reports the lapse
+    assert failed["status"] == "failed" and failed["error"]["code"] == "worker_lost", failed
+    assert get_job(stack, following)["status"] == "queued"
+
+    stack.worker = start_worker(stack.env, stack.home / "worker.log")
+    after = wait_for(stack, following)
+    assert after["status"] == "succeeded", after
+    wait_until_served(stack, after["merge_id"])
+    assert published_tasks(stack) == ["keep", "after-kill"]
+    assert {"keep", "after-kill", "continual"} <= served_models(stack)
+
+
+def test_a_redis_restart_while_a_job_runs_loses_and_repeats_nothing(
+    stack: Stack, private_redis: RedisServer
+) -> None:
+    running = post(stack, "through-restart", MEDIUM)
+    waiting = post(stack, "behind-restart", SHORT)  # its queue message dies with Redis
+    wait_until_training(stack, running)
+    private_redis.restart()
+
+    finished = [wait_for(stack, job_id) for job_id in (running, waiting)]
+    assert [job["status"] for job in finished] == ["succeeded", "succeeded"], finished
+    assert published_tasks(stack)[-2:] == ["through-restart", "behind-restart"]
+    assert published_tasks(stack).count("through-restart") == 1
+    wait_until_served(stack, finished[-1]["merge_id"])
+    assert {"through-restart", "behind-restart"} <= served_models(stack)
+
+
+def test_twenty_concurrent_tasks_all_train_in_arrival_order(stack: Stack) -> None:
+    names = [f"burst-{i:02d}" for i in range(BURST)]
+    with ThreadPoolExecutor(max_workers=BURST) as pool:
+        job_ids = list(pool.map(lambda name: post(stack, name, SHORT), names))
+
+    jobs = [wait_for(stack, job_id, timeout_s=600) for job_id in job_ids]
+    assert [job["status"] for job in jobs] == ["succeeded"] * BURST
+    arrival = [job["name"] for job in sorted(jobs, key=lambda job: job["seq"])]
+    assert [name for name in published_tasks(stack) if name.startswith("burst-")] == arrival
+    wait_until_served(stack, max(jobs, key=lambda job: job["seq"])["merge_id"])
+    assert set(names) <= served_models(stack)
+
+
+def test_a_restarted_server_serves_the_same_models_and_answers(stack: Stack) -> None:
+    models = ["base", "continual", "keep", "after-kill", "behind-restart"]
+    before = (live_merge(stack), served_models(stack), [answers(stack, m, EXAMPLES) for m in models])
+    assert stop_server(stack.server) == []
+
+    stack.server = start_server(stack.env, stack.home / "server-restarted.log")
+    after = (live_merge(stack), served_models(stack), [answers(stack, m, EXAMPLES) for m in models])
+    assert after == before
