@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -33,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from adapters_store.lora import LoraAdapter, LoraModule  # noqa: E402
 from adapters_store.stats import StatsParams, StoreStats, compute_stats, update_stats  # noqa: E402
+from bench.report import commit, machine  # noqa: E402
 
 GOAL_S = 1.0  # incremental at 100 tasks, DESIGN issue
 
@@ -85,32 +84,6 @@ def timed(fn: Any) -> tuple[float, Any]:
     out = fn()
     CPU["last"] = time.process_time() - cpu
     return time.perf_counter() - start, out
-
-
-def machine() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": model,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_at_start": list(os.getloadavg()),
-    }
-
-
-def commit() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
