@@ -21,7 +21,7 @@ from server.admin.auth import require_user
 from server.admin.router import router as admin_router
 from server.engine import Engine
 from server.errors import install_error_handlers
-from server.hotswap import AdapterSync
+from server.hotswap import CONTINUAL, AdapterSync
 from server.limits import BodySizeLimit
 from server.models import ModelRegistry
 from server.openai.router import router as openai_router
@@ -85,7 +85,13 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         base_model_dir=settings.model,
     )
     app.state.completions = CompletionService(settings, engine, registry, tokenizer)
-    app.state.training = TrainingService(settings, store, settings.default_method, settings.max_examples)
+    app.state.training = TrainingService(
+        settings,
+        store,
+        settings.default_method,
+        settings.max_examples,
+        reserved_names=(settings.base_model_name, CONTINUAL),
+    )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.include_router(openai_router, dependencies=[Depends(require_user)])

@@ -8,30 +8,30 @@ naming the field, and nothing is queued.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
-import openai
-import psutil
 import pytest
 import redis
 
-from tests.conftest import REPO, RunningServer, start_server, stop_server
+from tests.conftest import start_server, stop_server
+from tests.integration import service_stack
+from tests.integration.service_stack import (
+    Stack,
+    answers,
+    served_models,
+    start_worker,
+    stop_worker,
+    wait_for,
+    wait_until_served,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ADMIN_KEY = "test-admin-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-JOB_TIMEOUT_S = 240
 METHOD = "lori-d"
 # Small memorisation tasks: what is checked is that each adapter carries its task through the
 # store, the merge and the hot-swap, so the prompts are the training prompts.
@@ -60,45 +60,11 @@ TASK_B = [
 HYPERPARAMETERS = {"steps": 120, "learning_rate": 0.005, "batch_size": 6, "r": 8, "seed": 0}
 
 
-@dataclass
-class Stack:
-    server: RunningServer
-    worker: subprocess.Popen
-    env: dict[str, str]
-    home: Path
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-
 def _redis_available() -> bool:
     try:
         return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping())
     except redis.RedisError:
         return False
-
-
-def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "server", "worker"],
-        cwd=REPO,
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop_worker(worker: subprocess.Popen) -> None:
-    try:
-        family = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    worker.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(family, timeout=30)
-    for proc in alive:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -121,44 +87,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def post_task(stack: Stack, name: str, examples: list[tuple[str, str]], **extra: object) -> httpx.Response:
-    body = {
-        "name": name,
-        "method": METHOD,
-        "examples": [{"prompt": p, "completion": c} for p, c in examples],
-        "hyperparameters": HYPERPARAMETERS,
-        **extra,
-    }
-    return httpx.post(f"{stack.url}/tasks", json=body, timeout=30)
-
-
-def wait_for(
-    stack: Stack, job_id: str, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled")
-) -> dict:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{stack.url}/tasks/{job_id}", timeout=10).json()
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.5)
-    log = (stack.home / "worker.log").read_text()[-3000:]
-    pytest.fail(f"job {job_id} still {job['status']} after {JOB_TIMEOUT_S} s; worker log:\n{log}")
-
-
-def wait_until_served(stack: Stack, merge_id: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if httpx.get(f"{stack.url}/ready").json().get("live_merge") == merge_id:
-            return
-        time.sleep(0.2)
-    pytest.fail(f"server never swapped to {merge_id}")
-
-
-def answers(stack: Stack, model: str, examples: list[tuple[str, str]]) -> list[str]:
-    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
-    result = client.completions.create(
-        model=model, prompt=[p for p, _ in examples], max_tokens=4, temperature=0, stop=["\n"]
-    )
-    return [c.text for c in sorted(result.choices, key=lambda c: c.index)]
+    return service_stack.post_task(stack, name, examples, METHOD, HYPERPARAMETERS, **extra)
 
 
 def accuracy(stack: Stack, model: str, examples: list[tuple[str, str]]) -> float:
@@ -232,6 +161,10 @@ def test_failed_job_leaves_continual_unchanged(stack: Stack) -> None:
     [
         ({"name": "Bad Name"}, 400, "name"),
         ({"name": "../escape"}, 400, "name"),
+        ({"name": "/etc/passwd"}, 400, "name"),
+        ({"name": "c\u043ede"}, 400, "name"),  # Cyrillic o: a look-alike of "code"
+        ({"name": "continual"}, 400, "name"),
+        ({"name": "base"}, 400, "name"),
         ({"name": "codes"}, 409, "name"),
         ({"method": "no-such-method"}, 400, "method"),
         ({"method": "ps-lora"}, 409, "method"),
@@ -276,10 +209,6 @@ def test_unknown_job_is_404(stack: Stack) -> None:
     assert httpx.get(f"{stack.url}/tasks/job-doesnotexist").status_code == 404
 
 
-def _served_models(stack: Stack) -> set[str]:
-    return {m["id"] for m in httpx.get(f"{stack.url}/v1/models").json()["data"]}
-
-
 def test_admin_remove_task_then_rollback_changes_what_continual_answers(stack: Stack) -> None:
     adapters = httpx.get(f"{stack.url}/admin/adapters", headers=ADMIN).json()
     assert [t["name"] for t in adapters["tasks"]] == ["codes", "opposites"]
@@ -288,23 +217,16 @@ def test_admin_remove_task_then_rollback_changes_what_continual_answers(stack: S
 
     removed = httpx.delete(f"{stack.url}/admin/tasks/opposites", headers=ADMIN)
     assert removed.status_code == 200, removed.text
-    assert "opposites" not in _served_models(stack)
+    assert "opposites" not in served_models(stack)
     assert accuracy(stack, "continual", TASK_B) < 0.5, "continual still answers the removed task"
     assert accuracy(stack, "continual", TASK_A) >= 0.8
 
     back = httpx.post(f"{stack.url}/admin/rollback", headers=ADMIN, json={"merge_id": both})
     assert back.status_code == 200, back.text
-    assert "opposites" in _served_models(stack)
+    assert "opposites" in served_models(stack)
     assert accuracy(stack, "continual", TASK_B) >= 0.8
-    ledger_ops = [e["op"] for e in stack_ledger(stack)]
+    ledger_ops = [e["op"] for e in stack.ledger()]
     assert ledger_ops[-4:] == ["remove_task", "set_live", "rollback", "set_live"]
-
-
-def stack_ledger(stack: Stack) -> list[dict]:
-    import json
-
-    text = (stack.home / "store" / "ledger.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def test_admin_errors(stack: Stack) -> None:
