@@ -27,6 +27,7 @@ from server.models import ModelRegistry
 from server.openai.router import router as openai_router
 from server.openai.serving import CompletionService
 from server.settings import ServerSettings
+from server.training.router import document_task_schema
 from server.training.router import router as training_router
 from server.training.service import TrainingService
 
@@ -96,6 +97,7 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.include_router(openai_router, dependencies=[Depends(require_user)])
     app.include_router(training_router, dependencies=[Depends(require_user)])
+    document_task_schema(app)
     app.include_router(admin_router)
 
     @app.get("/health", tags=["ops"])

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.datastructures import UploadFile
 
 from server.errors import APIError
@@ -41,6 +42,24 @@ _BODY = {
         },
     }
 }
+
+
+def document_task_schema(app: FastAPI) -> None:
+    """``POST /tasks`` reads its body by hand (two encodings), so FastAPI never sees
+    ``TaskCreate``; add it, and the models it references, to the OpenAPI components that the
+    route's ``$ref`` points at."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            _, definitions = models_json_schema(
+                [(TaskCreate, "validation")], ref_template="#/components/schemas/{model}"
+            )
+            document.setdefault("components", {}).setdefault("schemas", {}).update(definitions["$defs"])
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _service(request: Request) -> TrainingService:

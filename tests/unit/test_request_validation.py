@@ -135,3 +135,21 @@ def test_bodies_over_the_limit_are_413_before_being_read(base_model_dir: Path, t
         examples = [{"prompt": "a", "completion": "b"}] * 4
         too_many = small.post("/tasks", json={"name": "t", "method": "lori-s", "examples": examples})
         assert too_many.status_code == 413 and too_many.json()["error"]["param"] == "examples"
+
+
+def _refs(node: object) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "$ref"] + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def test_every_ref_of_the_openapi_document_resolves(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    components = document["components"]["schemas"]
+    refs = set(_refs(document))
+    assert "#/components/schemas/TaskCreate" in refs
+    missing = {ref for ref in refs if ref.removeprefix("#/components/schemas/") not in components}
+    assert missing == set()
+    assert components["TaskCreate"]["properties"]["examples"]["items"] == {"$ref": "#/components/schemas/ExampleIn"}
