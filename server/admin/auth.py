@@ -2,6 +2,7 @@
 
 Keys are compared in constant time and never logged. With no user keys configured the
 user endpoints are open (the demo); the admin endpoints are closed until an admin key is set.
+The admin key is also a user key: whoever may roll the model back may query and train it.
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ def require_admin(request: Request) -> None:
 
 def require_user(request: Request) -> None:
     """FastAPI dependency for user endpoints: open when no user keys are configured."""
-    keys = [k.get_secret_value() for k in request.app.state.settings.api_keys]
+    settings = request.app.state.settings
+    keys = [k.get_secret_value() for k in settings.api_keys]
     if not keys:
         return
+    if settings.admin_key is not None:
+        keys.append(settings.admin_key.get_secret_value())
     token = _bearer(request)
     if token is None:
         raise APIError(401, "missing API key (Authorization: Bearer <key>).", type="authentication_error")

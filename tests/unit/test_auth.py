@@ -37,6 +37,7 @@ def test_user_endpoints_need_a_user_key(client: TestClient) -> None:
     assert client.get("/v1/models", headers=bearer("user-key-2")).status_code == 200
     assert client.get("/tasks").status_code == 401
     assert client.get("/tasks", headers=bearer(USER)).status_code == 200
+    assert client.get("/v1/models", headers=bearer(ADMIN)).status_code == 200  # admin is a user too
 
 
 def test_admin_endpoints_need_the_admin_key_not_a_user_key(client: TestClient) -> None:
