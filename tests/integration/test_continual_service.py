@@ -86,8 +86,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stop_worker(worker)
 
 
-def post_task(stack: Stack, name: str, examples: list[tuple[str, str]], **extra: object) -> httpx.Response:
-    return service_stack.post_task(stack, name, examples, METHOD, HYPERPARAMETERS, **extra)
+def post_task(
+    stack: Stack,
+    name: str,
+    examples: list[tuple[str, str]],
+    hyperparameters: dict = HYPERPARAMETERS,
+    **extra: object,
+) -> httpx.Response:
+    return service_stack.post_task(stack, name, examples, METHOD, hyperparameters, **extra)
 
 
 def accuracy(stack: Stack, model: str, examples: list[tuple[str, str]]) -> float:
