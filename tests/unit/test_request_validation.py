@@ -152,4 +152,6 @@ def test_every_ref_of_the_openapi_document_resolves(client: TestClient) -> None:
     assert "#/components/schemas/TaskCreate" in refs
     missing = {ref for ref in refs if ref.removeprefix("#/components/schemas/") not in components}
     assert missing == set()
-    assert components["TaskCreate"]["properties"]["examples"]["items"] == {"$ref": "#/components/schemas/ExampleIn"}
+    assert components["TaskCreate"]["properties"]["examples"]["items"] == {
+        "$ref": "#/components/schemas/ExampleIn"
+    }
