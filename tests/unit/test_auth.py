@@ -58,3 +58,19 @@ def test_admin_is_closed_when_no_admin_key_is_set(base_model_dir: Path, tmp_path
         assert open_client.get("/v1/models").status_code == 200, "no user keys: open demo"
         response = open_client.get("/admin/adapters", headers=bearer("anything"))
         assert response.status_code == 403 and "LAMINA_ADMIN_KEY" in response.json()["error"]["message"]
+
+
+def test_keys_never_reach_the_logs_or_the_answers(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    wrong = "wrong-key-that-must-not-echo"
+    answers = [
+        client.get("/v1/models", headers=bearer(wrong)),
+        client.get("/admin/adapters", headers=bearer(USER)),
+        client.get("/admin/adapters", headers=bearer(ADMIN)),
+        client.post("/tasks", headers=bearer(USER), json={"name": "x"}),
+    ]
+    shown = caplog.text + "".join(a.text for a in answers) + repr(client.app.state.settings)
+    for key in (wrong, USER, ADMIN, "user-key-2"):
+        assert key not in shown
