@@ -164,6 +164,29 @@ def test_stability_matches_eq4_by_hand() -> None:
     assert zero.item() == pytest.approx(5.0)
 
 
+def test_stability_in_chunks_equals_dense_eq4_and_its_gradient() -> None:
+    torch.manual_seed(1)
+    A = torch.randn(3, 7, requires_grad=True)
+    B = torch.randn(10, 3, requires_grad=True)
+    S_A, S_B = torch.randn(4, 7), torch.randn(10, 4)
+    chunked = stability_loss(A, B, 0.7, S_A, S_B, alpha=0.8, chunk_rows=4)  # blocks of 4, 4, 2 rows
+    (3.0 * chunked).backward()  # the gradient is scaled like any other loss term's
+    grads = A.grad.clone(), B.grad.clone()
+    A.grad = B.grad = None
+    delta, S = 0.7 * B @ A, S_B @ S_A
+    dense = (delta.square() * (1 - torch.tanh(0.8 * delta) * torch.tanh(0.8 * S))).sum()
+    (3.0 * dense).backward()
+    torch.testing.assert_close(chunked, dense)
+    torch.testing.assert_close(grads, (A.grad, B.grad))
+
+
+def test_a_regularizer_evaluated_without_gradients_builds_no_graph() -> None:
+    A, B = torch.randn(2, 5), torch.randn(6, 2)
+    value = l1_of_delta(A, B, scale=1.0, chunk_rows=4)
+    assert not value.requires_grad
+    assert value.item() == pytest.approx((B @ A).abs().sum().item(), rel=1e-6)
+
+
 def _adapter(seed: int, rank: int = 2, d_out: int = 6, d_in: int = 5, scale: float = 2.0) -> LoraAdapter:
     g = torch.Generator().manual_seed(seed)
     module = LoraModule(

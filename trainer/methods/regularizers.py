@@ -1,16 +1,20 @@
 """Loss terms added to the task loss: ``l1`` (N-LoRA), ``stability`` (PS-LoRA), ``orthogonal`` (O-LoRA).
 
-``l1`` and ``stability`` are functions of the full product ΔW_t = scale · B_t A_t (d_out × d_in),
-which for a 7B model is as large as the base weights themselves. They are therefore computed in
-blocks of rows, each block under activation checkpointing: autograd keeps only the block's inputs
-(a slice of B and A) and recomputes the block's ΔW during backward, so no full d_out × d_in
-matrix is ever held, not even by the autograd graph.
+``l1`` and ``stability`` are sums of an entrywise function f over the full product
+ΔW_t = scale · B_t A_t (d_out × d_in), which for a 7B model is as large as the base weights
+themselves. They are computed in blocks of rows, and each block's ΔW is built exactly once a
+step: the forward pass also works out the gradient with respect to B and A (f'(ΔW) is
+entrywise, so dB = scale · f'(ΔW) Aᵀ and dA = scale · Bᵀ f'(ΔW) block by block) and autograd
+only scales it in backward. No full d_out × d_in matrix is ever held, and no block is
+recomputed (activation checkpointing, the obvious alternative, builds every block twice).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from adapters_store.lora import LoraAdapter
 from trainer.config import Hyperparameters
@@ -18,35 +22,47 @@ from trainer.methods.registry import Layers, register_regularizer
 
 ROW_CHUNK = 512  # rows of ΔW per block: 512 × d_in fp32 floats = 8 MiB at d_in = 4096
 
+# f over one block of ΔW rows: (the block's Σ f, f' entrywise). Gets the block and its row slice.
+Entrywise = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
+
 
 # ---------------------------------------------------------------------------------------------
 # The math, as plain functions of tensors (tested against dense reference computations).
 
 
-def _l1_block(B_rows: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
-    return (scale * B_rows @ A).abs().sum()  # (rows, r) @ (r, d_in) -> scalar
+class _SumOverDelta(torch.autograd.Function):
+    """Σᵢⱼ f(ΔW[i,j]) with ΔW = scale · B A, and its gradients, in one pass over row blocks."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, B: torch.Tensor, A: torch.Tensor, scale: float, f: Entrywise, chunk_rows: int
+    ) -> torch.Tensor:
+        want_grad = any(ctx.needs_input_grad[:2])
+        total = A.new_zeros(())
+        grad_B, grad_A = torch.zeros_like(B), torch.zeros_like(A)
+        for start in range(0, B.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            value, slope = f(scale * (B[rows] @ A), rows)  # (rows, d_in) block of ΔW
+            total += value
+            if want_grad:
+                grad_B[rows] = scale * (slope @ A.T)
+                grad_A += scale * (B[rows].T @ slope)
+        ctx.save_for_backward(grad_B, grad_A)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        grad_B, grad_A = ctx.saved_tensors
+        return grad_output * grad_B, grad_output * grad_A, None, None, None
+
+
+def _abs_entries(delta: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    return delta.abs().sum(), delta.sign()
 
 
 def l1_of_delta(A: torch.Tensor, B: torch.Tensor, scale: float, chunk_rows: int = ROW_CHUNK) -> torch.Tensor:
     """‖scale · B A‖₁, the entrywise L1 norm of the full product (N-LoRA eq. 3), in row blocks."""
-    total = A.new_zeros(())
-    for start in range(0, B.shape[0], chunk_rows):
-        total = total + checkpoint(_l1_block, B[start : start + chunk_rows], A, scale, use_reentrant=False)
-    return total
-
-
-def _stability_block(
-    B_rows: torch.Tensor,
-    A: torch.Tensor,
-    scale: float,
-    S_B_rows: torch.Tensor,
-    S_A: torch.Tensor,
-    alpha: float,
-) -> torch.Tensor:
-    delta = scale * B_rows @ A  # (rows, d_in): ΔW_t block
-    previous = S_B_rows @ S_A  # (rows, d_in): S = Σ_{i<t} ΔW_i block
-    sign_term = 1 - torch.tanh(alpha * delta) * torch.tanh(alpha * previous)  # (b) of eq. 4
-    return (delta.square() * sign_term).sum()  # (a)·(b), summed over entries
+    return _SumOverDelta.apply(B, A, scale, _abs_entries, chunk_rows)  # type: ignore[no-any-return]
 
 
 def stability_loss(
@@ -66,13 +82,17 @@ def stability_loss(
     concatenation; S_B already carries each task's scale), so S is also built block by block.
     With no earlier task S = 0 and the loss is ‖ΔW_t‖²_F.
     """
-    total = A.new_zeros(())
-    for start in range(0, B.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        total = total + checkpoint(
-            _stability_block, B[rows], A, scale, S_B[rows], S_A, alpha, use_reentrant=False
-        )
-    return total
+
+    def entries(delta: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        previous = torch.tanh(alpha * (S_B[rows] @ S_A))  # tanh(α S), constant in training
+        current = torch.tanh(alpha * delta)
+        sign_term = 1 - current * previous  # (b) of eq. 4
+        value = (delta.square() * sign_term).sum()  # (a)·(b), summed over entries
+        # d/dΔ [Δ² (1 − tanh(αΔ) P)] = 2Δ (1 − tanh(αΔ) P) − Δ² P α (1 − tanh²(αΔ))
+        slope = 2 * delta * sign_term - delta.square() * previous * alpha * (1 - current.square())
+        return value, slope
+
+    return _SumOverDelta.apply(B, A, scale, entries, chunk_rows)  # type: ignore[no-any-return]
 
 
 def orthogonal_loss(A: torch.Tensor, previous_A: torch.Tensor) -> torch.Tensor:
