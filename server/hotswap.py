@@ -129,7 +129,7 @@ class AdapterSync:
             await apply_dense_delta(self.engine, self.base_model_dir, live.path / "delta.safetensors")
             self._weights_merge = live.id
             log.info("dense merge %s written into the engine's weights", live.id)
-        self.registry.set_route(Route(CONTINUAL, None, CONTINUAL))
+        self.registry.set_route(Route(CONTINUAL, None, CONTINUAL, in_weights=f"{CONTINUAL}@{live.id}"))
         for route in self.registry.routes():
             if route.kind in ("task", "base"):
                 self.registry.drop_route(route.name)

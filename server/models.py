@@ -32,6 +32,7 @@ class Route:
     name: str
     adapter: AdapterHandle | None  # None: the base model's own weights
     kind: str  # "base" | "task" | "continual"
+    in_weights: str | None = None  # the merge written into the engine's weights, when one is
     created: int = field(default_factory=lambda: int(time.time()))
 
 

@@ -39,6 +39,11 @@ class SamplingFields(_Strict):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    logprobs: None = Field(None, description="Log-probabilities are not served; only null is accepted.")
+    # vLLM's extensions to the OpenAI request, which its clients (`vllm bench serve`) send.
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="vLLM extension.")
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-text.")
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: tokens to generate before a stop counts.")
 
     @field_validator("stop")
     @classmethod
@@ -66,10 +71,20 @@ class CompletionRequest(SamplingFields):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart] = Field(description="Text, or a list of text parts (joined).")
     name: str | None = None
+
+    def as_template_input(self) -> dict[str, str]:
+        """What the chat template sees: content as one string."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text} | ({"name": self.name} if self.name else {})
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -100,6 +115,9 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = Field(
+        None, description="The engine adapter version that served the request, or the base model's name."
+    )
 
 
 class ChatChoiceMessage(BaseModel):
@@ -121,6 +139,9 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = Field(
+        None, description="The engine adapter version that served the request, or the base model's name."
+    )
 
 
 class ChatDelta(BaseModel):
@@ -142,6 +163,9 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = Field(
+        None, description="The engine adapter version that served the request, or the base model's name."
+    )
 
 
 class ModelCard(BaseModel):

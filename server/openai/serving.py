@@ -122,6 +122,12 @@ class CompletionService:
         # vLLM refuses n > 1 with greedy sampling; OpenAI allows it. _pieces runs such a
         # request as n single-sample copies (identical, as greedy decoding is deterministic).
         n = 1 if request.temperature == 0 else request.n
+        if request.min_tokens > max_tokens:
+            raise APIError(
+                400,
+                f"min_tokens ({request.min_tokens}) exceeds max_tokens ({max_tokens}).",
+                param="min_tokens",
+            )
         try:
             return SamplingParams(
                 n=n,
@@ -132,12 +138,25 @@ class CompletionService:
                 seed=request.seed,
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
+                repetition_penalty=request.repetition_penalty,
+                ignore_eos=request.ignore_eos,
+                min_tokens=request.min_tokens,
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
             )
         except VLLMValidationError as error:
             raise APIError(400, str(error), param=getattr(error, "parameter", None)) from error
 
     # ----------------------------------------------------------------- running requests
+
+    def fingerprint(self, route: Route) -> str:
+        """OpenAI's ``system_fingerprint``: the engine adapter version that serves the request
+        (``name@v3``, ``continual@m7``), the merge written into the weights (weights serving),
+        or the base model's name. A request leases its
+        route once, so every chunk of one answer carries the same value; clients use it to see
+        which version answered and that no answer mixed versions across a hot-swap."""
+        if route.adapter is not None:
+            return route.adapter.name
+        return route.in_weights or self.registry.base_name
 
     async def _pieces(
         self, route: Route, prompts: list[list[int]], params: SamplingParams, n: int, request_id: str
@@ -223,11 +242,19 @@ class CompletionService:
             )
             for i, piece in pieces.items()
         ]
-        return CompletionResponse(id=response_id, model=request.model, choices=choices, usage=usage)
+        return CompletionResponse(
+            id=response_id,
+            model=request.model,
+            choices=choices,
+            usage=usage,
+            system_fingerprint=self.fingerprint(route),
+        )
 
     def stream_completion(self, request: CompletionRequest) -> AsyncIterator[str]:
         prompts, params = self._prepare_completion(request)
         response_id, created = _new_id("cmpl"), int(time.time())
+
+        fingerprint: str | None = None  # set once the request holds its route
 
         def chunk(choices: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
             body: dict[str, Any] = {
@@ -235,6 +262,7 @@ class CompletionService:
                 "object": "text_completion",
                 "created": created,
                 "model": request.model,
+                "system_fingerprint": fingerprint,
                 "choices": choices,
             }
             if usage is not None:
@@ -242,8 +270,10 @@ class CompletionService:
             return body
 
         async def events() -> AsyncIterator[str]:
+            nonlocal fingerprint
             completion_tokens = 0
             with self.registry.lease(request.model) as route:
+                fingerprint = self.fingerprint(route)
                 if request.echo:
                     for i in range(len(prompts) * request.n):
                         text = request.prompts()[i // request.n]
@@ -272,7 +302,7 @@ class CompletionService:
     def _prepare_chat(self, request: ChatCompletionRequest) -> tuple[list[list[int]], SamplingParams]:
         self.registry.resolve(request.model)
         self._require_ready()
-        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        messages = [m.as_template_input() for m in request.messages]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt = self._encode(str(text), "messages")
         requested = request.max_completion_tokens or request.max_tokens
@@ -300,21 +330,36 @@ class CompletionService:
             )
             for i, piece in pieces.items()
         ]
-        return ChatCompletionResponse(id=response_id, model=request.model, choices=choices, usage=usage)
+        return ChatCompletionResponse(
+            id=response_id,
+            model=request.model,
+            choices=choices,
+            usage=usage,
+            system_fingerprint=self.fingerprint(route),
+        )
 
     def stream_chat(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
         prompts, params = self._prepare_chat(request)
         response_id, created = _new_id("chatcmpl"), int(time.time())
 
+        fingerprint: str | None = None  # set once the request holds its route
+
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
             body = ChatCompletionChunk(
-                id=response_id, created=created, model=request.model, choices=choices, usage=usage
+                id=response_id,
+                created=created,
+                model=request.model,
+                system_fingerprint=fingerprint,
+                choices=choices,
+                usage=usage,
             )
             return body.model_dump()
 
         async def events() -> AsyncIterator[str]:
+            nonlocal fingerprint
             completion_tokens = 0
             with self.registry.lease(request.model) as route:
+                fingerprint = self.fingerprint(route)
                 for i in range(request.n):
                     yield _sse(
                         chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])

@@ -11,17 +11,8 @@ import httpx
 import pytest
 
 from tests.conftest import start_server, stop_server
-from tests.integration.test_continual_service import (
-    HYPERPARAMETERS,
-    REDIS_URL,
-    TASK_A,
-    Stack,
-    accuracy,
-    start_worker,
-    stop_worker,
-    wait_for,
-    wait_until_served,
-)
+from tests.integration.service_stack import Stack, start_worker, stop_worker, wait_for, wait_until_served
+from tests.integration.test_continual_service import HYPERPARAMETERS, REDIS_URL, TASK_A, accuracy
 
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
 
@@ -59,6 +50,10 @@ def test_ps_lora_merge_is_served_from_the_engine_weights(stack: Stack) -> None:
     assert accuracy(stack, "continual", TASK_A) >= 0.8 > base_accuracy
     served = {m["id"] for m in httpx.get(f"{stack.url}/v1/models").json()["data"]}
     assert served == {"continual"}, "base and task adapters would not mean what they say"
+    answer = httpx.post(
+        f"{stack.url}/v1/completions", json={"model": "continual", "prompt": "x", "max_tokens": 1}
+    ).json()
+    assert answer["system_fingerprint"] == f"continual@{job['merge_id']}"  # the merge in the weights
     response = httpx.post(
         f"{stack.url}/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 1}
     )

@@ -162,3 +162,15 @@ def test_client_disconnect_mid_stream_leaves_server_healthy(
             break  # hang up after the first event
     time.sleep(0.5)
     assert client.completions.create(model="base", prompt="hi", max_tokens=2).choices
+
+
+def test_system_fingerprint_names_the_version_that_answered(client: openai.OpenAI) -> None:
+    """Every answer says which engine adapter version served it ("base" for none), and one
+    streamed answer never mixes versions: the route is leased once per request."""
+    args = dict(model="base", prompt="The river", max_tokens=8, temperature=0)
+    assert client.completions.create(**args).system_fingerprint == "base"
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert len(chunks) > 1 and {c.system_fingerprint for c in chunks} == {"base"}
+    chat = dict(model="base", messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0)
+    assert client.chat.completions.create(**chat).system_fingerprint == "base"
+    assert {c.system_fingerprint for c in client.chat.completions.create(**chat, stream=True)} == {"base"}

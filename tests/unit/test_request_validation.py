@@ -72,6 +72,29 @@ def test_chat_prompt_uses_default_template(service: CompletionService) -> None:
     assert params.max_tokens == 64 - len(prompts[0]), "chat defaults to the rest of the context"
 
 
+def test_vllm_extensions_reach_the_sampling_parameters(service: CompletionService) -> None:
+    request = CompletionRequest(
+        model="base",
+        prompt="x",
+        max_tokens=8,
+        ignore_eos=True,
+        min_tokens=4,
+        repetition_penalty=1.2,
+        logprobs=None,
+    )
+    _, params = service._prepare_completion(request)
+    assert (params.ignore_eos, params.min_tokens, params.repetition_penalty) == (True, 4, 1.2)
+    too_many = CompletionRequest(model="base", prompt="x", max_tokens=2, min_tokens=4)
+    _raises(lambda: service._prepare_completion(too_many), "min_tokens")
+
+
+def test_chat_content_may_be_a_list_of_text_parts(service: CompletionService) -> None:
+    parts = [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]
+    as_parts = ChatCompletionRequest(model="base", messages=[{"role": "user", "content": parts}])
+    as_text = ChatCompletionRequest(model="base", messages=[{"role": "user", "content": "hello"}])
+    assert service._prepare_chat(as_parts)[0] == service._prepare_chat(as_text)[0]
+
+
 def test_greedy_n_runs_as_single_sample_copies(service: CompletionService) -> None:
     _, params = service._prepare_completion(CompletionRequest(model="base", prompt="x", n=3, temperature=0))
     assert params.n == 1
@@ -88,6 +111,8 @@ def test_greedy_n_runs_as_single_sample_copies(service: CompletionService) -> No
         ({"model": "base"}, "prompt"),
         ({"model": "base", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": "base", "prompt": "x", "bogus": 1}, "bogus"),
+        ({"model": "base", "prompt": "x", "logprobs": 5}, "logprobs"),
+        ({"model": "base", "prompt": "x", "min_tokens": -1}, "min_tokens"),
     ],
 )
 def test_bad_completion_bodies_are_400_naming_the_field(client: TestClient, body: dict, param: str) -> None:
