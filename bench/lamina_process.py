@@ -1,0 +1,272 @@
+"""What the serving benchmarks share: running a Lamina server as a real subprocess, and filling
+an adapter store with synthetic adapters so that no training is needed to benchmark serving.
+
+A server is ``python -m server serve`` with ``LAMINA_*`` variables, on a free port, in its own
+process group (vLLM starts child processes; signalling the group reaches all of them). It is
+stopped the way a user stops it, Ctrl-C (SIGINT) to the group, and killed only if it does not
+exit in time, so no benchmark ever leaves an engine running behind it.
+
+Synthetic adapters are LoRI-shaped (frozen Kaiming-uniform A, a random B) and published through
+:meth:`AdapterStore.publish`, so the server sees exactly what a trained task would give it: real
+PEFT safetensors, the real merge (concat, magnitude) and the real ledger events. Their B is small
+(``B_STD``), so the adapted model's generations stay close to the base model's and output lengths
+stay comparable between configurations; the cost of serving a LoRA does not depend on its values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the benchmarks run as scripts: python bench/serve/run.py
+    sys.path.insert(0, str(REPO))
+
+from adapters_store.events import redis_notifier  # noqa: E402
+from adapters_store.fingerprint import fingerprint_model  # noqa: E402
+from adapters_store.lora import LoraAdapter, LoraModule  # noqa: E402
+from adapters_store.store import AdapterStore, Publication  # noqa: E402
+from trainer.config import DEFAULT_TARGET_MODULES  # noqa: E402
+from trainer.methods.parametrizations import kaiming_uniform, module_seed  # noqa: E402
+from trainer.settings import VLLM_LORA_RANKS, LaminaSettings  # noqa: E402
+
+B_STD = 1e-3  # small: the adapted model answers like the base model, see the module docstring
+START_TIMEOUT_S = 600
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A server subprocess (Lamina or the HF baseline) and where its output goes."""
+
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    started_s: float = 0.0  # seconds from spawn to ready
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def spawn(name: str, command: Sequence[str], env: dict[str, str], log_path: Path, port: int) -> ServerProcess:
+    """Start ``command`` in a new session (its own process group), output to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            list(command),
+            cwd=REPO,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return ServerProcess(name, f"http://127.0.0.1:{port}", process, log_path)
+
+
+def wait_ready(server: ServerProcess, path: str = "/ready", timeout_s: float = START_TIMEOUT_S) -> float:
+    """Poll ``path`` until it answers 200; raise with the server's log if it dies or never does.
+    Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(server.url + path, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        time.sleep(0.25)
+    stop(server)
+    raise RuntimeError(f"{server.name} not ready after {timeout_s:.0f} s:\n{server.log_tail()}")
+
+
+def lamina_env(home: Path, store: Path, **settings: object) -> dict[str, str]:
+    """``LAMINA_*`` variables for a server on ``store`` with its state under ``home``;
+    ``settings`` are ServerSettings field names (``max_lora_rank=128``)."""
+    env = {"LAMINA_HOME": str(home), "LAMINA_STORE": str(store)}
+    env.update({f"LAMINA_{key.upper()}": str(value) for key, value in settings.items()})
+    return env
+
+
+def start_lamina(
+    name: str,
+    env: dict[str, str],
+    log_path: Path,
+    port: int | None = None,
+    timeout_s: float = START_TIMEOUT_S,
+) -> ServerProcess:
+    """``python -m server serve`` with ``env`` on ``port`` (default: a free one), ready to serve."""
+    port = port or free_port()
+    server = spawn(
+        name, [sys.executable, "-m", "server", "serve"], {**env, "LAMINA_PORT": str(port)}, log_path, port
+    )
+    server.started_s = wait_ready(server, "/ready", timeout_s)
+    return server
+
+
+def stop(server: ServerProcess, timeout_s: float = 60) -> None:
+    """Ctrl-C the whole process group; SIGKILL whatever of it is still alive after ``timeout_s``."""
+    group = server.process.pid  # start_new_session: the group id is the leader's pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.process.wait(timeout=timeout_s)
+    deadline = time.monotonic() + 15
+    while _group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _group_alive(group):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.process.wait(timeout=10)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def running(server: ServerProcess) -> Iterator[ServerProcess]:
+    """Stop ``server`` on every exit path, Ctrl-C of the benchmark included."""
+    try:
+        yield server
+    finally:
+        stop(server)
+
+
+def machine_line(result: dict[str, Any]) -> str:
+    """One line for a report: the machine, its load, the commit and the date of a result."""
+    m = result["machine"]
+    gpu = f", GPU {m['gpu']}" if "gpu" in m else ""
+    return (
+        f"{m['cpu_model']}, {m['cores']} cores{gpu}, torch {m['torch']}, load average at start "
+        f"{m['load_average_at_start'][0]:.2f}, at end {m.get('load_average_at_end', [0])[0]:.2f}; "
+        f"commit {result['commit']['sha'][:10]}{' (dirty)' if result['commit']['dirty'] else ''}, {result['date']}"
+    )
+
+
+def lora_slot(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank``."""
+    for slot in VLLM_LORA_RANKS:
+        if slot >= rank:
+            return slot
+    raise ValueError(f"rank {rank} exceeds vLLM's largest LoRA slot {VLLM_LORA_RANKS[-1]}")
+
+
+# --- synthetic stores ------------------------------------------------------------------------
+
+
+def base_model_dir() -> Path:
+    """The base model the servers will load: ``LAMINA_MODEL`` or the embedded model."""
+    return LaminaSettings().model
+
+
+def open_store(root: Path, model_dir: Path, redis_url: str | None = None) -> AdapterStore:
+    """The store at ``root`` for ``model_dir``; with ``redis_url`` every change is also announced
+    on the store's Redis channel, as the trainer does, so servers swap without waiting for a poll."""
+    on_event = redis_notifier(redis_url, root) if redis_url else None
+    return AdapterStore(root, fingerprint_model(model_dir), base_model=str(model_dir), on_event=on_event)
+
+
+def target_shapes(
+    model_dir: Path, targets: Sequence[str] = DEFAULT_TARGET_MODULES
+) -> dict[str, tuple[int, int]]:
+    """``module name -> (d_out, d_in)`` of every linear layer named in ``targets``, read from the
+    safetensors headers (no weights loaded, so this is cheap for a 70B model too)."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for key, spec in header.items():
+            module, _, leaf = key.rpartition(".")
+            if leaf == "weight" and module.rsplit(".", 1)[-1] in targets and len(spec["shape"]) == 2:
+                shapes[module] = (int(spec["shape"][0]), int(spec["shape"][1]))
+    if not shapes:
+        raise ValueError(f"no linear layers named {list(targets)} in {model_dir}")
+    return dict(sorted(shapes.items()))
+
+
+def random_lora(
+    shapes: dict[str, tuple[int, int]], rank: int, seed: int, density: float = 1.0, alpha: float = 16.0
+) -> LoraAdapter:
+    """A LoRI-style adapter: A frozen Kaiming-uniform (seeded as the trainer seeds it), B random
+    N(0, B_STD²), masked to ``density`` of its entries when below 1 (LoRI-S)."""
+    generator = torch.Generator().manual_seed(seed)
+    modules: dict[str, LoraModule] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for index, (name, (d_out, d_in)) in enumerate(shapes.items()):
+        A = kaiming_uniform((rank, d_in), seed=module_seed(seed, index))  # (r, d_in)
+        B = B_STD * torch.randn(d_out, rank, generator=generator)  # (d_out, r)
+        if density < 1.0:
+            masks[name] = torch.rand(d_out, rank, generator=generator) < density
+            B = B * masks[name]
+        modules[name] = LoraModule(A=A, B=B, scale=alpha / rank)
+    return LoraAdapter(modules=modules, masks=masks)
+
+
+def publish_random(
+    store: AdapterStore,
+    name: str,
+    shapes: dict[str, tuple[int, int]],
+    rank: int,
+    seed: int,
+    method: str,
+    merge: str,
+) -> Publication:
+    """Publish one synthetic task; ``meta`` says it is synthetic so no one mistakes it for a trained one."""
+    adapter = random_lora(shapes, rank, seed)
+    meta = {"method": method, "synthetic": True, "seed": seed, "hyperparameters": {"r": rank}}
+    return store.publish(name, adapter, meta, merge=merge)
+
+
+def build_concat_store(
+    root: Path, model_dir: Path, tasks: int, task_rank: int, prefix: str = "t", seed: int = 0
+) -> list[Publication]:
+    """A LoRI-D store of ``tasks`` tasks of rank ``task_rank``: ``continual`` is their concat,
+    one LoRA of rank tasks · task_rank (LoRI eq. 5–6)."""
+    store = open_store(root, model_dir)
+    shapes = target_shapes(model_dir)
+    return [
+        publish_random(store, f"{prefix}{i}", shapes, task_rank, seed + i, "lori-d", "concat")
+        for i in range(tasks)
+    ]
+
+
+def build_magnitude_store(
+    root: Path, model_dir: Path, tasks: int, task_rank: int, targets: Sequence[str], seed: int = 0
+) -> list[Publication]:
+    """A PS-LoRA store: ``continual`` is the dense magnitude merge (eq. 5) of the tasks' ΔW."""
+    store = open_store(root, model_dir)
+    shapes = target_shapes(model_dir, targets)
+    return [
+        publish_random(store, f"p{i}", shapes, task_rank, seed + i, "ps-lora", "magnitude")
+        for i in range(tasks)
+    ]
