@@ -13,6 +13,8 @@ Methods are looked up by name in the registries of :mod:`trainer.methods`; nothi
 branches on which method runs. Phases: with a parametrization that calibrates (LoRI-S, LoRAF),
 the first ``calibration_steps`` steps train unmasked (or on the feasible set), then
 ``calibrate`` picks the mask and resets B, and the optimizer starts afresh for the main phase.
+The adapter's set-up and tear-down (:func:`adapter_session`) and one optimizer step
+(:func:`train_step`) are separate functions so that ``bench/train`` times exactly this code.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import cast
 
@@ -34,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from adapters_store.lora import LoraAdapter
 from trainer.config import Example, Hyperparameters, MethodSpec
-from trainer.methods import PARAMETRIZATIONS, REGULARIZERS, Layers, LoraParams
+from trainer.methods import PARAMETRIZATIONS, REGULARIZERS, Layers, LoraParams, Parametrization, Regularizer
 from trainer.methods.regularizers import history_factors
 
 PROGRESS_EVERY = 5  # report progress every this many steps (and at the last one)
@@ -160,6 +164,114 @@ def _optimizer(layers: Layers, hp: Hyperparameters) -> torch.optim.AdamW:
 
 
 # ---------------------------------------------------------------------------------------------
+# One task's adapter session and one training step (``train_task`` and ``bench/train`` share them).
+
+
+def causal_lm_loss(
+    peft_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """The task loss of one batch: completion cross-entropy of the adapted model."""
+    logits = peft_model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).logits  # (b, T, V)
+    return completion_loss(logits, labels)
+
+
+@dataclass
+class Session:
+    """A task's adapter injected into the base model, ready to train: everything a step needs."""
+
+    peft_model: nn.Module
+    layers: Layers
+    parametrization: Parametrization
+    regularizers: dict[str, Regularizer]
+    lambdas: dict[str, float]
+    optimizer: torch.optim.Optimizer
+    hp: Hyperparameters
+
+    def start_main_phase(self) -> None:
+        """End of calibration (LoRI-S, LoRAF): pick the mask, reset B, fresh optimizer moments."""
+        self.parametrization.calibrate(self.layers)
+        self.optimizer = _optimizer(self.layers, self.hp)
+
+
+@contextmanager
+def adapter_session(
+    model: nn.Module, method: MethodSpec, hp: Hyperparameters, history: list[LoraAdapter]
+) -> Iterator[Session]:
+    """Inject the task's adapter into ``model`` (PEFT), set it up for ``method`` and yield the session.
+
+    On exit, also on errors, ``model`` is put back exactly as it was: adapter removed, history
+    hooks removed, ``requires_grad`` flags and train/eval mode restored. The parametrization and
+    regularizers are built before the model is touched, so their ``ValueError``s leave it alone.
+    """
+    parametrization = PARAMETRIZATIONS[method.parametrization](hp, method, history)
+    lambdas = method.lambdas(hp)
+    regularizers = {name: REGULARIZERS[name](hp, history) for name in lambdas}
+
+    was_training = model.training
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    config = LoraConfig(
+        r=hp.r,
+        lora_alpha=hp.lora_alpha,
+        target_modules=list(hp.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, config, adapter_name=_ADAPTER)
+    hooks: list[RemovableHandle] = []
+    try:
+        layers = lora_layers(peft_model)
+        parametrization.setup(layers)
+        if method.stack_history:
+            hooks = stack_history_into_forward(model, layers, history)  # model is wrapped in place
+        model.train()
+        yield Session(
+            peft_model=peft_model,
+            layers=layers,
+            parametrization=parametrization,
+            regularizers=regularizers,
+            lambdas=lambdas,
+            optimizer=_optimizer(layers, hp),
+            hp=hp,
+        )
+    finally:
+        parametrization.close()
+        for handle in hooks:
+            handle.remove()
+        peft_model.unload()  # puts the original Linear modules back, unmerged
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        model.train(was_training)
+
+
+def train_step(
+    session: Session, task_loss_fn: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step: loss = task loss + Σ λ · regularizer, backward, clip, AdamW, re-apply masks.
+
+    ``task_loss_fn()`` runs the forward pass of ``session.peft_model`` on one batch. Returns the
+    task loss and the regularizer terms (without λ), still as tensors.
+    """
+    task_loss = task_loss_fn()
+    terms = {name: regularizer(session.layers) for name, regularizer in session.regularizers.items()}
+    loss = task_loss
+    for name, term in terms.items():
+        loss = loss + session.lambdas[name] * term
+
+    loss.backward()
+    optimizer = session.optimizer
+    if session.hp.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(
+            [t for g in optimizer.param_groups for t in g["params"]], session.hp.max_grad_norm
+        )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    session.parametrization.after_step(session.layers)  # re-apply masks
+    return task_loss, terms
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -189,60 +301,23 @@ def train_task(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     steps = hp.steps or hp.epochs * math.ceil(len(encoded) / hp.batch_size)
 
-    parametrization = PARAMETRIZATIONS[method.parametrization](hp, method, history)
-    lambdas = method.lambdas(hp)
-    regularizers = {name: REGULARIZERS[name](hp, history) for name in lambdas}
-    calibration = parametrization.calibration_steps
-    total = calibration + steps
-
-    was_training = model.training
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    config = LoraConfig(
-        r=hp.r,
-        lora_alpha=hp.lora_alpha,
-        target_modules=list(hp.target_modules),
-        lora_dropout=0.0,
-        bias="none",
-    )
-    peft_model = get_peft_model(model, config, adapter_name=_ADAPTER)
-    hooks: list[RemovableHandle] = []
     losses: list[float] = []
     last_terms: dict[str, float] = {}
-    try:
-        layers = lora_layers(peft_model)
-        parametrization.setup(layers)
-        if method.stack_history:
-            hooks = stack_history_into_forward(model, layers, history)  # model is wrapped in place
-        optimizer = _optimizer(layers, hp)
+    with adapter_session(model, method, hp, history) as session:
+        calibration = session.parametrization.calibration_steps
+        total = calibration + steps
         data = batches(encoded, hp.batch_size, pad_id, hp.seed, device)
-        model.train()
         completion_tokens = 0
 
         for step in range(total):
             if step == calibration and calibration > 0:
-                parametrization.calibrate(layers)  # mask chosen, B reset
-                optimizer = _optimizer(layers, hp)  # fresh moments for the main phase
+                session.start_main_phase()  # mask chosen, B reset, fresh moments
             if should_stop is not None and should_stop():
                 raise TrainingCancelled(f"cancelled at step {step} of {total}")
 
             input_ids, attention_mask, labels = next(data)  # (b, T) each
-            logits = peft_model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).logits  # (b, T, V)
-            task_loss = completion_loss(logits, labels)
-            terms = {name: regularizer(layers) for name, regularizer in regularizers.items()}
-            loss = task_loss
-            for name, term in terms.items():
-                loss = loss + lambdas[name] * term
-
-            loss.backward()
-            if hp.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(
-                    [t for g in optimizer.param_groups for t in g["params"]], hp.max_grad_norm
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            parametrization.after_step(layers)  # re-apply masks
+            batch_loss = partial(causal_lm_loss, session.peft_model, input_ids, attention_mask, labels)
+            task_loss, terms = train_step(session, batch_loss)
 
             losses.append(task_loss.item())
             last_terms = {name: term.item() for name, term in terms.items()}
@@ -250,16 +325,8 @@ def train_task(
             if progress is not None and ((step + 1) % PROGRESS_EVERY == 0 or step + 1 == total):
                 progress(step + 1, total, losses[-1])
 
-        adapter = parametrization.export(layers)
-        trainable = sum(t.numel() for g in optimizer.param_groups for t in g["params"])
-    finally:
-        parametrization.close()
-        for handle in hooks:
-            handle.remove()
-        peft_model.unload()  # puts the original Linear modules back, unmerged
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad[name])
-        model.train(was_training)
+        adapter = session.parametrization.export(session.layers)
+        trainable = sum(t.numel() for g in session.optimizer.param_groups for t in g["params"])
 
     metrics: dict[str, float | int | str] = {
         "method": method.name,
@@ -271,8 +338,8 @@ def train_task(
         "examples": len(encoded),
         "completion_tokens": completion_tokens,
         "trainable_params": trainable,  # tensors the optimizer updates, before masking (see mask_density)
-        **{f"lambda/{name}": value for name, value in lambdas.items()},
+        **{f"lambda/{name}": value for name, value in session.lambdas.items()},
         **{f"regularizer/{name}": value for name, value in last_terms.items()},
-        **parametrization.metrics(),
+        **session.parametrization.metrics(),
     }
     return TrainResult(adapter=adapter, metrics=metrics, losses=losses)
