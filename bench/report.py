@@ -61,10 +61,14 @@ def envelope(benchmark: str, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_result(result: dict[str, Any], path: Path) -> None:
+def write_result(result: dict[str, Any], path: Path, markdown: str | None = None) -> None:
+    """The JSON at ``path`` and, when given, its Markdown report beside it (``.md``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+    if markdown is not None:
+        path.with_suffix(".md").write_text(markdown)
+        print(f"wrote {path.with_suffix('.md')}")
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -520,9 +520,7 @@ def main() -> None:
     args.settings = dict(item.split("=", 1) for item in args.settings)
     result = run(args)
     print(table(result["scenarios"]))
-    write_result(result, args.out)
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {args.out.with_suffix('.md')}")
+    write_result(result, args.out, markdown(result))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

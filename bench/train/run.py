@@ -708,9 +708,7 @@ def main() -> None:
     )
     report = render(result)
     print(report)
-    write_result(result, args.out)
-    args.out.with_suffix(".md").write_text(report)
-    print(f"wrote {args.out.with_suffix('.md')}")
+    write_result(result, args.out, report)
 
 
 if __name__ == "__main__":
