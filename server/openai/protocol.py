@@ -101,6 +101,17 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length"] | None
 
 
+class _Answer(BaseModel):
+    """What every answer and stream chunk carries besides its choices."""
+
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    usage: Usage | None = None
+    system_fingerprint: str | None = Field(
+        None, description="The engine adapter version that served the request, or the base model's name."
+    )
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -108,16 +119,10 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_Answer):
     id: str = Field(default_factory=lambda: _new_id("cmpl"))
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = Field(
-        None, description="The engine adapter version that served the request, or the base model's name."
-    )
 
 
 class ChatChoiceMessage(BaseModel):
@@ -132,16 +137,10 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_Answer):
     id: str = Field(default_factory=lambda: _new_id("chatcmpl"))
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = Field(
-        None, description="The engine adapter version that served the request, or the base model's name."
-    )
 
 
 class ChatDelta(BaseModel):
@@ -156,16 +155,10 @@ class ChatChunkChoice(BaseModel):
     finish_reason: FinishReason = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Answer):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = Field(
-        None, description="The engine adapter version that served the request, or the base model's name."
-    )
 
 
 class ModelCard(BaseModel):
