@@ -89,6 +89,15 @@ class JobNotFound(LookupError):
     pass
 
 
+class JobRefused(ValueError):
+    """The board will not take a new job: its name is already pending, or too many are."""
+
+    def __init__(self, reason: str, pending: int) -> None:
+        super().__init__(reason)
+        self.reason = reason  # "name_pending" | "queue_full"
+        self.pending = pending
+
+
 class JobBoard:
     """All jobs of one store."""
 
@@ -120,24 +129,42 @@ class JobBoard:
 
     # --- operations -----------------------------------------------------------------------
 
-    def create(self, name: str, method: str, hyperparameters: dict[str, Any], examples: list[Example]) -> Job:
+    def create(
+        self,
+        name: str,
+        method: str,
+        hyperparameters: dict[str, Any],
+        examples: list[Example],
+        max_pending: int | None = None,
+    ) -> Job:
         """Record a queued job with its examples; the examples file is written first, so a
-        visible job always has its data."""
+        visible job always has its data. Under the board's lock, so that concurrent submissions
+        get distinct arrival numbers and neither two jobs of one name nor more than
+        ``max_pending`` unfinished jobs are ever recorded (:class:`JobRefused`)."""
         job_id = f"job-{uuid.uuid4().hex[:20]}"
         lines = "".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in examples)
         _atomic_write(self._examples_path(job_id), lines)
-        with self._locked():
-            seq = 1 + max((j.seq for j in self.all()), default=0)
-            job = Job(
-                id=job_id,
-                name=name,
-                method=method,
-                seq=seq,
-                created_at=now(),
-                n_examples=len(examples),
-                hyperparameters=hyperparameters,
-            )
-            self._write(job)
+        try:
+            with self._locked():
+                jobs = self._fail_lapsed(self.all())
+                pending = [j for j in jobs if not j.status.terminal]
+                if any(j.name == name for j in pending):
+                    raise JobRefused("name_pending", len(pending))
+                if max_pending is not None and len(pending) >= max_pending:
+                    raise JobRefused("queue_full", len(pending))
+                job = Job(
+                    id=job_id,
+                    name=name,
+                    method=method,
+                    seq=1 + max((j.seq for j in jobs), default=0),
+                    created_at=now(),
+                    n_examples=len(examples),
+                    hyperparameters=hyperparameters,
+                )
+                self._write(job)
+        except JobRefused:
+            self._examples_path(job_id).unlink(missing_ok=True)
+            raise
         return job
 
     def get(self, job_id: str) -> Job:

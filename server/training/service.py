@@ -15,7 +15,7 @@ from server.training.protocol import ExampleIn, TaskCreate
 from trainer.admission import AdmissionError, admit
 from trainer.celery_app import TRAIN_TASK, make_celery
 from trainer.config import Example, Hyperparameters, UnknownMethodError, resolve_method
-from trainer.jobs import Job, JobBoard, JobNotFound, JobStatus, now
+from trainer.jobs import Job, JobBoard, JobNotFound, JobRefused, JobStatus, now
 from trainer.settings import LaminaSettings
 
 log = logging.getLogger(__name__)
@@ -76,26 +76,30 @@ class TrainingService:
             )
         except AdmissionError as error:
             raise APIError(error.status, error.message, param=error.param, code=error.code) from None
-        active = [job for job in self.board.fail_lapsed() if not job.status.terminal]
-        if any(job.name == request.name for job in active):
-            raise APIError(
-                409,
-                f"a task named {request.name!r} is already queued or training.",
-                param="name",
-                code="task_exists",
+        examples = [Example(prompt=e.prompt, completion=e.completion) for e in request.examples]
+        try:
+            job = self.board.create(
+                request.name,
+                method.name,
+                hp.model_dump(mode="json", exclude_unset=True),
+                examples,
+                max_pending=self.settings.max_pending_tasks,
             )
-        if len(active) >= self.settings.max_pending_tasks:
+        except JobRefused as refused:
+            if refused.reason == "name_pending":
+                raise APIError(
+                    409,
+                    f"a task named {request.name!r} is already queued or training.",
+                    param="name",
+                    code="task_exists",
+                ) from None
             raise APIError(
                 429,
-                f"{len(active)} tasks are already pending (limit {self.settings.max_pending_tasks}); "
+                f"{refused.pending} tasks are already pending (limit {self.settings.max_pending_tasks}); "
                 "retry when some have finished.",
                 code="queue_full",
                 type="rate_limit_error",
-            )
-        examples = [Example(prompt=e.prompt, completion=e.completion) for e in request.examples]
-        job = self.board.create(
-            request.name, method.name, hp.model_dump(mode="json", exclude_unset=True), examples
-        )
+            ) from None
         try:
             self.celery.send_task(TRAIN_TASK, args=[job.id])
         except Exception as error:  # broker down: the job must not stay "queued" forever

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from trainer.config import Example
-from trainer.jobs import WORKER_LOST, JobBoard, JobNotFound, JobStatus, Progress
+from trainer.jobs import WORKER_LOST, JobBoard, JobNotFound, JobRefused, JobStatus, Progress
 
 
 @pytest.fixture
@@ -91,3 +92,29 @@ def test_renewing_keeps_a_claim_alive(board: JobBoard) -> None:
         assert board.renew(job_id, "w1", lease_s=0.2)
     assert [j.status for j in board.fail_lapsed()] == [JobStatus.validating]
     assert board.renew(job_id, "someone-else", lease_s=0.2) is False
+
+
+def test_concurrent_submissions_of_one_name_record_one_job(board: JobBoard) -> None:
+    def submit(_: int) -> str:
+        try:
+            return board.create("same", "lori-d", {}, [Example("p", "c")]).id
+        except JobRefused as refused:
+            return refused.reason
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(submit, range(8)))
+    assert outcomes.count("name_pending") == 7
+    assert [j.name for j in board.all()] == ["same"]
+    assert len(list(board.root.glob("*.examples.jsonl"))) == 1, "refused jobs leave no examples behind"
+
+
+def test_the_pending_queue_is_bounded_under_concurrency(board: JobBoard) -> None:
+    def submit(i: int) -> str:
+        try:
+            return str(board.create(f"t{i}", "lori-d", {}, [Example("p", "c")], max_pending=3).seq)
+        except JobRefused as refused:
+            return refused.reason
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        outcomes = list(pool.map(submit, range(10)))
+    assert sorted(outcomes) == ["1", "2", "3"] + ["queue_full"] * 7
