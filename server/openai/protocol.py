@@ -102,8 +102,11 @@ FinishReason = Literal["stop", "length"] | None
 
 
 class _Answer(BaseModel):
-    """What every answer and stream chunk carries besides its choices."""
+    """What every answer and stream chunk carries besides its choices (each kind narrows
+    ``id`` and ``object``; declared here so they come first, as in OpenAI's answers)."""
 
+    id: str
+    object: str
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     usage: Usage | None = None
