@@ -19,13 +19,14 @@ def make_celery(settings: LaminaSettings) -> Celery:
     else:
         # The embedded default: kombu's filesystem transport, so the demo needs no service.
         folder = settings.home.resolve() / "broker"
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         app.conf.broker_url = "filesystem://"
         app.conf.broker_transport_options = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),  # else kombu writes ./control in the cwd
             "store_processed": False,
         }
     app.conf.update(
