@@ -206,9 +206,6 @@ class JobBoard:
             self._write(job)
             return job
 
-    def active(self) -> list[Job]:
-        return [j for j in self.all() if not j.status.terminal]
-
     # --- claims: which worker trains what ------------------------------------------------
 
     def claim_next(self, worker: str, lease_s: float) -> Job | None:
@@ -237,12 +234,7 @@ class JobBoard:
     def renew(self, job_id: str, worker: str, lease_s: float) -> bool:
         """Extend ``worker``'s claim on the job; False once the claim is gone (the job finished
         or was failed as lapsed), which tells that worker to stop and publish nothing."""
-        with self._locked():
-            job = self.get(job_id)
-            if job.status not in CLAIMED or job.worker != worker:
-                return False
-            self._write(job.model_copy(update={"lease_expires_at": time.time() + lease_s}))
-            return True
+        return self.update_claimed(job_id, worker, lease_expires_at=time.time() + lease_s) is not None
 
     def update_claimed(self, job_id: str, worker: str, **changes: Any) -> Job | None:
         """Apply ``changes`` to a job ``worker`` still holds (a terminal status also stamps
@@ -257,6 +249,12 @@ class JobBoard:
                 job = job.model_copy(update={"finished_at": now()})
             self._write(job)
             return job
+
+    def current(self, job_id: str) -> Job:
+        """One job as it stands now: failed first if its worker's claim lapsed, so a job whose
+        worker died reads as failed even when no worker is left to notice."""
+        with self._locked():
+            return self._fail_lapsed([self.get(job_id)])[0]
 
     def fail_lapsed(self) -> list[Job]:
         """Fail every claimed job whose lease lapsed; returns all jobs as they are now."""

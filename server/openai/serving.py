@@ -151,9 +151,9 @@ class CompletionService:
     def fingerprint(self, route: Route) -> str:
         """OpenAI's ``system_fingerprint``: the engine adapter version that serves the request
         (``name@v3``, ``continual@m7``), the merge written into the weights (weights serving),
-        or the base model's name. A request leases its
-        route once, so every chunk of one answer carries the same value; clients use it to see
-        which version answered and that no answer mixed versions across a hot-swap."""
+        or the base model's name. A request leases its route once, so every chunk of one answer
+        carries the same value; clients use it to see which version answered and that no answer
+        mixed versions across a hot-swap."""
         if route.adapter is not None:
             return route.adapter.name
         return route.in_weights or self.registry.base_name

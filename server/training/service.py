@@ -116,9 +116,8 @@ class TrainingService:
         return job
 
     def get(self, job_id: str) -> Job:
-        self.board.fail_lapsed()  # a job whose worker died shows as failed even with no worker left
         try:
-            return self.board.get(job_id)
+            return self.board.current(job_id)
         except JobNotFound:
             raise APIError(404, f"no task job {job_id!r}", param="id", code="job_not_found") from None
 
