@@ -22,16 +22,10 @@ def machine() -> dict[str, Any]:
     """CPU model, cores, library versions, load at start, and the GPU when torch sees one."""
     import torch
 
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from trainer.benchmark import cpu_model
+
     info: dict[str, Any] = {
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -645,7 +645,7 @@ def _stores_dir(work_dir: Path | None) -> Iterator[Path]:
 def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU model, cores and threads, torch version and the GPU, if one ran the benchmark."""
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
@@ -666,7 +666,8 @@ def _load_average() -> float | None:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what the platform module reports."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
