@@ -15,6 +15,7 @@ stay comparable between configurations; the cost of serving a LoRA does not depe
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -159,6 +160,25 @@ def running(server: ServerProcess) -> Iterator[ServerProcess]:
         yield server
     finally:
         stop(server)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--set FIELD=VALUE`` (a server setting for every Lamina server) and ``--work``, the
+    options every benchmark that runs servers takes; :func:`parse_server_arguments` reads them."""
+    parser.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
+        help="server setting for every Lamina server, e.g. --set dtype=bfloat16 --set kv_cache_fraction=0.8",
+    )  # fmt: skip
+    parser.add_argument(
+        "--work", type=Path, default=None, help="keep stores and logs here (default: temporary)"
+    )
+
+
+def parse_server_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the command line; ``args.settings`` becomes a ``{field: value}`` dict."""
+    args = parser.parse_args()
+    args.settings = dict(item.split("=", 1) for item in args.settings)
+    return args
 
 
 def machine_line(result: dict[str, Any]) -> str:

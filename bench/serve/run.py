@@ -505,19 +505,12 @@ def main() -> None:
     )
     parser.add_argument("--vllm-bench-prompts", type=int, default=64)
     parser.add_argument("--vllm-bench-input-len", type=int, default=32)
-    parser.add_argument(
-        "--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
-        help="server setting for every Lamina server, e.g. --set dtype=bfloat16 --set kv_cache_fraction=0.8",
-    )  # fmt: skip
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-weights", action="store_true")
     parser.add_argument("--skip-vllm-bench", action="store_true")
-    parser.add_argument(
-        "--work", type=Path, default=None, help="keep stores and logs here (default: temporary)"
-    )
+    lp.add_server_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "serve.json")
-    args = parser.parse_args()
-    args.settings = dict(item.split("=", 1) for item in args.settings)
+    args = lp.parse_server_arguments(parser)
     result = run(args)
     print(table(result["scenarios"]))
     write_result(result, args.out, markdown(result))

@@ -341,13 +341,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["poll", "redis"], choices=["poll", "redis"])
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--stall-window", type=float, default=2.0)
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument(
-        "--work", type=Path, default=None, help="keep stores and logs here (default: temporary)"
-    )
+    lp.add_server_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "swap.json")
-    args = parser.parse_args()
-    args.settings = dict(item.split("=", 1) for item in args.settings)
+    args = lp.parse_server_arguments(parser)
     result = run(args)
     print(table(result))
     write_result(result, args.out, markdown(result))
