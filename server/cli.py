@@ -9,10 +9,12 @@ from typing import Annotated
 
 import typer
 
+from trainer.base_model.cli import model_app
 from trainer.benchmark_cli import bench_app
 
 app = typer.Typer(help="Lamina: an LLM server that keeps learning.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(model_app, name="model")
 
 
 @app.callback()

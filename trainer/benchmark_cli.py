@@ -63,6 +63,17 @@ def _methods(value: str) -> tuple[str, ...]:
     return tuple(name.strip().lower() for name in value.split(",") if name.strip())
 
 
+def _model_dir(value: str) -> Path:
+    """``--model`` as ``LAMINA_MODEL`` reads it: a directory, or a name from ``lamina model install``."""
+    from trainer.base_model.catalog import ModelNotInstalledError, resolve_model
+    from trainer.base_model.cli import lamina_home
+
+    try:
+        return resolve_model(value, lamina_home())
+    except ModelNotInstalledError as error:
+        raise typer.BadParameter(str(error), param_hint="--model") from error
+
+
 @bench_app.command("continual")
 def continual(
     methods: Annotated[
@@ -93,7 +104,11 @@ def continual(
         typer.Option("--no-upper-bound", help="Skip training each task alone (then FWT is not reported)."),
     ] = False,
     model: Annotated[
-        Path | None, typer.Option(help="Base model directory (default: the embedded model).")
+        str | None,
+        typer.Option(
+            help="Base model directory or installed catalogue name, e.g. smollm2-135m-instruct "
+            "(default: the embedded model)."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="'auto' (CUDA if available), 'cpu' or 'cuda'.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
@@ -119,7 +134,7 @@ def continual(
     if n_test is not None:
         overrides["n_test"] = n_test
     if model is not None:
-        overrides["model_dir"] = model
+        overrides["model_dir"] = _model_dir(model)
     try:
         config = BenchmarkConfig.quick(**overrides) if quick else BenchmarkConfig.full(**overrides)
     except (ValueError, KeyError) as error:

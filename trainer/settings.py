@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from trainer.base_model.catalog import ModelNotInstalledError, resolve_model
 
 # vLLM accepts only these LoRA ranks as its slot size (vllm/config/lora.py).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -29,7 +32,8 @@ class LaminaSettings(BaseSettings):
 
     model: Path = Field(
         default_factory=default_base_model_dir,
-        description="Directory of the base model (Hugging Face layout). Defaults to the embedded model.",
+        description="Base model: a directory (Hugging Face layout) or the name of a model installed with "
+        "`lamina model install <name>` (found under <home>/models). Defaults to the embedded model.",
     )
     home: Path = Field(
         Path("var"),
@@ -69,6 +73,16 @@ class LaminaSettings(BaseSettings):
         if value not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}")
         return value
+
+    @model_validator(mode="after")
+    def _resolve_model_name(self) -> Self:
+        """A catalogue name becomes its directory under <home>/models, so every process that reads
+        the settings (server, worker, benchmarks) loads the same files."""
+        try:
+            self.model = resolve_model(self.model, self.home)
+        except ModelNotInstalledError as error:
+            raise ValueError(f"LAMINA_MODEL={self.model}: {error}") from None
+        return self
 
     @property
     def store_dir(self) -> Path:
