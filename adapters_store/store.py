@@ -44,6 +44,7 @@ from typing import Any, Literal, Protocol
 
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import DenseDelta, MergeResult, build_merge, get_merge
+from adapters_store.subspace import Subspace
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ LEDGER_FILE = "ledger.jsonl"
 LOCK_FILE = ".lock"
 META_FILE = "meta.json"
 STORE_FORMAT = 1
+AS_LEARNED_DIR = "as_learned"  # inside a task version: base + its predecessors + it, as one LoRA
 
 # ASCII only (no look-alikes), no separators, no "." so never "..": a name is always one
 # plain path component under tasks/.
@@ -97,6 +99,13 @@ class TaskRecord:
     def id(self) -> str:
         return f"{self.name}/v{self.version}"
 
+    @property
+    def serving_path(self) -> Path:
+        """What ``model=<task>`` serves: the task's own adapter, or, for methods that train each
+        task on top of its predecessors, the model as it was when this task was learned."""
+        as_learned = self.path / AS_LEARNED_DIR
+        return as_learned if as_learned.is_dir() else self.path
+
 
 @dataclass(frozen=True)
 class MergeRecord:
@@ -131,11 +140,14 @@ class Store(Protocol):
         merge: str,
         weights: list[float] | None = None,
         notes: list[dict[str, Any]] | None = None,
+        subspace: Subspace | None = None,
+        as_learned: bool = False,
     ) -> Publication: ...
     def tasks(self) -> list[TaskRecord]: ...
     def task_adapter(self, name: str) -> LoraAdapter: ...
     def history(self) -> list[LoraAdapter]: ...
     def live(self) -> MergeRecord | None: ...
+    def subspace(self) -> Subspace | None: ...
     def merge(self, merge_id: str) -> MergeRecord: ...
     def load_merge(self, merge_id: str) -> MergeResult: ...
     def ledger(self) -> list[dict[str, Any]]: ...
@@ -190,11 +202,16 @@ class AdapterStore:
         merge: str,
         weights: list[float] | None = None,
         notes: list[dict[str, Any]] | None = None,
+        subspace: Subspace | None = None,
+        as_learned: bool = False,
     ) -> Publication:
         """Add a task version and make the merge of all live tasks plus it live.
 
         ``notes`` are extra ledger entries written in the same append, before ``add_task``
-        (e.g. a LoRAF store growing its rank).
+        (e.g. a LoRAF store growing its rank). ``subspace`` (inflora) is the protected input
+        basis of the new merge, written into it. ``as_learned`` also writes, inside the task
+        version, the concat of the live tasks and this one: the model this task was trained in,
+        which methods that stack the earlier tasks in the forward pass serve as ``model=<task>``.
 
         ``merge`` names a registered merge; ``weights`` (one per live task, oldest first,
         this task last) are recorded and apply to this merge only. The magnitude merge
@@ -213,12 +230,16 @@ class AdapterStore:
                 raise TaskExists(f"task {name!r} is live; remove it before publishing it again")
             version = self._next_number(self.root / "tasks" / name, "v")
             task_id = f"{name}/v{version}"
-            if method.incremental and live is not None and live.method == merge:
+            fold = method.incremental and live is not None and live.method == merge
+            history = self._load_tasks(tasks) if as_learned or not fold else []
+            if fold:
+                assert live is not None
                 result = build_merge(merge, [adapter], weights, DenseDelta.load(live.path))
                 based_on = live.id
             else:
-                result = build_merge(merge, [*self._load_tasks(tasks), adapter], weights)
+                result = build_merge(merge, [*history, adapter], weights)
                 based_on = None
+            prefix = build_merge("concat", [*history, adapter]) if as_learned else None
             task_meta = {
                 **meta,
                 "task": name,
@@ -232,9 +253,9 @@ class AdapterStore:
             written: list[Path] = []
             try:
                 task_dir = self.root / "tasks" / name / f"v{version}"
-                self._write_version(task_dir, lambda d: self._write_task(d, adapter, task_meta))
+                self._write_version(task_dir, lambda d: self._write_task(d, adapter, task_meta, prefix))
                 written.append(task_dir)
-                merge_id, merge_dir = self._write_merge(result, merge, parents, weights, based_on)
+                merge_id, merge_dir = self._write_merge(result, merge, parents, weights, based_on, subspace)
                 written.append(merge_dir)
                 entries = self._ledger.append(
                     [
@@ -295,7 +316,12 @@ class AdapterStore:
             try:
                 if remaining:
                     result = build_merge(live.method, self._load_tasks(remaining), weights)
-                    merge_id, merge_dir = self._write_merge(result, live.method, parents, weights, None)
+                    # The removed task's directions stay reserved: the later tasks' inputs may
+                    # lie in them too (they were never added twice), so only a superset is safe.
+                    kept = Subspace.load(live.path) if Subspace.exists(live.path) else None
+                    merge_id, merge_dir = self._write_merge(
+                        result, live.method, parents, weights, None, kept
+                    )
                 entries = self._ledger.append(
                     [
                         {"op": "remove_task", "task": name, "id": tasks[index].id},
@@ -335,6 +361,11 @@ class AdapterStore:
     def live(self) -> MergeRecord | None:
         """The live merge, or None when no task is live (serve the base model)."""
         return self._state()[0]
+
+    def subspace(self) -> Subspace | None:
+        """The live merge's protected input subspace (inflora), or None when it has none."""
+        live = self.live()
+        return Subspace.load(live.path) if live is not None and Subspace.exists(live.path) else None
 
     def merge(self, merge_id: str) -> MergeRecord:
         """A merge version that the ledger has made live at some point."""
@@ -424,8 +455,14 @@ class AdapterStore:
         ]
         return max(taken, default=0) + 1
 
-    def _write_task(self, directory: Path, adapter: LoraAdapter, meta: dict[str, Any]) -> None:
+    def _write_task(
+        self, directory: Path, adapter: LoraAdapter, meta: dict[str, Any], as_learned: MergeResult | None
+    ) -> None:
         adapter.save_peft(directory, base_model=self.base_model)
+        if isinstance(as_learned, LoraAdapter):
+            (directory / AS_LEARNED_DIR).mkdir()
+            as_learned.save_peft(directory / AS_LEARNED_DIR, base_model=self.base_model)
+            meta = {**meta, "as_learned_rank": as_learned.rank}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
 
     def _write_merge(
@@ -435,10 +472,11 @@ class AdapterStore:
         parents: list[str],
         weights: list[float] | None,
         based_on: str | None,
+        subspace: Subspace | None = None,
     ) -> tuple[str, Path]:
         """Write a merge version; ``based_on`` is the merge an incremental merge folded into."""
         merge_id = f"m{self._next_number(self.root / 'merges', 'm')}"
-        meta = {
+        meta: dict[str, Any] = {
             "id": merge_id,
             "kind": "dense" if isinstance(result, DenseDelta) else "lora",
             "merge": method,
@@ -449,12 +487,16 @@ class AdapterStore:
             "base_fingerprint": self.fingerprint,
             "created_at": _now(),
         }
+        if subspace is not None:
+            meta["subspace"] = subspace.summary()
 
         def write(directory: Path) -> None:
             if isinstance(result, DenseDelta):
                 result.save(directory)
             else:
                 result.save_peft(directory, base_model=self.base_model)
+            if subspace is not None:
+                subspace.save(directory)
             (directory / META_FILE).write_text(json.dumps(meta, indent=2))
 
         path = self.root / "merges" / merge_id
@@ -469,7 +511,7 @@ class AdapterStore:
         tmp.mkdir()
         try:
             write(tmp)
-            for file in tmp.iterdir():
+            for file in tmp.rglob("*"):
                 _fsync_path(file)
             _fsync_path(tmp)
             os.rename(tmp, final)  # fails if ``final`` exists with content: versions are never replaced

@@ -25,12 +25,14 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters_store.events import EventSubscriber, LedgerWatcher
+from adapters_store.lora import LoraAdapter
 from adapters_store.merges import DenseDelta
-from adapters_store.store import AdapterStore, MergeRecord
+from adapters_store.store import AdapterStore, MergeRecord, TaskRecord
 from server.dense_weights import apply_dense_delta
 from server.engine import AdapterHandle, Engine
 from server.models import ModelRegistry, Route
@@ -107,8 +109,7 @@ class AdapterSync:
             self.registry.set_route(Route(self.registry.base_name, None, "base"))
         routes: list[Route] = []
         for task in tasks:  # load everything first, flip aliases only when all loaded
-            handle = await self._load(f"{task.name}@v{task.version}", task.path)
-            routes.append(Route(task.name, handle, "task"))
+            routes.append(Route(task.name, await self._load_task(task), "task"))
         if live is not None:
             routes.append(Route(CONTINUAL, await self._load_merge(live), CONTINUAL))
         else:
@@ -142,6 +143,22 @@ class AdapterSync:
             log.info("loaded adapter %s (id %d) from %s", name, handle.lora_id, path)
         return self._loaded[name]
 
+    async def _load_task(self, task: TaskRecord) -> AdapterHandle:
+        """A task's model (:attr:`TaskRecord.serving_path`); one above the engine's rank, which a
+        task served as learned on top of many predecessors can be, as its rank-R SVD."""
+        name, path = f"{task.name}@v{task.version}", task.serving_path
+        rank = int(task.meta.get("as_learned_rank" if path != task.path else "rank", 0))
+        if rank <= self.max_lora_rank:
+            return await self._load(name, path)
+        svd_name = f"{name}-svd{self.max_lora_rank}"
+        if svd_name not in self._loaded:
+            label = f"{task.name}-v{task.version}"
+            svd_path = await asyncio.to_thread(
+                self._export_svd, label, lambda: DenseDelta(LoraAdapter.load_peft(path).deltas())
+            )
+            return await self._load(svd_name, svd_path)
+        return self._loaded[svd_name]
+
     async def _load_merge(self, merge: MergeRecord) -> AdapterHandle:
         if merge.kind == "lora":
             rank = int(merge.meta.get("rank", 0))
@@ -150,15 +167,16 @@ class AdapterSync:
             return await self._load(f"{CONTINUAL}@{merge.id}", merge.path)
         name = f"{CONTINUAL}@{merge.id}-svd{self.max_lora_rank}"
         if name not in self._loaded:
-            path = await asyncio.to_thread(self._export_dense, merge)
+            path = await asyncio.to_thread(self._export_svd, merge.id, lambda: DenseDelta.load(merge.path))
+            self.status.svd_relative_error = _svd_error(path)
             return await self._load(name, path)
         return self._loaded[name]
 
-    def _export_dense(self, merge: MergeRecord) -> Path:
-        """Write the dense merge's rank-R approximation once, atomically, into the cache."""
-        target = self.cache_dir / f"{merge.id}-svd{self.max_lora_rank}"
+    def _export_svd(self, label: str, load: Callable[[], DenseDelta]) -> Path:
+        """Write a dense update's rank-R approximation once, atomically, into the cache."""
+        target = self.cache_dir / f"{label}-svd{self.max_lora_rank}"
         if not target.exists():
-            delta = DenseDelta.load(merge.path)
+            delta = load()
             adapter, error = delta.to_lora_svd(self.max_lora_rank)
             tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
             tmp.mkdir(parents=True)
@@ -168,10 +186,7 @@ class AdapterSync:
                 os.rename(tmp, target)
             except OSError:  # another replica won the race; its copy is identical
                 shutil.rmtree(tmp, ignore_errors=True)
-            log.info(
-                "dense merge %s served at rank %d, relative error %.4f", merge.id, self.max_lora_rank, error
-            )
-        self.status.svd_relative_error = float((target / "svd_error.txt").read_text())
+            log.info("%s served at rank %d, relative error %.4f", label, self.max_lora_rank, error)
         return target
 
     async def _unload_unused(self) -> None:
@@ -224,3 +239,8 @@ class AdapterSync:
         thread = threading.Thread(target=listen, name="store-events", daemon=True)
         thread.start()
         return thread
+
+
+def _svd_error(exported: Path) -> float:
+    """The relative Frobenius error an SVD export recorded (:meth:`DenseDelta.to_lora_svd`)."""
+    return float((exported / "svd_error.txt").read_text())

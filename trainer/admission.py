@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from adapters_store.store import AdapterStore, InvalidTaskName, check_task_name
+from adapters_store.subspace import free_directions
 from trainer.config import Hyperparameters, MethodSpec
 
 
@@ -67,7 +68,31 @@ def admit(
             )
     if method.parametrization == "loraf":
         return _loraf_plan(store, hp, max_lora_rank, loraf_grow_rank)
+    if method.parametrization == "inflora":
+        _check_free_directions(store, hp)
     return hp
+
+
+def _check_free_directions(store: AdapterStore, hp: Hyperparameters) -> None:
+    """inflora draws the task's r rows of A in the directions no live task's inputs use; a module
+    with fewer than r of them left cannot take the task without touching an earlier one."""
+    live = store.live()
+    summary = live.meta.get("subspace") if live is not None else None
+    if not summary:
+        return
+    full = [(name, free, d_in) for name, (free, d_in) in free_directions(summary).items() if free < hp.r]
+    if full:
+        name, free, d_in = min(full, key=lambda item: item[1])
+        raise AdmissionError(
+            409,
+            f"inflora capacity: module {name} has {free} of {d_in} input directions free (the live tasks "
+            f"reserve {d_in - free} at energy {summary['energy']}) and this task needs r = {hp.r}. Lower "
+            "hyperparameters.r, or start a new store (LAMINA_STORE), where a lower "
+            "hyperparameters.subspace_energy leaves room for more tasks. Removing a task does not free "
+            "directions.",
+            "hyperparameters.r",
+            "capacity_exceeded",
+        )
 
 
 def _loraf_plan(store: AdapterStore, hp: Hyperparameters, max_lora_rank: int, grow: int) -> Hyperparameters:

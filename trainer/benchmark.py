@@ -46,10 +46,11 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters_store.fingerprint import fingerprint_model
-from adapters_store.merges import DenseDelta, MergeResult
 from adapters_store.store import AdapterStore
 from trainer.config import Example, Hyperparameters, resolve_method
-from trainer.loop import load_base, train_task
+from trainer.loop import load_base
+from trainer.publish import publish_trained, train_for_store
+from trainer.served import merge_deltas, merged_into
 from trainer.settings import default_base_model_dir
 from trainer.suite import Task, accuracy, get_order, get_task
 from trainer.suite.metrics import (
@@ -74,6 +75,7 @@ ALL_METHODS: tuple[str, ...] = (
     "lori-s",
     "loraf",
     "ps-lora",
+    "inflora",
 )
 METRIC_NAMES: tuple[str, ...] = ("AA", "BWT", "FWT", "FWT0", "FR", "ACR", "occupancy")
 RANK = 8  # every task, every method (the issue's setting)
@@ -304,45 +306,6 @@ def matrix_metrics(
 # Evaluation: greedy decoding on W0 + ΔW.
 
 
-def merge_deltas(merge: MergeResult | None) -> dict[str, torch.Tensor]:
-    """ΔW per target module of a live merge (LoRA: scale · B @ A; dense: as stored)."""
-    if merge is None:
-        return {}
-    if isinstance(merge, DenseDelta):
-        return dict(merge.deltas)
-    return merge.deltas()
-
-
-@contextmanager
-def merged_into(model: PreTrainedModel, deltas: dict[str, torch.Tensor]) -> Iterator[PreTrainedModel]:
-    """Add each ΔW to its Linear's weight (fp32) for the duration of the block, then put the
-    saved W0 back bit for bit — even if evaluation fails — so the next stage starts clean."""
-    saved: dict[str, torch.Tensor] = {}
-    try:
-        with torch.no_grad():
-            for name, delta in deltas.items():
-                weight = _linear_weight(model, name)  # (d_out, d_in)
-                if weight.shape != delta.shape:
-                    raise ValueError(
-                        f"ΔW of {name} is {tuple(delta.shape)}, the weight {tuple(weight.shape)}"
-                    )
-                saved[name] = weight.detach().clone()
-                weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, original in saved.items():
-                _linear_weight(model, name).copy_(original)
-
-
-def _linear_weight(model: nn.Module, name: str) -> torch.Tensor:
-    """The weight of the target Linear ``name``; anything else cannot take a ΔW = B @ A."""
-    module = model.get_submodule(name)
-    if not isinstance(module, nn.Linear):
-        raise TypeError(f"{name} is a {type(module).__name__}, not the nn.Linear a LoRA adapter targets")
-    return module.weight
-
-
 @torch.no_grad()
 def greedy_completions(
     model: PreTrainedModel,
@@ -458,7 +421,8 @@ class _Context:
 def train_and_publish(
     ctx: _Context, store: AdapterStore, method_name: str, task_index: int, seed: int, label: str
 ) -> tuple[float, float]:
-    """Train one task on the store's history and publish it, as ``trainer.worker.run_job`` does.
+    """Train one task on the store's live state and publish it through the worker's own path
+    (:mod:`trainer.publish`).
 
     Returns (seconds spent, final task loss).
     """
@@ -467,24 +431,14 @@ def train_and_publish(
     hp = ctx.config.hyperparameters(task.name, seed)
     ctx.progress.stage(ctx.trainings_done, ctx.trainings_total, label)
     started = time.perf_counter()
-    result = train_task(
-        ctx.model,
-        ctx.tokenizer,
-        ctx.suite.train[task_index],
-        method,
-        hp,
-        store.history(),
-        progress=ctx.progress.step,
+    examples = ctx.suite.train[task_index]
+    trained = train_for_store(
+        ctx.model, ctx.tokenizer, store, examples, method, hp, progress=ctx.progress.step
     )
-    meta = {
-        "method": method.name,
-        "hyperparameters": hp.model_dump(mode="json"),
-        "metrics": result.metrics,
-        "benchmark": {"order": ctx.config.order, "seed": seed},
-    }
-    store.publish(task.name, result.adapter, meta, merge=method.merge)
+    extra = {"benchmark": {"order": ctx.config.order, "seed": seed}}
+    publish_trained(store, task.name, examples, method, hp, trained, extra_meta=extra)
     ctx.trainings_done += 1
-    return time.perf_counter() - started, float(result.metrics["final_loss"])
+    return time.perf_counter() - started, float(trained.result.metrics["final_loss"])
 
 
 def live_deltas(store: AdapterStore) -> dict[str, torch.Tensor]:

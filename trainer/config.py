@@ -18,10 +18,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ParametrizationName = Literal["lora", "lori", "loraf"]
+ParametrizationName = Literal["lora", "lori", "loraf", "inflora"]
 RegularizerName = Literal["l1", "stability", "orthogonal"]
 MergeName = Literal["concat", "magnitude", "sum", "linear", "latest"]
 
+STABILITY_ALPHA_RMS = 2.0  # c in α = c / rms(S): see Hyperparameters.stability_alpha
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -107,6 +108,16 @@ class Hyperparameters(BaseModel):
             description="Unmasked steps whose |B| (LoRI-S) or |ΔB| (LoRAF) choose the task's mask.",
         ),
     ] = 20
+    subspace_energy: Annotated[
+        float,
+        Field(
+            gt=0.0,
+            lt=1.0,
+            description="inflora: fraction ε of each earlier task's input energy, per module, that the "
+            "protected subspace holds; the new task's frozen A is drawn orthogonal to it. Higher: less "
+            "forgetting, fewer free directions for later tasks.",
+        ),
+    ] = 0.999
     l1_lambda: Annotated[
         float | None,
         Field(
@@ -123,13 +134,14 @@ class Hyperparameters(BaseModel):
         float | None, Field(ge=0, description="λ of the O-LoRA orthogonality loss; None/0 as for l1_lambda.")
     ] = None
     stability_alpha: Annotated[
-        float,
+        float | None,
         Field(
             gt=0,
-            description="Temperature α of PS-LoRA's sign term tanh(α·ΔW_t)·tanh(α·S). The paper gives no value; "
-            "100 makes tanh saturate for |ΔW| ≳ 0.02, the size of typical LoRA updates.",
+            description="Temperature α of PS-LoRA's sign term tanh(α·ΔW_t)·tanh(α·S). The paper gives no value. "
+            "None: per module α = STABILITY_ALPHA_RMS / rms(S), so an entry of S one rms in size gives "
+            "tanh(α·S) = tanh(2) = 0.96 — a fixed α is inert for ΔW entries of ~5e-4 (tanh ≈ α·ΔW ≈ 0).",
         ),
-    ] = 100.0
+    ] = None
 
     @field_validator("target_modules")
     @classmethod
@@ -185,8 +197,8 @@ class MethodSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> MethodSpec:
-        if self.sparsity is not None and self.parametrization != "lori":
-            raise ValueError("sparsity is a lori setting")
+        if self.sparsity is not None and self.parametrization not in ("lori", "inflora"):
+            raise ValueError("sparsity is a lori / inflora setting")
         if self.warm_start and self.parametrization != "lora":
             raise ValueError("warm_start continues a trained A and B, so it needs the lora parametrization")
         if self.stack_history and (self.warm_start or self.parametrization == "loraf"):
@@ -213,6 +225,11 @@ PRESETS: dict[str, MethodSpec] = {
         # LoRI (Zhang et al. 2025): frozen random A, B dense (D) or masked at 90 % sparsity (S); concat merge.
         MethodSpec(name="lori-d", parametrization="lori", sparsity=0.0, merge="concat"),
         MethodSpec(name="lori-s", parametrization="lori", merge="concat"),
+        # Ours, after GPM / InfLoRA: LoRI-D whose frozen A avoids the input directions of the live
+        # tasks (measured on the served model), trained on top of them; concat merge.
+        MethodSpec(
+            name="inflora", parametrization="inflora", sparsity=0.0, merge="concat", stack_history=True
+        ),
         # LoRAF: one shared A and B, disjoint per-task masks; the masked B's simply add up.
         MethodSpec(name="loraf", parametrization="loraf", merge="sum"),
         # N-LoRA: L1 on the full product ΔW. λ is far below the paper's 0.4 because the norm here is

@@ -37,6 +37,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters_store.lora import LoraAdapter
+from adapters_store.subspace import Subspace
 from trainer.config import Example, Hyperparameters, MethodSpec
 from trainer.methods import PARAMETRIZATIONS, REGULARIZERS, Layers, LoraParams, Parametrization, Regularizer
 from trainer.methods.regularizers import history_factors
@@ -104,15 +105,22 @@ def batches(
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
             chunk = [encoded[i] for i in order[start : start + batch_size]]
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (b, T)
-            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)  # (b, T)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (b, T)
-            for row, (ids, labs) in enumerate(chunk):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                labels[row, : len(labs)] = torch.tensor(labs)
-                attention_mask[row, : len(ids)] = 1
-            yield input_ids.to(device), attention_mask.to(device), labels.to(device)
+            yield padded_batch(chunk, pad_id, device)
+
+
+def padded_batch(
+    chunk: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), each (b, T): right-padded to the longest sequence."""
+    width = max(len(ids) for ids, _ in chunk)
+    input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (b, T)
+    labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)  # (b, T)
+    attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (b, T)
+    for row, (ids, labs) in enumerate(chunk):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)
 
 
 def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -197,7 +205,11 @@ class Session:
 
 @contextmanager
 def adapter_session(
-    model: nn.Module, method: MethodSpec, hp: Hyperparameters, history: list[LoraAdapter]
+    model: nn.Module,
+    method: MethodSpec,
+    hp: Hyperparameters,
+    history: list[LoraAdapter],
+    subspace: Subspace | None = None,
 ) -> Iterator[Session]:
     """Inject the task's adapter into ``model`` (PEFT), set it up for ``method`` and yield the session.
 
@@ -205,7 +217,7 @@ def adapter_session(
     hooks removed, ``requires_grad`` flags and train/eval mode restored. The parametrization and
     regularizers are built before the model is touched, so their ``ValueError``s leave it alone.
     """
-    parametrization = PARAMETRIZATIONS[method.parametrization](hp, method, history)
+    parametrization = PARAMETRIZATIONS[method.parametrization](hp, method, history, subspace)
     lambdas = method.lambdas(hp)
     regularizers = {name: REGULARIZERS[name](hp, history) for name in lambdas}
 
@@ -283,12 +295,14 @@ def train_task(
     hp: Hyperparameters,
     history: list[LoraAdapter],
     *,
+    subspace: Subspace | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train one task's adapter on ``model`` and return it; ``model`` is left unchanged.
 
-    ``history`` holds the earlier live tasks' adapters, oldest first, with their masks.
+    ``history`` holds the earlier live tasks' adapters, oldest first, with their masks;
+    ``subspace`` the store's protected input basis (inflora), if it has one.
     ``progress(step, total, task_loss)`` is called every few steps; ``should_stop()`` every step,
     and True raises :class:`TrainingCancelled`. Raises ``CapacityError`` (LoRAF, store full) and
     ``ValueError`` (examples or history that cannot be trained on) before the first step.
@@ -303,7 +317,7 @@ def train_task(
 
     losses: list[float] = []
     last_terms: dict[str, float] = {}
-    with adapter_session(model, method, hp, history) as session:
+    with adapter_session(model, method, hp, history, subspace) as session:
         calibration = session.parametrization.calibration_steps
         total = calibration + steps
         data = batches(encoded, hp.batch_size, pad_id, hp.seed, device)

@@ -13,7 +13,6 @@ else a file lock) so two workers never publish from the same starting state.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import socket
@@ -32,7 +31,7 @@ from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
 from trainer.admission import AdmissionError, admit
 from trainer.celery_app import TRAIN_TASK, make_celery
-from trainer.config import Example, Hyperparameters, resolve_method
+from trainer.config import Hyperparameters, resolve_method
 from trainer.jobs import Job, JobBoard, JobError, JobStatus, Progress
 from trainer.settings import LaminaSettings
 
@@ -113,7 +112,8 @@ def open_store(settings: LaminaSettings) -> AdapterStore:
 def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Callable[[], Any]) -> None:
     """Validate, train, publish a job this worker has claimed; every failure ends the job as
     failed with the store untouched (publishing is the last step and is atomic)."""
-    from trainer.loop import TrainingCancelled, train_task
+    from trainer.loop import TrainingCancelled
+    from trainer.publish import publish_trained, train_for_store
 
     me = job.worker or worker_name()
     with heartbeat(board, job.id, me, settings.job_lease_s, keep_lock) as claim_held:
@@ -124,17 +124,15 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
             store = open_store(settings)
             requested_rank = hp.r
             hp = admit(store, job.name, method, hp, settings.max_lora_rank, settings.loraf_grow_rank)
-            history = store.history()
-            notes = _growth_notes(method.parametrization, history, hp.r)
             board.update_claimed(job.id, me, status=JobStatus.running)
             model, tokenizer = _base_model(str(settings.model))
-            result = train_task(
+            trained = train_for_store(
                 model,
                 tokenizer,
+                store,
                 examples,
                 method,
                 hp,
-                history,
                 progress=_progress_reporter(board, job.id, me),
                 should_stop=_stop_checker(board, job.id, claim_held),
             )
@@ -142,20 +140,21 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
                 raise ClaimLost()
             if board.get(job.id).cancel_requested:
                 raise TrainingCancelled()
-            meta = {
-                "method": method.name,
-                "hyperparameters": hp.model_dump(mode="json"),
-                "requested_rank": requested_rank,
-                "data_hash": _data_hash(examples),
-                "job_id": job.id,
-                "metrics": result.metrics,
-            }
-            publication = store.publish(job.name, result.adapter, meta, merge=method.merge, notes=notes)
+            publication = publish_trained(
+                store,
+                job.name,
+                examples,
+                method,
+                hp,
+                trained,
+                extra_meta={"requested_rank": requested_rank, "job_id": job.id},
+                notes=_growth_notes(method.parametrization, trained.history, hp.r),
+            )
             board.update_claimed(
                 job.id,
                 me,
                 status=JobStatus.succeeded,
-                metrics=result.metrics,
+                metrics=trained.result.metrics,
                 task_version=publication.task.id,
                 merge_id=publication.merge.id,
             )
@@ -240,13 +239,6 @@ def _stop_checker(board: JobBoard, job_id: str, claim_held: Callable[[], bool]) 
         return bool(last[1]) or not claim_held()
 
     return should_stop
-
-
-def _data_hash(examples: list[Example]) -> str:
-    digest = hashlib.sha256()
-    for example in examples:
-        digest.update(example.prompt.encode() + b"\0" + example.completion.encode() + b"\n")
-    return digest.hexdigest()[:16]
 
 
 @contextmanager

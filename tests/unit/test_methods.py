@@ -43,6 +43,7 @@ EXPECTED = {  # preset -> (parametrization, regularizers, merge, warm_start)
     "o-lora": ("lora", {"orthogonal"}, "concat", False),
     "inc-lora": ("lora", set(), "concat", False),
     "seq-lora": ("lora", set(), "latest", True),
+    "inflora": ("inflora", set(), "concat", False),
 }
 
 
@@ -213,6 +214,28 @@ def test_stability_regularizer_sums_history() -> None:
     reference = (delta**2 * (1 - torch.tanh(0.7 * delta) * torch.tanh(0.7 * S))).sum()
     loss = REGULARIZERS["stability"](hp, history)(_layers(current))
     torch.testing.assert_close(loss, reference)
+
+
+def test_stability_sign_term_is_active_at_lora_scale() -> None:
+    """With α from rms(S) eq. 4 prefers a ΔW that agrees in sign with S; a fixed α = 100 is inert
+    for entries of a realistic LoRA size (~5e-4) and scores both signs the same."""
+    g = torch.Generator().manual_seed(0)
+    earlier = LoraAdapter(
+        {"m": LoraModule(torch.randn(4, 32, generator=g), 1e-4 * torch.randn(16, 4, generator=g), 1.0)}
+    )
+    S = earlier.modules["m"].delta()
+    A, B = earlier.modules["m"].A, earlier.modules["m"].B  # ΔW = S: agrees in sign everywhere
+    assert 1e-4 < float(S.abs().mean()) < 1e-3
+
+    def loss(hp: Hyperparameters, sign: float) -> float:
+        layers = {"m": LoraParams(A=nn.Parameter(A), B=nn.Parameter(sign * B), scale=1.0)}
+        return float(REGULARIZERS["stability"](hp, [earlier])(layers))
+
+    auto = Hyperparameters()
+    assert auto.stability_alpha is None
+    assert loss(auto, -1.0) > 3 * loss(auto, +1.0)  # flipping S's signs costs much more
+    fixed = Hyperparameters(stability_alpha=100.0)
+    assert loss(fixed, -1.0) == pytest.approx(loss(fixed, +1.0), rel=0.02)
 
 
 def test_orthogonal_matches_direct_computation() -> None:

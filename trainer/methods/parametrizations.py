@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from adapters_store.lora import LoraAdapter, LoraModule
+from adapters_store.subspace import Subspace
 from trainer.config import Hyperparameters, MethodSpec
 from trainer.methods.registry import Layers, LoraParams, register_parametrization
 
@@ -81,6 +82,21 @@ def feasible_topk_mask(update: torch.Tensor, feasible: torch.Tensor, k: int) -> 
     return mask.view_as(update)  # (d_out, r)
 
 
+def project_rows(A: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """A ← A (I − U Uᵀ), each row rescaled to its original norm.
+
+    The projector is never formed: (A U) Uᵀ costs r · d_in · k. Rescaling keeps the adapter's
+    scale (s = alpha / r) meaning what it means for LoRI's unprojected A.
+    """
+    if U.shape[1] == 0:
+        return A.clone()
+    projected = A - (A @ U) @ U.T  # (r, d_in)
+    norms = projected.norm(dim=1, keepdim=True)  # (r, 1)
+    if bool((norms <= 1e-6 * A.norm(dim=1, keepdim=True)).any()):
+        raise ValueError("a row of A lies in the protected subspace; too few free directions")
+    return projected * (A.norm(dim=1, keepdim=True) / norms)
+
+
 def _sorted(layers: Layers) -> Iterator[tuple[int, str, LoraParams]]:
     for index, name in enumerate(sorted(layers)):
         yield index, name, layers[name]
@@ -105,9 +121,16 @@ class _Base:
     """Shared plumbing: no calibration, no masks, export A and B as they are."""
 
     calibration_steps = 0
+    protects_inputs = False  # True: publishing must record the task's input subspace (inflora)
 
-    def __init__(self, hp: Hyperparameters, method: MethodSpec, history: list[LoraAdapter]) -> None:
-        self.hp, self.method, self.history = hp, method, history
+    def __init__(
+        self,
+        hp: Hyperparameters,
+        method: MethodSpec,
+        history: list[LoraAdapter],
+        subspace: Subspace | None = None,
+    ) -> None:
+        self.hp, self.method, self.history, self.subspace = hp, method, history, subspace
         self.masked: dict[str, _MaskedB] = {}
         self._metrics: dict[str, float | int | str] = {}
 
@@ -185,8 +208,14 @@ class Lori(_Base):
     (``a_seed``; module i uses :func:`module_seed`), so A can be regenerated rather than stored.
     """
 
-    def __init__(self, hp: Hyperparameters, method: MethodSpec, history: list[LoraAdapter]) -> None:
-        super().__init__(hp, method, history)
+    def __init__(
+        self,
+        hp: Hyperparameters,
+        method: MethodSpec,
+        history: list[LoraAdapter],
+        subspace: Subspace | None = None,
+    ) -> None:
+        super().__init__(hp, method, history, subspace)
         self.sparsity = method.effective_sparsity(hp)
         self.calibration_steps = hp.calibration_steps if self.sparsity > 0 else 0
         self.masks: dict[str, torch.Tensor] = {}
@@ -194,11 +223,15 @@ class Lori(_Base):
     @torch.no_grad()
     def setup(self, layers: Layers) -> None:
         seed = self._fresh_seed(layers)
-        for index, _name, p in _sorted(layers):
-            p.A.copy_(kaiming_uniform(p.A.shape, seed=module_seed(seed, index)))
+        for index, name, p in _sorted(layers):
+            p.A.copy_(self._frozen_A(name, kaiming_uniform(p.A.shape, seed=module_seed(seed, index))))
             p.A.requires_grad_(False)
             p.B.zero_()
         self._metrics.update(a_seed=seed, sparsity=self.sparsity)
+
+    def _frozen_A(self, name: str, A: torch.Tensor) -> torch.Tensor:
+        """The task's frozen A for module ``name``: LoRI's random projection as drawn."""
+        return A
 
     @torch.no_grad()
     def calibrate(self, layers: Layers) -> None:
@@ -231,6 +264,33 @@ class Lori(_Base):
         return seed
 
 
+@register_parametrization("inflora")
+class InfLora(Lori):
+    """LoRI whose frozen A avoids the live tasks' inputs (ours, after GPM and InfLoRA).
+
+    A_t is LoRI's seeded random A with every row projected onto the orthogonal complement of the
+    store's protected input subspace U (:mod:`adapters_store.subspace`), rescaled to its norm:
+    A_t ← A_t (I − U Uᵀ). The earlier tasks' inputs lie (to a fraction ε of their energy) in
+    span(U), so A_t x_old ≈ 0 and ΔW_t leaves their answers alone. The method stacks the earlier
+    ΔW in the forward pass (``stack_history``), so B_t learns on the model it will be served in,
+    and publishing grows U by this task's inputs (``protects_inputs``).
+    """
+
+    protects_inputs = True
+
+    def _frozen_A(self, name: str, A: torch.Tensor) -> torch.Tensor:
+        basis = self.subspace.bases.get(name) if self.subspace is not None else None
+        if basis is None:
+            return A
+        free = basis.shape[0] - basis.shape[1]
+        if free < A.shape[0]:
+            raise CapacityError(
+                f"inflora: module {name} has {free} free input directions of {basis.shape[0]}, the task "
+                f"needs r = {A.shape[0]}; lower hyperparameters.r, or start a new store (LAMINA_STORE)"
+            )
+        return project_rows(A, basis)
+
+
 @register_parametrization("loraf")
 class LoraF(_Base):
     """LoRAF (Zhang et al. 2025, Algorithm 1): one frozen A and one B shared by every task.
@@ -248,8 +308,14 @@ class LoraF(_Base):
     and its entries keep their positions; the new columns are all feasible.
     """
 
-    def __init__(self, hp: Hyperparameters, method: MethodSpec, history: list[LoraAdapter]) -> None:
-        super().__init__(hp, method, history)
+    def __init__(
+        self,
+        hp: Hyperparameters,
+        method: MethodSpec,
+        history: list[LoraAdapter],
+        subspace: Subspace | None = None,
+    ) -> None:
+        super().__init__(hp, method, history, subspace)
         self.calibration_steps = hp.calibration_steps
         self.start: dict[str, torch.Tensor] = {}  # B⁽⁰⁾ per module: the earlier tasks' entries
         self.feasible: dict[str, torch.Tensor] = {}  # Ω per module

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from adapters_store.lora import LoraAdapter
+from adapters_store.subspace import Subspace
 from trainer.config import Hyperparameters, MethodSpec
 
 
@@ -40,6 +41,7 @@ class Parametrization(Protocol):
     """
 
     calibration_steps: int
+    protects_inputs: bool  # publishing records the task's input subspace (inflora)
 
     def setup(self, layers: Layers) -> None: ...
     def calibrate(self, layers: Layers) -> None: ...
@@ -58,7 +60,10 @@ class Regularizer(Protocol):
     def __call__(self, layers: Layers) -> torch.Tensor: ...
 
 
-ParametrizationFactory = Callable[[Hyperparameters, MethodSpec, list[LoraAdapter]], Parametrization]
+# (hp, method, history, subspace): subspace is the store's protected input basis (inflora) or None.
+ParametrizationFactory = Callable[
+    [Hyperparameters, MethodSpec, list[LoraAdapter], Subspace | None], Parametrization
+]
 RegularizerFactory = Callable[[Hyperparameters, list[LoraAdapter]], Regularizer]
 
 PARAMETRIZATIONS: dict[str, ParametrizationFactory] = {}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from adapters_store.lora import LoraAdapter
-from trainer.config import Hyperparameters
+from trainer.config import STABILITY_ALPHA_RMS, Hyperparameters
 from trainer.methods.registry import Layers, register_regularizer
 
 ROW_CHUNK = 512  # rows of ΔW per block: 512 × d_in fp32 floats = 8 MiB at d_in = 4096
@@ -136,28 +136,47 @@ class L1:
         return torch.stack([l1_of_delta(p.A, p.B, p.scale) for p in layers.values()]).sum()
 
 
+def rms_of_product(B: torch.Tensor, A: torch.Tensor, chunk_rows: int = ROW_CHUNK) -> float:
+    """√mean((B A)²) over all d_out × d_in entries, one block of rows at a time."""
+    total = 0.0
+    for start in range(0, B.shape[0], chunk_rows):
+        total += float((B[start : start + chunk_rows] @ A).square().sum())
+    return (total / (B.shape[0] * A.shape[1])) ** 0.5
+
+
 @register_regularizer("stability")
 class Stability:
-    """PS-LoRA eq. 4 summed over modules, S per module from the earlier tasks (see stability_loss)."""
+    """PS-LoRA eq. 4 summed over modules, S per module from the earlier tasks (see stability_loss).
+
+    α is ``hp.stability_alpha`` when given, else STABILITY_ALPHA_RMS / rms(S) per module: eq. 4's
+    sign term only acts where |α·ΔW| and |α·S| are of order 1, and LoRA entries are ~1e-4–1e-3.
+    """
 
     def __init__(self, hp: Hyperparameters, history: list[LoraAdapter]) -> None:
-        self.alpha = hp.stability_alpha
+        self.fixed_alpha = hp.stability_alpha
         self.history = history
-        self._previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._previous: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
     def __call__(self, layers: Layers) -> torch.Tensor:
         terms = []
         for name, p in layers.items():
-            S_B, S_A = self._factors(name, p.B, p.A)
-            terms.append(stability_loss(p.A, p.B, p.scale, S_A, S_B, self.alpha))
+            S_B, S_A, alpha = self._factors(name, p.B, p.A)
+            terms.append(stability_loss(p.A, p.B, p.scale, S_A, S_B, alpha))
         return torch.stack(terms).sum()
 
-    def _factors(self, name: str, B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factors(
+        self, name: str, B: torch.Tensor, A: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         if name not in self._previous:
             stacked = history_factors(self.history, name)
-            if stacked is None:  # S = 0: a rank-1 zero factorisation keeps one code path
+            if stacked is None:  # S = 0: a rank-1 zero factorisation keeps one code path; α is moot
                 stacked = (B.new_zeros(B.shape[0], 1), A.new_zeros(1, A.shape[1]))
-            self._previous[name] = (stacked[0].to(B.device), stacked[1].to(A.device))
+            S_B, S_A = stacked[0].to(B.device), stacked[1].to(A.device)
+            alpha = self.fixed_alpha
+            if alpha is None:
+                rms = rms_of_product(S_B, S_A)
+                alpha = STABILITY_ALPHA_RMS / rms if rms > 0 else 1.0
+            self._previous[name] = (S_B, S_A, alpha)
         return self._previous[name]
 
 

@@ -1,0 +1,89 @@
+"""Protected input subspaces: what the ``inflora`` method must not touch, stored with a merge.
+
+Why this exists: a task's update ΔW_t = s · B_t A_t acts on *every* input x, so it moves the
+earlier tasks' answers unless A_t x_old ≈ 0. ``inflora`` (after GPM, Saha et al. 2021, and
+InfLoRA, Liang & Li 2024) keeps, per target module, an orthonormal basis U (d_in × k) of the
+input directions the live tasks' inputs occupy, and draws each new task's frozen A in the
+orthogonal complement of span(U). This module only stores and reads that basis; it is computed
+by the trainer (``trainer/subspace.py``), from the served model's activations.
+
+The basis is cumulative and versioned with the merge it protects: ``merges/m<k>/subspace.safetensors``
+holds the directions of every parent of ``m<k>``. A rollback therefore brings back exactly the
+basis of that merge; removing a task keeps the previous basis (a superset: the removed task's
+directions stay reserved, so no remaining task ever loses protection).
+
+Storage: U is kept in fp16 (d_in · k · 2 bytes per module) and re-orthonormalized in fp32 on
+load, so the rounding does not leak into the projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SUBSPACE_FILE = "subspace.safetensors"
+_FORMAT = "lamina-subspace"
+
+
+@dataclass
+class Subspace:
+    """Per target module, an orthonormal basis U (d_in, k) of the protected input directions.
+
+    ``energy`` is the ε the basis was grown with: for every task it protects, span(U) holds at
+    least that fraction of the task's input energy Σ‖x‖² in that module.
+    """
+
+    bases: dict[str, torch.Tensor]  # module path -> (d_in, k), orthonormal columns, fp32
+    energy: float
+
+    def dims(self) -> dict[str, int]:
+        """k per module: input directions reserved by the live tasks."""
+        return {name: int(U.shape[1]) for name, U in self.bases.items()}
+
+    def d_in(self) -> dict[str, int]:
+        return {name: int(U.shape[0]) for name, U in self.bases.items()}
+
+    def summary(self) -> dict[str, Any]:
+        """What the store's merge meta records (and admission reads without loading tensors)."""
+        return {"energy": self.energy, "dims": self.dims(), "d_in": self.d_in()}
+
+    def save(self, directory: Path) -> Path:
+        """Write ``subspace.safetensors`` into ``directory`` (which must exist)."""
+        path = Path(directory) / SUBSPACE_FILE
+        tensors = {name: U.to(torch.float16).contiguous() for name, U in self.bases.items()}
+        save_file(tensors, str(path), metadata={"format": _FORMAT, "energy": repr(self.energy)})
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> Subspace:
+        path = Path(directory) / SUBSPACE_FILE
+        bases: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != _FORMAT:
+                raise ValueError(f"{path} is not a Lamina subspace file")
+            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                bases[name] = orthonormalize(handle.get_tensor(name).float())
+        return cls(bases=bases, energy=float(metadata["energy"]))
+
+    @staticmethod
+    def exists(directory: Path) -> bool:
+        return (Path(directory) / SUBSPACE_FILE).is_file()
+
+
+def orthonormalize(U: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning span(U) (reduced QR); a (d_in, 0) basis stays empty."""
+    if U.shape[1] == 0:
+        return U
+    Q, _ = torch.linalg.qr(U)  # (d_in, k)
+    return Q
+
+
+def free_directions(summary: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(free, d_in) per module from a :meth:`Subspace.summary`: what the next task can use."""
+    return {name: (summary["d_in"][name] - k, summary["d_in"][name]) for name, k in summary["dims"].items()}

@@ -1,0 +1,172 @@
+"""inflora's protected input subspace: the GPM growth rule, the projection of A, the measurement
+on a model, the store round trip and the capacity refusal, each against a direct computation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from adapters_store.lora import LoraAdapter, LoraModule
+from adapters_store.store import AdapterStore
+from adapters_store.subspace import Subspace
+from trainer.admission import AdmissionError, admit
+from trainer.config import Hyperparameters, resolve_method
+from trainer.methods import PARAMETRIZATIONS, CapacityError, LoraParams
+from trainer.methods.parametrizations import project_rows
+from trainer.subspace import grow_basis, input_covariances
+
+D_IN = 24
+ENERGY = 0.99
+
+
+def low_rank_inputs(seed: int, n: int = 200, rank: int = 5, noise: float = 0.01) -> torch.Tensor:
+    """(n, D_IN) inputs concentrated near a random ``rank``-dimensional subspace, like activations."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, D_IN, generator=g)
+    return torch.randn(n, rank, generator=g) @ basis + noise * torch.randn(n, D_IN, generator=g)
+
+
+def held_energy(U: torch.Tensor, X: torch.Tensor) -> float:
+    """‖U Uᵀ xᵢ‖² summed over rows, as a share of Σ‖xᵢ‖²."""
+    return float((X @ U).square().sum() / X.square().sum())
+
+
+def test_basis_is_orthonormal_and_holds_the_energy_of_every_task() -> None:
+    X1, X2 = low_rank_inputs(1), low_rank_inputs(2)
+    U1 = grow_basis(None, X1.T @ X1, ENERGY)
+    U2 = grow_basis(U1, X2.T @ X2, ENERGY)
+    for U in (U1, U2):
+        assert torch.allclose(U.T @ U, torch.eye(U.shape[1]), atol=1e-5)
+    assert held_energy(U1, X1) >= ENERGY
+    assert held_energy(U2, X1) >= ENERGY and held_energy(U2, X2) >= ENERGY
+    assert 5 <= U1.shape[1] < U2.shape[1] <= 10  # two 5-dim signals, noise left out
+    assert torch.allclose(U2[:, : U1.shape[1]], U1, atol=1e-5)  # grown, never rotated away
+
+
+def test_a_task_already_inside_the_basis_adds_no_direction() -> None:
+    X = low_rank_inputs(3)
+    U = grow_basis(None, X.T @ X, ENERGY)
+    assert grow_basis(U, 2.0 * X.T @ X, ENERGY).shape == U.shape
+
+
+def test_projected_rows_annihilate_the_protected_inputs() -> None:
+    """‖A_p Xᵀ‖_F ≤ ‖A_p‖₂ · √(1 − ε) · ‖X‖_F: what is left of X outside span(U) bounds it."""
+    X = low_rank_inputs(4)
+    U = grow_basis(None, X.T @ X, ENERGY)
+    A = torch.randn(4, D_IN, generator=torch.Generator().manual_seed(5))
+    A_p = project_rows(A, U)
+    assert torch.allclose(A_p.norm(dim=1), A.norm(dim=1), rtol=1e-5)  # scale kept
+    bound = torch.linalg.matrix_norm(A_p, ord=2) * (1 - ENERGY) ** 0.5 * X.norm()
+    assert (A_p @ X.T).norm() <= bound
+    assert (A_p @ X.T).norm() < 0.05 * (A @ X.T).norm()  # and far below the unprojected A's
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_covariances_match_captured_inputs_in_one_pass_or_many() -> None:
+    model = tiny_llama()
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    ids = torch.randint(0, 32, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0  # padding must not count
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name: str, x: torch.Tensor) -> None:  # a pre-hook that returns None keeps the input
+        captured[name] = x[mask.bool()].detach().clone()
+
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: capture(n, args[0]))
+        for n in names
+    ]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for handle in handles:
+        handle.remove()
+    one_pass = input_covariances(model, [(ids, mask)], names)
+    per_module = input_covariances(model, [(ids, mask)], names, memory_bytes=1)  # a pass per module
+    for name in names:
+        expected = (captured[name].T @ captured[name]).double()
+        assert captured[name].shape[0] == 3 * 7 - 2
+        assert torch.allclose(one_pass[name], expected, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(per_module[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_inflora_projects_its_frozen_A_and_refuses_a_full_module() -> None:
+    name = "model.layers.0.self_attn.q_proj"
+    X = low_rank_inputs(6)
+    subspace = Subspace(bases={name: grow_basis(None, X.T @ X, ENERGY)}, energy=ENERGY)
+    method, hp = resolve_method("inflora"), Hyperparameters(r=4, lora_alpha=8)
+    layers = {
+        name: LoraParams(
+            A=torch.nn.Parameter(torch.zeros(4, D_IN)), B=torch.nn.Parameter(torch.zeros(6, 4)), scale=2.0
+        )
+    }
+    PARAMETRIZATIONS["inflora"](hp, method, [], subspace).setup(layers)
+    A = layers[name].A.detach()
+    assert not layers[name].A.requires_grad
+    assert (A @ X.T).norm() <= torch.linalg.matrix_norm(A, ord=2) * (1 - ENERGY) ** 0.5 * X.norm()
+
+    full = Subspace(bases={name: torch.linalg.qr(torch.randn(D_IN, D_IN - 3))[0]}, energy=ENERGY)
+    with pytest.raises(CapacityError, match=r"3 free input directions of 24"):
+        PARAMETRIZATIONS["inflora"](hp, method, [], full).setup(layers)
+
+
+def adapter(seed: int, rank: int = 2) -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    return LoraAdapter(
+        {
+            "model.layers.0.self_attn.q_proj": LoraModule(
+                torch.randn(rank, D_IN, generator=g), torch.randn(6, rank, generator=g), 1.0
+            )
+        }
+    )
+
+
+def test_the_subspace_round_trips_with_its_merge_and_survives_removal(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, "fp")
+    name = "model.layers.0.self_attn.q_proj"
+    X1, X2 = low_rank_inputs(7), low_rank_inputs(8)
+    first = Subspace({name: grow_basis(None, X1.T @ X1, ENERGY)}, ENERGY)
+    second = Subspace({name: grow_basis(first.bases[name], X2.T @ X2, ENERGY)}, ENERGY)
+    m1 = store.publish("one", adapter(0), {"method": "inflora"}, "concat", subspace=first).merge
+    store.publish("two", adapter(1), {"method": "inflora"}, "concat", subspace=second)
+
+    loaded = store.subspace()
+    assert loaded is not None and loaded.energy == ENERGY
+    U, V = loaded.bases[name], second.bases[name]
+    assert torch.allclose(U @ U.T, V @ V.T, atol=5e-3)  # same span after fp16 storage
+    assert store.live().meta["subspace"] == {"energy": ENERGY, "dims": second.dims(), "d_in": {name: D_IN}}
+
+    store.remove_task("one")  # the directions of a removed task stay reserved
+    assert store.subspace().dims() == second.dims()
+    store.rollback(m1.id)
+    assert store.subspace().dims() == first.dims()
+
+
+def test_admission_refuses_an_inflora_task_that_does_not_fit(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, "fp")
+    name = "model.layers.0.self_attn.q_proj"
+    nearly_full = Subspace({name: torch.linalg.qr(torch.randn(D_IN, D_IN - 3))[0]}, ENERGY)
+    store.publish("one", adapter(0), {"method": "inflora"}, "concat", subspace=nearly_full)
+    method = resolve_method("inflora")
+    admit(store, "two", method, Hyperparameters(r=3), max_lora_rank=64)
+    with pytest.raises(AdmissionError) as refused:
+        admit(store, "two", method, Hyperparameters(r=4), max_lora_rank=64)
+    error = refused.value
+    assert (error.status, error.param, error.code) == (409, "hyperparameters.r", "capacity_exceeded")
+    assert name in error.message and "3 of 24 input directions free" in error.message

@@ -1,0 +1,124 @@
+"""Train one task on a store's live state and publish it: the path the worker and the benchmark share.
+
+Anything that decides what a published task *is* lives here once — which history and subspace
+it trains on, the subspace it adds (inflora), the served view of its own model, what its meta
+records — so the benchmark measures exactly what the service serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from adapters_store.lora import LoraAdapter
+from adapters_store.merges import build_merge
+from adapters_store.store import AdapterStore, Publication
+from adapters_store.subspace import Subspace
+from trainer.config import Example, Hyperparameters, MethodSpec
+from trainer.loop import TrainResult, train_task
+from trainer.methods import PARAMETRIZATIONS
+from trainer.served import merge_deltas
+from trainer.subspace import grow_subspace
+
+
+@dataclass
+class TrainedTask:
+    """A trained task not yet published: its adapter and metrics, and the subspace it grows."""
+
+    result: TrainResult
+    history: list[LoraAdapter]  # the live tasks it was trained after, oldest first
+    subspace: Subspace | None  # the protected subspace once it is live (inflora), else None
+
+
+def train_for_store(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    store: AdapterStore,
+    examples: Sequence[Example],
+    method: MethodSpec,
+    hp: Hyperparameters,
+    *,
+    progress: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainedTask:
+    """Train ``examples`` on the store's live tasks; for methods that protect inputs, also
+    measure the grown subspace on the model that will be served once this task is live."""
+    history = store.history()
+    previous = store.subspace()
+    result = train_task(
+        model,
+        tokenizer,
+        examples,
+        method,
+        hp,
+        history,
+        subspace=previous,
+        progress=progress,
+        should_stop=should_stop,
+    )
+    subspace = None
+    if getattr(PARAMETRIZATIONS[method.parametrization], "protects_inputs", False):
+        started = time.perf_counter()
+        served = merge_deltas(build_merge(method.merge, [*history, result.adapter]))
+        subspace = grow_subspace(
+            model, tokenizer, examples, served, previous, hp.subspace_energy, hp.max_seq_len
+        )
+        result.metrics.update(
+            subspace_metrics(subspace), subspace_seconds=round(time.perf_counter() - started, 3)
+        )
+    return TrainedTask(result=result, history=history, subspace=subspace)
+
+
+def publish_trained(
+    store: AdapterStore,
+    name: str,
+    examples: Sequence[Example],
+    method: MethodSpec,
+    hp: Hyperparameters,
+    trained: TrainedTask,
+    *,
+    extra_meta: dict[str, Any] | None = None,
+    notes: list[dict[str, Any]] | None = None,
+) -> Publication:
+    """Publish a trained task: its version, the new live merge (with the subspace, if any) and,
+    for methods that train on top of the earlier tasks, the model as learned for ``model=<task>``."""
+    meta = {
+        "method": method.name,
+        "hyperparameters": hp.model_dump(mode="json"),
+        "data_hash": data_hash(examples),
+        "metrics": trained.result.metrics,
+        **(extra_meta or {}),
+    }
+    return store.publish(
+        name,
+        trained.result.adapter,
+        meta,
+        merge=method.merge,
+        notes=notes,
+        subspace=trained.subspace,
+        as_learned=method.stack_history,
+    )
+
+
+def subspace_metrics(subspace: Subspace) -> dict[str, float | int]:
+    """How much of the input space the live tasks now reserve (inflora's capacity)."""
+    dims, d_in = subspace.dims(), subspace.d_in()
+    shares = [dims[name] / d_in[name] for name in dims]
+    return {
+        "subspace_reserved_mean": round(sum(shares) / len(shares), 4),
+        "subspace_reserved_max": round(max(shares), 4),
+        "subspace_free_min": min(d_in[name] - dims[name] for name in dims),
+    }
+
+
+def data_hash(examples: Sequence[Example]) -> str:
+    """A short digest of the training data, recorded with the task (what exactly was learned)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(example.prompt.encode() + b"\0" + example.completion.encode() + b"\n")
+    return digest.hexdigest()[:16]
