@@ -13,7 +13,9 @@ the :class:`~adapters_store.stats.StatsParams`, must match for a file to be used
 written to a temporary name and renamed into place, so a concurrent reader (another server
 replica) sees a whole file or none; two replicas computing the same version write the same
 bytes. Only the newest ``keep`` files of each kind are kept: a state file of a 7B store (q and
-v of 32 layers) with 100 tasks is about 150 MB. A read-only store still gets its stats, uncached.
+v of 32 layers) with 100 tasks is about 195 MiB at the default three ε levels (99 MiB with one;
+the bits kept per level are counted in :mod:`adapters_store.stats`). A file of another
+``STATS_SCHEMA`` is never used. A read-only store still gets its stats, uncached.
 
 The factors are read module by module straight from the task versions' safetensors files, so
 neither a full recomputation nor an update holds more than one module's factors of every task.
@@ -237,7 +239,11 @@ def _read_view(path: Path, version: dict[str, Any], params: StatsParams) -> dict
         view = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if view.get("store_version") != version or view.get("params") != params.as_dict():
+    if (
+        view.get("schema") != STATS_SCHEMA
+        or view.get("store_version") != version
+        or view.get("params") != params.as_dict()
+    ):
         return None
     return view
 
@@ -248,7 +254,12 @@ def _find_state(directory: Path, tasks: list[str], params: StatsParams) -> Store
         return None
     for path in sorted(directory.glob(f"*{STATE_SUFFIX}"), key=_mtime, reverse=True):
         header = read_state_header(path)
-        if header and header["tasks"] == tasks and header["params"] == params.as_dict():
+        if (
+            header
+            and header.get("schema") == STATS_SCHEMA
+            and header["tasks"] == tasks
+            and header["params"] == params.as_dict()
+        ):
             try:
                 return load_state(path)
             except (OSError, ValueError, KeyError, TypeError):

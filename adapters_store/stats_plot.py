@@ -1,10 +1,12 @@
-"""The picture behind ``GET /admin/stats.png``: the collision-rate matrix and the occupancy of
-every module, readable at a glance.
+"""The picture behind ``GET /admin/stats.png``: the collision-rate matrix, the occupancy of
+every module and how the collision rate depends on the threshold ε, readable at a glance.
 
-Left: a heatmap of CR_ij in ΔW space over all modules (N-LoRA eq. 11; the diagonal is each task's
-own share of active positions), tasks labelled oldest first, ACR (eq. 10) in the title. Right: one
-bar per module, the share of its B positions some task owns and how many are left. The figure
-grows with the number of tasks and of modules, so labels never overlap.
+Left: a heatmap of CR_ij in ΔW space over all modules at the primary ε (N-LoRA eq. 11; the
+diagonal is each task's own share of active positions), tasks labelled oldest first, ACR (eq. 10)
+in the title. Middle: one bar per module, the share of its B positions some task owns and how
+many are left. Right: ACR against ε (log axis) in ΔW and in B space, because one ε alone misleads
+(a comparison of two methods can flip by two orders of magnitude between ε = 10⁻³ and 10⁻¹).
+The figure grows with the number of tasks and of modules, so labels never overlap.
 
 Built on matplotlib's object API with the Agg canvas (no pyplot, no global state), so it is safe
 to call from a server's worker threads.
@@ -42,21 +44,24 @@ def render_stats_png(stats: dict[str, Any], dpi: int = 100) -> bytes:
 
     side = 2.5 + 0.45 * len(tasks)  # inches of heatmap per side
     height = max(side, 1.2 + 0.22 * len(modules), 4.0)
-    fig = Figure(figsize=(side + 6.0, height), layout="constrained")
-    cr_axes, bar_axes = fig.subplots(1, 2, width_ratios=[side, 4.5])
-    _cr_heatmap(fig, cr_axes, stats["aggregate"], tasks)
+    fig = Figure(figsize=(side + 10.5, height), layout="constrained")
+    cr_axes, bar_axes, eps_axes = fig.subplots(1, 3, width_ratios=[side, 4.5, 4.0])
+    eps = stats.get("params", {}).get("eps")
+    _cr_heatmap(fig, cr_axes, stats["aggregate"], tasks, eps)
     _occupancy_bars(bar_axes, modules)
+    acr_by_eps(eps_axes, stats["aggregate"], eps)
     return _png(fig, dpi)
 
 
-def _cr_heatmap(fig: Figure, ax: Any, aggregate: dict[str, Any], tasks: list[str]) -> None:
+def _cr_heatmap(fig: Figure, ax: Any, aggregate: dict[str, Any], tasks: list[str], eps: float | None) -> None:
     cr = [[0.0 if x is None else x for x in row] for row in aggregate["cr_dw"]]
     image = ax.imshow(cr, cmap="viridis", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
     acr = aggregate.get("acr_dw")
     error = aggregate.get("cr_standard_error_max") or 0.0
-    title = "collision rate CR (ΔW)" + (f"   ACR = {acr:.3g}" if acr is not None else "")
+    space = "ΔW" if eps is None else f"ΔW, ε = {eps:g}"
+    title = f"collision rate CR ({space})" + (f"   ACR = {acr:.3g}" if acr is not None else "")
     ax.set_title(title + (f" ± {error:.1g}" if error else ""), fontsize=10)
     if len(tasks) <= _ANNOTATE_UP_TO:
         for i, row in enumerate(cr):
@@ -64,6 +69,40 @@ def _cr_heatmap(fig: Figure, ax: Any, aggregate: dict[str, Any], tasks: list[str
                 colour = "black" if value > 0.6 else "white"
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
     fig.colorbar(image, ax=ax, shrink=0.8, label="share of positions active in both")
+
+
+_SPACES = (("acr_dw_by_eps", "ΔW", "#1f77b4"), ("acr_b_by_eps", "B", "#ff7f0e"))
+
+
+def acr_by_eps(ax: Any, aggregate: dict[str, Any], primary: float | None = None) -> None:
+    """ACR (eq. 10) against ε, one line per space (ΔW, B), from the ``acr_*_by_eps`` objects
+    (keys are the ε as text); ``primary`` (the heatmap's ε) is marked by a dotted line. The x axis
+    is logarithmic; symmetric-log when ε = 0 is a level, which a log axis cannot show."""
+    levels = sorted({float(eps) for key, _, _ in _SPACES for eps in aggregate.get(key, {})})
+    for key, label, colour in _SPACES:
+        points = sorted((float(eps), acr) for eps, acr in aggregate.get(key, {}).items() if acr is not None)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", color=colour, label=label)
+    positive = [eps for eps in levels if eps > 0]
+    if levels and levels[0] == 0:
+        ax.set_xscale("symlog", linthresh=positive[0] if positive else 1e-3)
+    else:
+        ax.set_xscale("log")
+    ax.set_xticks(levels, [f"{eps:g}" for eps in levels])
+    ax.minorticks_off()
+    ax.set_title("ACR against the threshold ε", fontsize=10)
+    ax.set_xlabel("ε (active: |x| > ε · max |x|)")
+    ax.set_ylabel("ACR (mean CR over pairs)")
+    ax.set_box_aspect(0.8)
+    if not ax.lines:  # fewer than two tasks: no pair
+        ax.text(0.5, 0.5, "needs two tasks", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    ax.set_ylim(bottom=0.0)
+    if primary is not None:
+        ax.axvline(primary, color="grey", linestyle=":", linewidth=1, label=f"ε of the heatmap ({primary:g})")
+    ax.legend(fontsize=8)
 
 
 def _natural_key(name: str) -> list[Any]:

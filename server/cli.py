@@ -160,6 +160,13 @@ def stats(
     )
     console.print(summary)
 
+    by_eps = Table(title="ACR at several ε (active: |x| > ε · max |x|)")
+    for column in ("ε", "ACR ΔW", "ACR B"):
+        by_eps.add_column(column, justify="right")
+    for eps, acr_dw in agg["acr_dw_by_eps"].items():
+        by_eps.add_row(eps, fmt(acr_dw), fmt(agg["acr_b_by_eps"][eps]))
+    console.print(by_eps)
+
     per_task = Table(title="Per task")
     for column in ("task", "share", "OO", "AWOM", "sparsity", "eff. rank", "sign same", "sign opposite"):
         per_task.add_column(column, justify="right")

@@ -6,24 +6,32 @@ from __future__ import annotations
 import json
 import math
 import struct
+from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
+from typer.testing import CliRunner
 
+from adapters_store.fingerprint import fingerprint_model
 from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.stats import (
+    STATS_SCHEMA,
     Factors,
     StatsParams,
     compute_stats,
     delta_at,
+    eps_key,
     max_abs_delta,
     positions_for,
     update_stats,
 )
 from adapters_store.stats_cache import STATS_DIR, stats_for_store
-from adapters_store.stats_plot import render_stats_png
+from adapters_store.stats_plot import acr_by_eps, render_stats_png
 from adapters_store.store import AdapterStore
+from server.cli import app
 
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
 SHAPES = {Q: (12, 10), V: (6, 10)}
@@ -244,6 +252,94 @@ def test_sparsity_is_in_0_1_and_1_for_a_constant_matrix() -> None:
             assert 0.0 < value <= 1.0
 
 
+# --- several thresholds ε -------------------------------------------------------------------------
+
+
+def weighted(matrices: list[object], weights: list[int]) -> list[list[float]]:
+    """Σ_m w_m · matrix_m / Σ_m w_m: the aggregate of per-module shares (each weighs by its size)."""
+    total = np.sum([np.array(m, dtype=float) * w for m, w in zip(matrices, weights, strict=True)], axis=0)
+    return (total / sum(weights)).tolist()
+
+
+def mean_pairs(matrix: list[list[float]]) -> float:
+    t = len(matrix)
+    return sum(matrix[i][j] for i in range(t) for j in range(i + 1, t)) / (t * (t - 1) / 2)
+
+
+@pytest.mark.parametrize("density", [None, 0.5])
+def test_collisions_at_every_eps_match_the_dense_reference(density: float | None) -> None:
+    """Every level against thresholds applied by hand to the dense ΔW and B, per module and over
+    all modules; the plain keys are those of the primary ε (here not the first level)."""
+    adapters = [random_adapter(seed, density=density) for seed in range(4)]
+    params = StatsParams(eps=1e-2, eps_levels=(0.0, 1e-3, 1e-2, 0.1, 0.5))
+    view = compute_stats(adapters, names(4), params).to_dict(module_matrices=True)
+    dw_sizes = [d_out * d_in for d_out, d_in in SHAPES.values()]
+    b_sizes = [d_out * 3 for d_out, _ in SHAPES.values()]  # rank 3 everywhere
+    for eps in params.eps_levels:
+        key = eps_key(eps)
+        expected = [reference(adapters, name, eps) for name in SHAPES]
+        for name, want in zip(SHAPES, expected, strict=True):
+            module = view["modules"][name]
+            for field in ("cr_dw", "acr_dw", "cr_b", "acr_b"):
+                assert close(module[f"{field}_by_eps"][key], want[field]), (name, field, eps)
+        for space, sizes in (("dw", dw_sizes), ("b", b_sizes)):
+            cr = weighted([want[f"cr_{space}"] for want in expected], sizes)
+            assert close(view["aggregate"][f"cr_{space}_by_eps"][key], cr), (space, eps)
+            assert close(view["aggregate"][f"acr_{space}_by_eps"][key], mean_pairs(cr)), (space, eps)
+    for scope in (view["aggregate"], *view["modules"].values()):
+        assert (
+            scope["acr_dw"] == scope["acr_dw_by_eps"]["0.01"]
+            and scope["cr_b"] == scope["cr_b_by_eps"]["0.01"]
+        )
+
+
+def test_collision_rates_never_grow_with_eps() -> None:
+    """A larger ε activates a subset of the positions, so CR of every pair can only fall: on a
+    fine grid of levels, in ΔW and B space, for a sampled and an exact module and the aggregate."""
+    levels = tuple(float(e) for e in np.geomspace(1e-4, 0.9, 12))
+    params = StatsParams(eps=levels[0], eps_levels=levels, exact_up_to=100, sample_size=512)
+    view = compute_stats([random_adapter(s, density=0.7) for s in range(4)], names(4), params).to_dict(
+        module_matrices=True
+    )
+    assert not view["modules"][Q]["exact"] and view["modules"][V]["exact"]
+    for scope in (view["aggregate"], *view["modules"].values()):
+        for space in ("dw", "b"):
+            cr = np.array([scope[f"cr_{space}_by_eps"][eps_key(e)] for e in levels])  # (L, t, t)
+            assert (np.diff(cr, axis=0) <= 0).all(), space
+            acr = [scope[f"acr_{space}_by_eps"][eps_key(e)] for e in levels]
+            assert all(a >= b for a, b in pairwise(acr)), space
+            assert acr[-1] < acr[0], space  # the levels do change the rates: the check above bites
+
+
+def test_json_reports_every_eps_and_keeps_the_single_eps_keys() -> None:
+    """Readers of schema 1 (the benchmark reads aggregate["acr_dw"]) get the primary ε = 1e-3."""
+    adapters = [random_adapter(s) for s in range(3)]
+    view = compute_stats(adapters, names(3)).to_dict(module_matrices=True)
+    levels = ["0.001", "0.01", "0.1"]
+    assert view["schema"] == STATS_SCHEMA == 2 and view["params"]["eps_levels"] == [0.001, 0.01, 0.1]
+    for scope in (view["aggregate"], *view["modules"].values()):
+        for space in ("dw", "b"):
+            for kind in ("cr", "acr"):
+                by_eps = scope[f"{kind}_{space}_by_eps"]
+                assert list(by_eps) == levels
+                assert scope[f"{kind}_{space}"] == by_eps["0.001"]
+    assert view["aggregate"]["acr_dw_by_eps"]["0.1"] < view["aggregate"]["acr_dw_by_eps"]["0.001"]
+    without_matrices = compute_stats(adapters, names(3)).to_dict()["modules"][Q]
+    assert "acr_dw_by_eps" in without_matrices and "cr_dw_by_eps" not in without_matrices
+    assert json.loads(json.dumps(view)) == view
+
+
+def test_eps_levels_are_validated_and_always_hold_the_primary() -> None:
+    for bad in ((0.1, 0.01), (0.01, 0.01), (0.01, 1.0), (-0.1, 0.01), (math.nan,)):
+        with pytest.raises(ValueError):
+            StatsParams(eps_levels=bad)
+    params = StatsParams(eps=0.05)
+    assert params.eps_levels == (0.001, 0.01, 0.05, 0.1) and params.eps_levels[params.primary] == 0.05
+    # a cached file's header (JSON: a list) gives the same params back, so cache keys match
+    assert StatsParams(**json.loads(json.dumps(params.as_dict()))) == params
+    assert json.loads(json.dumps(params.as_dict())) == params.as_dict()
+
+
 # --- incremental = full ----------------------------------------------------------------------
 
 
@@ -263,6 +359,10 @@ def test_incremental_update_equals_full_recomputation() -> None:
         stats = update_stats(stats, adapters[:t], adapters[t], names(t + 1)[-1])
     full = compute_stats(adapters, names(len(adapters)), params)
     assert_same_view(stats.to_dict(module_matrices=True), full.to_dict(module_matrices=True))
+    for name, module in full.modules.items():  # the counts behind every ε level, exactly
+        for key in ("dw_pairs", "b_pairs", "dw_bits", "b_bits"):
+            assert np.array_equal(getattr(stats.modules[name], key), getattr(module, key)), (name, key)
+        assert module.dw_pairs.shape == (len(params.eps_levels), 4, 4)
     view = full.to_dict()
     assert view["modules"][V]["sparsity"][1] is None  # task 1 does not adapt v_proj
     assert view["modules"]["extra"]["sign_same"][2] is None  # no earlier task adapted "extra"
@@ -363,6 +463,23 @@ def test_store_stats_are_cached_and_incremental(tmp_path: Path) -> None:
     json.dumps(after)  # JSON-ready
 
 
+def test_cached_view_of_another_schema_is_recomputed(tmp_path: Path) -> None:
+    """A view cached before the ε levels existed lacks their keys: it must not be served."""
+    store = AdapterStore(tmp_path / "store", "0123456789abcdef", base_model="tiny")
+    for t in range(2):
+        store.publish(f"task{t}", random_adapter(t), {"method": "inc-lora"}, "concat")
+    stats_for_store(store)
+    assert stats_for_store(store)["cache_hit"]  # cached; now make it an older schema's file
+    live = store.live()
+    assert live is not None
+    path = store.root / STATS_DIR / f"{live.id}.json"
+    old = json.loads(path.read_text())
+    path.write_text(json.dumps({**old, "schema": 1}))
+    again = stats_for_store(store)
+    assert not again["cache_hit"] and again["schema"] == STATS_SCHEMA
+    assert "acr_dw_by_eps" in again["aggregate"]
+
+
 # --- the picture ----------------------------------------------------------------------------------
 
 
@@ -378,3 +495,43 @@ def test_png_is_valid_and_grows_with_the_number_of_tasks() -> None:
     assert w9 * h9 > w2 * h2 and h9 >= h2 and w9 >= w2
     empty = png_size(render_stats_png(compute_stats([], []).to_dict()))
     assert empty[0] > 0
+    one = png_size(render_stats_png(compute_stats([random_adapter(0)], names(1)).to_dict()))
+    assert one[0] > 0  # no pair: the ACR panel says so instead of plotting
+
+
+def test_acr_panel_plots_the_json_values_against_eps_on_a_log_axis() -> None:
+    view = compute_stats([random_adapter(s) for s in range(3)], names(3)).to_dict()
+    ax = Figure().subplots()
+    acr_by_eps(ax, view["aggregate"], view["params"]["eps"])
+    lines = {line.get_label(): line for line in ax.lines}
+    assert ax.get_xscale() == "log"
+    for label, space in (("ΔW", "dw"), ("B", "b")):
+        xs, ys = np.asarray(lines[label].get_xdata()), np.asarray(lines[label].get_ydata())
+        assert xs.tolist() == [0.001, 0.01, 0.1]
+        assert ys.tolist() == list(view["aggregate"][f"acr_{space}_by_eps"].values())
+    assert np.asarray(lines["ε of the heatmap (0.001)"].get_xdata()).tolist() == [0.001, 0.001]
+    # ε = 0 has no place on a log axis: symmetric-log, and the point is kept
+    zero = StatsParams(eps=0.0, eps_levels=(0.0, 0.01))
+    view = compute_stats([random_adapter(s) for s in range(2)], names(2), zero).to_dict()
+    ax = Figure().subplots()
+    acr_by_eps(ax, view["aggregate"], 0.0)
+    assert ax.get_xscale() == "symlog" and np.asarray(ax.lines[0].get_xdata()).tolist() == [0.0, 0.01]
+    ax = Figure().subplots()
+    acr_by_eps(ax, compute_stats([random_adapter(0)], names(1)).to_dict()["aggregate"])
+    assert not ax.lines and [text.get_text() for text in ax.texts] == ["needs two tasks"]
+
+
+def test_cli_prints_acr_at_every_eps(
+    base_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = AdapterStore(tmp_path / "store", fingerprint_model(base_model_dir))
+    for t in range(2):
+        store.publish(f"task{t}", random_adapter(t), {"method": "inc-lora"}, merge="concat")
+    monkeypatch.setenv("LAMINA_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("LAMINA_MODEL", str(base_model_dir))
+    result = CliRunner().invoke(app, ["stats"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    table = result.output.split("ACR at several ε")[1].split("Per task")[0]
+    acr = compute_stats(store.history(), names(2)).to_dict()["aggregate"]["acr_dw_by_eps"]
+    for eps, value in acr.items():
+        assert any(eps in row and f"{value:.4g}" in row for row in table.splitlines()), eps
