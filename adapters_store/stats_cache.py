@@ -51,6 +51,7 @@ from adapters_store.stats import (
     update_stats,
 )
 from adapters_store.store import AdapterStore
+from adapters_store.subspace import occupancy
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +199,15 @@ def stats_for_store(
     version = {"merge": live.id if live else None, "tasks": ids}
     if live is None or not tasks:
         empty = summary(StoreStats(params, (), {}), module_matrices=module_matrices)
-        return {**empty, "store_version": version, "computed": None, "cache_hit": False}
+        return {**empty, "store_version": version, "computed": None, "cache_hit": False, "subspace": None}
+    # inflora's reserved input directions: read from the merge's meta, nothing to compute or cache.
+    protected = {"subspace": occupancy(live.meta["subspace"]) if live.meta.get("subspace") else None}
 
     directory = store.root / STATS_DIR
     view_path = directory / f"{live.id}{'.matrices' if module_matrices else ''}.json"
     cached = _read_view(view_path, version, params)
     if cached is not None:
-        return {**cached, "cache_hit": True}
+        return {**cached, "cache_hit": True, **protected}
 
     start = time.perf_counter()
     previous = _find_state(directory, ids[:-1], params)
@@ -231,7 +234,7 @@ def stats_for_store(
         _prune(directory, keep)
     except Exception:  # a cache that cannot be written (read-only store, full disk) must not fail the request
         log.warning("could not cache stats under %s; serving them uncached", directory, exc_info=True)
-    return {**view, "cache_hit": False}
+    return {**view, "cache_hit": False, **protected}
 
 
 def _read_view(path: Path, version: dict[str, Any], params: StatsParams) -> dict[str, Any] | None:

@@ -42,14 +42,24 @@ def render_stats_png(stats: dict[str, Any], dpi: int = 100) -> bytes:
         fig.text(0.5, 0.5, "no live tasks", ha="center", va="center", fontsize=14)
         return _png(fig, dpi)
 
+    subspace = stats.get("subspace")
     side = 2.5 + 0.45 * len(tasks)  # inches of heatmap per side
     height = max(side, 1.2 + 0.22 * len(modules), 4.0)
-    fig = Figure(figsize=(side + 10.5, height), layout="constrained")
-    cr_axes, bar_axes, eps_axes = fig.subplots(1, 3, width_ratios=[side, 4.5, 4.0])
+    widths = [side, 4.5, 4.0] + ([4.5] if subspace else [])
+    fig = Figure(figsize=(sum(widths) + 1.5, height), layout="constrained")
+    cr_axes, bar_axes, eps_axes, *subspace_axes = fig.subplots(1, len(widths), width_ratios=widths)
     eps = stats.get("params", {}).get("eps")
     _cr_heatmap(fig, cr_axes, stats["aggregate"], tasks, eps)
-    _occupancy_bars(bar_axes, modules)
+    b_shares = {n: (m["occupancy"] or 0.0, f"{m['b_positions_free']} left") for n, m in modules.items()}
+    _occupancy_bars(bar_axes, b_shares, "share of B positions owned by some task", "occupancy of B per module")
     acr_by_eps(eps_axes, stats["aggregate"], eps)
+    if subspace:
+        shares = {
+            n: (m["occupancy"], f"{m['d_in'] - m['reserved']} of {m['d_in']} free")
+            for n, m in subspace["modules"].items()
+        }
+        title = f"inflora: input directions reserved (ε = {subspace['energy']})"
+        _occupancy_bars(subspace_axes[0], shares, "share of d_in reserved by the live tasks", title)
     return _png(fig, dpi)
 
 
@@ -110,20 +120,21 @@ def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _occupancy_bars(ax: Any, modules: dict[str, Any]) -> None:
-    names = sorted(modules, key=_natural_key)
-    occupancy = [modules[n]["occupancy"] or 0.0 for n in names]
-    free = [modules[n]["b_positions_free"] for n in names]
+def _occupancy_bars(ax: Any, shares: dict[str, tuple[float, str]], xlabel: str, title: str) -> None:
+    """One bar per module: the share used of what the module has, labelled with what is left."""
+    names = sorted(shares, key=_natural_key)
+    occupancy = [shares[n][0] for n in names]
     rows = range(len(names))
-    ax.barh(rows, [1.0] * len(names), color="#e8e8e8")  # the whole B of the module
+    ax.barh(rows, [1.0] * len(names), color="#e8e8e8")  # all the module has
     ax.barh(rows, occupancy, color="#d62728")
     ax.set_yticks(rows, [short_module_name(n) for n in names], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0.0, 1.0)
-    ax.set_xlabel("share of B positions owned by some task")
-    ax.set_title("occupancy of B per module", fontsize=10)
-    for row, (share, left) in enumerate(zip(occupancy, free, strict=True)):
-        label = f"{share:.0%} · {left} left"
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    for row, name in enumerate(names):
+        share, left = shares[name]
+        label = f"{share:.0%} · {left}"
         if share > 0.35:  # inside the bar, right-aligned
             ax.text(share - 0.01, row, label, va="center", ha="right", fontsize=7, color="white")
         else:

@@ -87,3 +87,20 @@ def orthonormalize(U: torch.Tensor) -> torch.Tensor:
 def free_directions(summary: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """(free, d_in) per module from a :meth:`Subspace.summary`: what the next task can use."""
     return {name: (summary["d_in"][name] - k, summary["d_in"][name]) for name, k in summary["dims"].items()}
+
+
+def occupancy(summary: dict[str, Any]) -> dict[str, Any]:
+    """The admin view of a :meth:`Subspace.summary`: per module the reserved share of d_in
+    ("subspace occupancy", inflora's capacity), and the fullest module."""
+    modules = {
+        name: {"reserved": k, "d_in": summary["d_in"][name], "occupancy": k / summary["d_in"][name]}
+        for name, k in summary["dims"].items()
+    }
+    shares = [module["occupancy"] for module in modules.values()]
+    return {
+        "energy": summary["energy"],
+        "occupancy_mean": sum(shares) / len(shares) if shares else None,
+        "occupancy_max": max(shares, default=None),
+        "free_min": min((m["d_in"] - m["reserved"] for m in modules.values()), default=None),
+        "modules": modules,
+    }

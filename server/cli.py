@@ -191,6 +191,15 @@ def stats(
         collisions.add_row(task, *(fmt(v) for v in row))
     console.print(collisions)
 
+    if data.get("subspace"):
+        protected = data["subspace"]
+        reserved = Table(title=f"inflora: input directions reserved per module (ε = {protected['energy']})")
+        for column in ("module", "reserved", "d_in", "occupancy"):
+            reserved.add_column(column, justify="right")
+        for name, module in protected["modules"].items():
+            reserved.add_row(name, str(module["reserved"]), str(module["d_in"]), fmt(module["occupancy"]))
+        console.print(reserved)
+
     modules = Table(title="Per module")
     for column in ("module", "occupancy", "ACR ΔW", "ACR B"):
         modules.add_column(column, justify="right")

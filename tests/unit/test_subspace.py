@@ -170,3 +170,21 @@ def test_admission_refuses_an_inflora_task_that_does_not_fit(tmp_path: Path) -> 
     error = refused.value
     assert (error.status, error.param, error.code) == (409, "hyperparameters.r", "capacity_exceeded")
     assert name in error.message and "3 of 24 input directions free" in error.message
+
+
+def test_admin_stats_report_subspace_occupancy_per_module(tmp_path: Path) -> None:
+    from adapters_store.stats_cache import stats_for_store
+    from adapters_store.stats_plot import render_stats_png
+
+    store = AdapterStore(tmp_path, "fp")
+    name = "model.layers.0.self_attn.q_proj"
+    X = low_rank_inputs(9)
+    subspace = Subspace({name: grow_basis(None, X.T @ X, ENERGY)}, ENERGY)
+    store.publish("one", adapter(0), {"method": "inflora"}, "concat", subspace=subspace)
+    k = subspace.dims()[name]
+
+    view = stats_for_store(store)
+    assert view["subspace"]["modules"][name] == {"reserved": k, "d_in": D_IN, "occupancy": k / D_IN}
+    assert view["subspace"]["free_min"] == D_IN - k and view["subspace"]["energy"] == ENERGY
+    assert stats_for_store(store)["subspace"] == view["subspace"]  # from the cache too
+    assert render_stats_png(view).startswith(b"\x89PNG")
