@@ -47,7 +47,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
+from trainer.chat import encode_prompt
 from trainer.config import Example, Hyperparameters, resolve_method
+from trainer.evaluate import greedy_completions
 from trainer.loop import load_base
 from trainer.publish import publish_trained, train_for_store
 from trainer.served import merge_deltas, merged_into
@@ -61,6 +63,7 @@ from trainer.suite.metrics import (
     forward_transfer,
     seen_task_accuracy,
 )
+from trainer.suite.probe import build_probe, probe_accuracy
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +80,7 @@ ALL_METHODS: tuple[str, ...] = (
     "ps-lora",
     "inflora",
 )
-METRIC_NAMES: tuple[str, ...] = ("AA", "BWT", "FWT", "FWT0", "FR", "ACR", "occupancy")
+METRIC_NAMES: tuple[str, ...] = ("AA", "BWT", "FWT", "FWT0", "FR", "GA", "ACR", "occupancy")
 RANK = 8  # every task, every method (the issue's setting)
 LORA_ALPHA = 16
 _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")  # overlapping curves stay tellable
@@ -130,6 +133,8 @@ class BenchmarkConfig:
     device: str = "auto"  # "auto": CUDA when available, else CPU
     threads: int | None = None  # torch.set_num_threads on CPU; None: leave torch's default
     eval_batch_size: int = 64
+    training: str = "table"  # "table": TASK_TRAINING, the same for every method; "auto": trainer.auto's rules
+    probe: bool = True  # score the general-ability probe (trainer.suite.probe) after every task
     preset: str = "custom"
 
     @classmethod
@@ -148,19 +153,24 @@ class BenchmarkConfig:
         get_order(self.order)
         if not self.methods or not self.seeds:
             raise ValueError("a benchmark needs at least one method and one seed")
+        if self.training not in ("table", "auto"):
+            raise ValueError(f"training must be 'table' or 'auto', got {self.training!r}")
         if self.n_tasks is not None and not 1 <= self.n_tasks <= len(get_order(self.order)):
             raise ValueError(f"n_tasks must be in 1..{len(get_order(self.order))}, got {self.n_tasks}")
 
     def task_names(self) -> tuple[str, ...]:
         return get_order(self.order)[: self.n_tasks]
 
-    def training(self, task: str) -> TaskTraining:
+    def task_training(self, task: str) -> TaskTraining:
         chosen = TASK_TRAINING.get(task, DEFAULT_TRAINING)
         return chosen if self.steps is None else replace(chosen, steps=self.steps)
 
     def hyperparameters(self, task: str, seed: int) -> Hyperparameters:
-        """The task's Hyperparameters: rank 8 everywhere, the rest the presets' defaults."""
-        knobs = self.training(task)
+        """The task's Hyperparameters: rank 8 everywhere; steps, learning rate and batch size from
+        the table, or left to ``trainer.auto`` (what a user who sets nothing gets)."""
+        if self.training == "auto":
+            return Hyperparameters(r=RANK, lora_alpha=LORA_ALPHA, steps=self.steps, seed=seed)
+        knobs = self.task_training(task)
         return Hyperparameters(
             r=RANK,
             lora_alpha=LORA_ALPHA,
@@ -191,6 +201,7 @@ class MethodRun:
     eval_seconds: float
     final_losses: list[float]
     stats_error: str | None = None  # why ACR/occupancy are missing, if they are
+    probe: list[float | None] = field(default_factory=list)  # general ability after each task
 
 
 @dataclass
@@ -208,6 +219,7 @@ class BenchmarkResult:
     wall_seconds: float
     git_commit: str | None
     base_fingerprint: str = ""  # adapters_store.fingerprint of the base model the numbers are for
+    probe_size: int = 0  # questions the base model answered, which the probe keeps
 
     def runs_of(self, method: str) -> list[MethodRun]:
         return [run for run in self.runs if run.method == method]
@@ -306,50 +318,6 @@ def matrix_metrics(
 # Evaluation: greedy decoding on W0 + ΔW.
 
 
-@torch.no_grad()
-def greedy_completions(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int = 64,
-) -> list[str]:
-    """Greedy continuations of ``prompts``, batched with left padding.
-
-    Prompts are tokenized exactly as the training loop tokenizes them (special tokens on), so
-    the model sees at test time the same prefix it was trained to continue.
-    """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    texts: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            encoded = [
-                tokenizer(p, add_special_tokens=True)["input_ids"]
-                for p in prompts[start : start + batch_size]
-            ]
-            width = max(len(ids) for ids in encoded)
-            input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)  # (b, T)
-            attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)  # (b, T)
-            for row, ids in enumerate(encoded):
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
-            generated = model.generate(  # type: ignore[operator]  # GenerationMixin
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )  # (b, T + new)
-            texts.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return texts
-
-
 def evaluate_task(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -358,9 +326,8 @@ def evaluate_task(
     batch_size: int,
 ) -> float:
     """Exact-match accuracy of greedy decoding on one task's test split (the suite's ``score``)."""
-    predictions = greedy_completions(
-        model, tokenizer, [e.prompt for e in test], task.max_new_tokens, batch_size
-    )
+    prompts = [encode_prompt(tokenizer, e.prompt) for e in test]
+    predictions = greedy_completions(model, tokenizer, prompts, task.max_new_tokens, batch_size)
     return accuracy(predictions, test)
 
 
@@ -401,6 +368,7 @@ class _Context:
     suite: _Suite
     stores: Path
     progress: Progress
+    probe: list[Example] = field(default_factory=list)  # what the base model knows (trainer.suite.probe)
     trainings_done: int = 0
     trainings_total: int = 0
 
@@ -460,6 +428,7 @@ def run_method(
     store = ctx.new_store(f"{method}-seed{seed}")
     train_seconds = eval_seconds = 0.0
     losses: list[float] = []
+    probe: list[float | None] = []
     for i, task in enumerate(ctx.suite.tasks):
         seconds, loss = train_and_publish(
             ctx, store, method, i, seed, f"{method} s{seed} {i + 1}/{size} {task.name}"
@@ -470,12 +439,23 @@ def run_method(
         with merged_into(ctx.model, live_deltas(store)):
             for j in range(min(i + 2, size)):
                 acc[i][j] = ctx.evaluate(j)
+            if ctx.probe:
+                probe.append(probe_accuracy(ctx.model, ctx.tokenizer, ctx.probe))
         eval_seconds += time.perf_counter() - started
     metrics = matrix_metrics(acc, scratch, zero_shot)
+    metrics["GA"] = probe[-1] if probe else None
     store_stats, stats_error = store_statistics(store)
     metrics.update(store_stats)
     return MethodRun(
-        method, seed, acc, metrics, round(train_seconds, 2), round(eval_seconds, 2), losses, stats_error
+        method,
+        seed,
+        acc,
+        metrics,
+        round(train_seconds, 2),
+        round(eval_seconds, 2),
+        losses,
+        stats_error,
+        probe,
     )
 
 
@@ -536,6 +516,8 @@ def run_benchmark(config: BenchmarkConfig, progress: Progress | None = None) -> 
             trainings_total=per_seed * len(config.seeds),
         )
         zero_shot = [ctx.evaluate(i) for i in range(size)]
+        if config.probe:
+            ctx.probe = build_probe(ctx.model, ctx.tokenizer)
         upper: dict[int, list[float]] = {}
         runs: list[MethodRun] = []
         for seed in config.seeds:
@@ -558,6 +540,7 @@ def run_benchmark(config: BenchmarkConfig, progress: Progress | None = None) -> 
         wall_seconds=round(time.perf_counter() - started, 1),
         git_commit=commit,
         base_fingerprint=fingerprint,
+        probe_size=len(ctx.probe),
     )
 
 
@@ -666,11 +649,18 @@ def result_to_dict(result: BenchmarkResult) -> dict[str, Any]:
         "machine": result.machine,
         "config": config,
         "task_training": {
-            t: asdict(result.config.training(t)) | {"r": RANK, "lora_alpha": LORA_ALPHA} for t in result.tasks
+            t: {
+                **(asdict(result.config.task_training(t)) if result.config.training == "table" else {}),
+                "training": result.config.training,
+                "r": RANK,
+                "lora_alpha": LORA_ALPHA,
+            }
+            for t in result.tasks
         },
         "tasks": result.tasks,
         "test_sizes": result.test_sizes,
         "zero_shot": result.zero_shot,
+        "probe_size": result.probe_size,
         "upper_bound": {str(seed): scores for seed, scores in result.upper_bound.items()},
         "summary": result.summary(),
         "runs": [asdict(run) for run in result.runs],
@@ -704,6 +694,7 @@ def load_result(path: Path) -> BenchmarkResult:
         wall_seconds=document["wall_seconds"],
         git_commit=document["git_commit"],
         base_fingerprint=document["base_model"]["fingerprint"],
+        probe_size=document.get("probe_size", 0),
     )
 
 
@@ -720,22 +711,22 @@ def markdown_table(result: BenchmarkResult) -> str:
     """The summary table: one row per method (mean over seeds), then the per-task references."""
     summary = result.summary()
     lines = [
-        "| method | AA ↑ | BWT ↑ | FWT ↑ | FWT0 ↑ | FR ↓ | ACR | occupancy | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | AA ↑ | BWT ↑ | FWT ↑ | FWT0 ↑ | FR ↓ | GA ↑ | ACR | occupancy | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method in result.config.methods:
         row = summary[method]
         seconds = statistics.fmean(r.train_seconds for r in result.runs_of(method))
-        cells = [_fmt(row[m], std=row[f"{m}_std"]) for m in ("AA", "BWT", "FWT", "FWT0", "FR")]
+        cells = [_fmt(row[m], std=row[f"{m}_std"]) for m in ("AA", "BWT", "FWT", "FWT0", "FR", "GA")]
         cells += [_fmt(row[m], percent=False, std=row[f"{m}_std"]) for m in ("ACR", "occupancy")]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     upper = result.upper_bound_mean()
     if upper is not None:
         lines.append(
-            f"| {UPPER_BOUND} (upper bound) | {_fmt(statistics.fmean(upper))} | – | – | – | – | – | – | – |"
+            f"| {UPPER_BOUND} (upper bound) | {_fmt(statistics.fmean(upper))} | – | – | – | – | – | – | – | – |"
         )
     lines.append(
-        f"| zero-shot (base) | {_fmt(statistics.fmean(result.zero_shot))} | – | – | – | – | – | – | – |"
+        f"| zero-shot (base) | {_fmt(statistics.fmean(result.zero_shot))} | – | – | – | – | – | – | – | – |"
     )
     return "\n".join(lines)
 
@@ -784,6 +775,8 @@ def markdown_report(result: BenchmarkResult) -> str:
         "FWT: mean a_just-learned − a_trained-alone, tasks 2..T (PS-LoRA A.2 as its Table 2 computes it). "
         "FWT0: mean a_before-training − a_zero-shot, tasks 2..T (A.2's literal a_{i,i−1}; GEM's FWT). "
         "FR: mean drop from the best to the final accuracy (N-LoRA eq. 6). "
+        f"GA: share of the general-ability probe ({result.probe_size} questions the base model answers; "
+        "trainer/suite/probe.py) that the live merge still answers after the last task. "
         "ACR (N-LoRA eq. 10) and occupancy (share of B positions owned) from `adapters_store.stats` "
         "on the live task adapters after the last task; – where not available. "
         "With several seeds: mean ± sample standard deviation over seeds.",

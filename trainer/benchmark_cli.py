@@ -115,6 +115,17 @@ def continual(
     work_dir: Annotated[
         Path | None, typer.Option(help="Keep the adapter stores here (default: a temporary directory).")
     ] = None,
+    training: Annotated[
+        str | None,
+        typer.Option(
+            help="'table': the per-task steps/lr/batch tuned on the embedded model, the same for every "
+            "method; 'auto': trainer.auto's rules, what a user who sets nothing gets (default: table for "
+            "the embedded model, auto for any other)."
+        ),
+    ] = None,
+    no_probe: Annotated[
+        bool, typer.Option("--no-probe", help="Skip the general-ability probe (trainer/suite/probe.py).")
+    ] = False,
 ) -> None:
     """Train methods task after task, evaluate every seen task after each, report AA/BWT/FWT/FR."""
     from trainer.benchmark import BenchmarkConfig, markdown_table, run_benchmark, write_all
@@ -128,6 +139,8 @@ def continual(
         "device": device,
         "threads": threads,
         "work_dir": work_dir,
+        "training": training or ("table" if model is None else "auto"),
+        "probe": not no_probe,
     }
     if seed is not None:
         overrides["seeds"] = (seed,)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeAlias, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -35,6 +35,52 @@ class Example:
     completion: str
 
 
+ChatRole = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a chat example, as in OpenAI's chat fine-tuning format.
+
+    ``weight`` is read on assistant turns only: 1 learns the turn, 0 keeps it as context (a
+    reply the model should not imitate, or one it already gives).
+    """
+
+    role: ChatRole
+    content: str
+    weight: Literal[0, 1] = 1
+
+    def __post_init__(self) -> None:
+        # The trainer also builds these from stored jobs: the rules hold whoever constructs one.
+        if self.role not in get_args(ChatRole):
+            raise ValueError(f"role must be one of {list(get_args(ChatRole))}, got {self.role!r}")
+        if self.weight not in (0, 1):
+            raise ValueError(f"weight must be 0 or 1, got {self.weight!r}")
+
+    @property
+    def trained(self) -> bool:
+        """Whether the loss is taken on this turn."""
+        return self.role == "assistant" and self.weight == 1
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """A conversation rendered with the model's chat template; the loss is taken on the trained
+    assistant turns only (their content and the template's end-of-turn tokens)."""
+
+    messages: tuple[ChatMessage, ...]
+
+    def __post_init__(self) -> None:
+        # The last assistant turn is what a chat completion with the earlier messages should answer.
+        if not self.messages or self.messages[-1].role != "assistant":
+            raise ValueError("a chat example must end with an assistant message")
+        if not any(message.trained for message in self.messages):
+            raise ValueError("every assistant message has weight 0: nothing to learn")
+
+
+TrainingExample: TypeAlias = Example | ChatExample
+
+
 class Hyperparameters(BaseModel):
     """The numbers of one task's training run. Unknown keys are rejected (``extra="forbid"``)."""
 
@@ -46,7 +92,10 @@ class Hyperparameters(BaseModel):
     lora_alpha: Annotated[
         int, Field(ge=1, le=4096, description="LoRA alpha; ΔW = (lora_alpha / r) · B @ A.")
     ] = 16
-    learning_rate: Annotated[float, Field(gt=0, le=1.0, description="AdamW learning rate.")] = 5e-4
+    learning_rate: Annotated[
+        float | None,
+        Field(gt=0, le=1.0, description="AdamW learning rate. None or \"auto\": chosen by trainer.auto."),
+    ] = None
     weight_decay: Annotated[
         float, Field(ge=0, le=1.0, description="AdamW decoupled weight decay (the seeds' papers use 0).")
     ] = 0.0
@@ -56,13 +105,27 @@ class Hyperparameters(BaseModel):
             ge=1,
             le=1_000_000,
             description="Optimizer steps of the main phase. None: epochs × ceil(#examples / batch_size). "
-            "Give either steps or epochs, not both.",
+            "Give either steps or epochs, not both; neither (or \"auto\"): chosen by trainer.auto.",
         ),
     ] = None
     epochs: Annotated[
-        int, Field(ge=1, le=1000, description="Passes over the examples when `steps` is not given.")
-    ] = 3
-    batch_size: Annotated[int, Field(ge=1, le=1024, description="Examples per optimizer step.")] = 4
+        int | None,
+        Field(ge=1, le=1000, description="Passes over the examples when `steps` is not given."),
+    ] = None
+    batch_size: Annotated[
+        int | None,
+        Field(ge=1, le=1024, description="Examples per optimizer step. None or \"auto\": trainer.auto."),
+    ] = None
+    validation_fraction: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            le=0.5,
+            description="Share of the examples held out of training to measure the task on inputs it "
+            "never saw (trainer.auto.held_out_count: only for tasks of 50 or more examples, at least 5). "
+            "0 trains on every example.",
+        ),
+    ] = 0.1
     max_grad_norm: Annotated[
         float | None,
         Field(gt=0, description="Clip the gradients' global L2 norm to this; None: no clipping."),
@@ -143,6 +206,12 @@ class Hyperparameters(BaseModel):
         ),
     ] = None
 
+    @field_validator("learning_rate", "steps", "epochs", "batch_size", mode="before")
+    @classmethod
+    def _auto(cls, value: object) -> object:
+        """OpenAI's fine-tuning API writes "auto" for a value the service chooses; so does Lamina."""
+        return None if value == "auto" else value
+
     @field_validator("target_modules")
     @classmethod
     def _module_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -155,7 +224,7 @@ class Hyperparameters(BaseModel):
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> Hyperparameters:
-        if self.steps is not None and "epochs" in self.model_fields_set:
+        if self.steps is not None and self.epochs is not None:
             raise ValueError("give either `steps` or `epochs`, not both")
         return self
 

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from trainer.config import Example
+from trainer.config import ChatExample, ChatMessage, Example, TrainingExample
 
 
 class JobStatus(StrEnum):
@@ -63,9 +64,16 @@ class Job(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     n_examples: int
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="As posted; once the job succeeds, as trained (every \"auto\" value resolved).",
+    )
     progress: Progress | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Why a succeeded task may not do what was asked, e.g. it did not learn its examples.",
+    )
     error: JobError | None = None
     task_version: str | None = Field(None, description="Store id of the published task version.")
     merge_id: str | None = Field(None, description="Store id of the merge made live by this job.")
@@ -134,7 +142,7 @@ class JobBoard:
         name: str,
         method: str,
         hyperparameters: dict[str, Any],
-        examples: list[Example],
+        examples: list[TrainingExample],
         max_pending: int | None = None,
     ) -> Job:
         """Record a queued job with its examples; the examples file is written first, so a
@@ -142,7 +150,7 @@ class JobBoard:
         get distinct arrival numbers and neither two jobs of one name nor more than
         ``max_pending`` unfinished jobs are ever recorded (:class:`JobRefused`)."""
         job_id = f"job-{uuid.uuid4().hex[:20]}"
-        lines = "".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in examples)
+        lines = "".join(json.dumps(asdict(example)) + "\n" for example in examples)
         _atomic_write(self._examples_path(job_id), lines)
         try:
             with self._locked():
@@ -183,9 +191,9 @@ class JobBoard:
                 continue
         return sorted(jobs, key=lambda j: j.seq)
 
-    def examples(self, job_id: str) -> list[Example]:
+    def examples(self, job_id: str) -> list[TrainingExample]:
         text = self._examples_path(job_id).read_text()
-        return [Example(**json.loads(line)) for line in text.splitlines() if line.strip()]
+        return [_example_from_json(json.loads(line)) for line in text.splitlines() if line.strip()]
 
     def update(self, job_id: str, **changes: Any) -> Job:
         """Read-modify-write one job under the board's lock."""
@@ -289,3 +297,10 @@ def _atomic_write(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _example_from_json(data: dict[str, Any]) -> TrainingExample:
+    """One line of a job's examples file (``asdict`` of the example) back as the trainer's type."""
+    if "messages" in data:
+        return ChatExample(messages=tuple(ChatMessage(**message) for message in data["messages"]))
+    return Example(**data)

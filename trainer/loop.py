@@ -19,7 +19,7 @@ The adapter's set-up and tear-down (:func:`adapter_session`) and one optimizer s
 
 from __future__ import annotations
 
-import math
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,11 +38,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from adapters_store.lora import LoraAdapter
 from adapters_store.subspace import Subspace
-from trainer.config import Example, Hyperparameters, MethodSpec
+from trainer import auto
+from trainer.chat import example_tokens
+from trainer.config import Hyperparameters, MethodSpec, TrainingExample
+from trainer.evaluate import exact_match
 from trainer.methods import PARAMETRIZATIONS, REGULARIZERS, Layers, LoraParams, Parametrization, Regularizer
 from trainer.methods.regularizers import history_factors
 
 PROGRESS_EVERY = 5  # report progress every this many steps (and at the last one)
+LEARNED_ACCURACY = 0.5  # below this share of its training prompts answered exactly, a task warns
 IGNORE_INDEX = -100  # label of tokens the loss skips (the prompt, the padding)
 _ADAPTER = "task"  # PEFT's adapter name while training; not visible in the result
 _PEFT_PREFIX = "base_model.model."
@@ -59,6 +63,8 @@ class TrainResult:
     adapter: LoraAdapter
     metrics: dict[str, float | int | str]
     losses: list[float] = field(default_factory=list)  # task loss of every step, calibration included
+    hyperparameters: Hyperparameters | None = None  # as trained: every "auto" value resolved
+    warnings: list[str] = field(default_factory=list)  # e.g. the task did not learn its examples
 
 
 def load_base(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -74,25 +80,22 @@ def load_base(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
 
 
 def tokenize(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_seq_len: int
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[TrainingExample], max_seq_len: int
 ) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per example: prompt + completion + EOS, labels −100 on the prompt.
+    """(input_ids, labels) per example, labels −100 on the tokens the loss skips.
 
-    Prompt and completion are tokenized separately so the boundary between them is exact. Too
-    long sequences lose the start of the prompt, never the completion's end (EOS teaches stopping).
+    Prompt/completion: prompt + completion + EOS, the prompt skipped. Chat: the conversation
+    rendered with the model's chat template, only its trained assistant turns learned. Too
+    long sequences lose their start, never the last answer's (see :mod:`trainer.chat`).
     """
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; completions must end with one")
     encoded = []
     for index, example in enumerate(examples):
-        prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-        completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
-        completion = [*completion, tokenizer.eos_token_id][:max_seq_len]
-        room = max_seq_len - len(completion)
-        prompt = prompt[max(0, len(prompt) - room) :]  # keep the prompt's end, next to the completion
-        if len(prompt) + len(completion) < 2:
-            raise ValueError(f"example {index} has nothing to learn from (empty prompt and completion)")
-        encoded.append((prompt + completion, [IGNORE_INDEX] * len(prompt) + completion))
+        try:
+            ids, trained = example_tokens(tokenizer, example, max_seq_len)
+        except ValueError as error:
+            raise ValueError(f"example {index}: {error}") from error
+        labels = [t if learned else IGNORE_INDEX for t, learned in zip(ids, trained, strict=True)]
+        encoded.append((ids, labels))
     return encoded
 
 
@@ -168,6 +171,7 @@ def stack_history_into_forward(
 
 def _optimizer(layers: Layers, hp: Hyperparameters) -> torch.optim.AdamW:
     params = [t for p in layers.values() for t in (p.A, p.B) if t.requires_grad]
+    assert hp.learning_rate is not None, "resolve the auto hyper-parameters first (trainer.auto.resolve)"
     return torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
 
 
@@ -290,7 +294,7 @@ def train_step(
 def train_task(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[Example],
+    examples: Sequence[TrainingExample],
     method: MethodSpec,
     hp: Hyperparameters,
     history: list[LoraAdapter],
@@ -311,9 +315,12 @@ def train_task(
         raise ValueError("no training examples")
     started = time.perf_counter()
     device = next(model.parameters()).device
-    encoded = tokenize(tokenizer, examples, hp.max_seq_len)
+    trained_on, held_out = split_held_out(examples, hp)
+    hp, chosen = auto.resolve(hp, method, len(trained_on))
+    assert hp.steps is not None and hp.batch_size is not None  # resolved
+    encoded = tokenize(tokenizer, trained_on, hp.max_seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    steps = hp.steps or hp.epochs * math.ceil(len(encoded) / hp.batch_size)
+    steps = hp.steps
 
     losses: list[float] = []
     last_terms: dict[str, float] = {}
@@ -341,6 +348,12 @@ def train_task(
 
         adapter = session.parametrization.export(session.layers)
         trainable = sum(t.numel() for g in session.optimizer.param_groups for t in g["params"])
+        seconds = time.perf_counter() - started
+        # The task's own model as it is served: its adapter, on top of the stacked earlier tasks.
+        scores = {
+            "train_accuracy": exact_match(session.peft_model, tokenizer, trained_on, hp.seed),
+            "held_out_accuracy": exact_match(session.peft_model, tokenizer, held_out, hp.seed),
+        }
 
     metrics: dict[str, float | int | str] = {
         "method": method.name,
@@ -348,12 +361,39 @@ def train_task(
         "final_loss": losses[-1],
         "steps": steps,
         "calibration_steps": calibration,
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": round(seconds, 3),
+        "scoring_seconds": round(time.perf_counter() - started - seconds, 3),
         "examples": len(encoded),
+        "held_out_examples": len(held_out),
+        **{name: round(value, 4) for name, value in scores.items() if value is not None},
         "completion_tokens": completion_tokens,
         "trainable_params": trainable,  # tensors the optimizer updates, before masking (see mask_density)
+        **{f"auto/{name}": value for name, value in chosen.items()},
         **{f"lambda/{name}": value for name, value in session.lambdas.items()},
         **{f"regularizer/{name}": value for name, value in last_terms.items()},
         **session.parametrization.metrics(),
     }
-    return TrainResult(adapter=adapter, metrics=metrics, losses=losses)
+    warnings = learning_warnings(scores["train_accuracy"], hp)
+    return TrainResult(adapter=adapter, metrics=metrics, losses=losses, hyperparameters=hp, warnings=warnings)
+
+
+def split_held_out(
+    examples: Sequence[TrainingExample], hp: Hyperparameters
+) -> tuple[list[TrainingExample], list[TrainingExample]]:
+    """(trained on, held out): a seeded sample of ``auto.held_out_count`` examples is kept aside to
+    measure the task on inputs it never saw."""
+    count = auto.held_out_count(len(examples), hp.validation_fraction)
+    held = set(random.Random(hp.seed).sample(range(len(examples)), count))
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def learning_warnings(train_accuracy: float | None, hp: Hyperparameters) -> list[str]:
+    """Why a finished task may not do what the user wants, in words they can act on."""
+    if train_accuracy is None or train_accuracy >= LEARNED_ACCURACY:
+        return []
+    return [
+        f"the task did not learn its examples: its model answers {train_accuracy:.0%} of its training "
+        f"prompts exactly (after {hp.steps} steps at learning rate {hp.learning_rate}). Post it again with "
+        "more hyperparameters.steps or a higher hyperparameters.learning_rate, or check that the "
+        "completions follow from the prompts."
+    ]

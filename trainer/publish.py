@@ -8,9 +8,10 @@ records — so the benchmark measures exactly what the service serves.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -19,7 +20,7 @@ from adapters_store.lora import LoraAdapter
 from adapters_store.merges import build_merge
 from adapters_store.store import AdapterStore, Publication
 from adapters_store.subspace import Subspace
-from trainer.config import Example, Hyperparameters, MethodSpec
+from trainer.config import ChatExample, Hyperparameters, MethodSpec, TrainingExample
 from trainer.loop import TrainResult, train_task
 from trainer.methods import PARAMETRIZATIONS
 from trainer.served import merge_deltas
@@ -34,12 +35,18 @@ class TrainedTask:
     history: list[LoraAdapter]  # the live tasks it was trained after, oldest first
     subspace: Subspace | None  # the protected subspace once it is live (inflora), else None
 
+    @property
+    def hyperparameters(self) -> Hyperparameters:
+        """As trained: every "auto" value resolved."""
+        assert self.result.hyperparameters is not None
+        return self.result.hyperparameters
+
 
 def train_for_store(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     store: AdapterStore,
-    examples: Sequence[Example],
+    examples: Sequence[TrainingExample],
     method: MethodSpec,
     hp: Hyperparameters,
     *,
@@ -77,7 +84,7 @@ def train_for_store(
 def publish_trained(
     store: AdapterStore,
     name: str,
-    examples: Sequence[Example],
+    examples: Sequence[TrainingExample],
     method: MethodSpec,
     hp: Hyperparameters,
     trained: TrainedTask,
@@ -89,7 +96,7 @@ def publish_trained(
     for methods that train on top of the earlier tasks, the model as learned for ``model=<task>``."""
     meta = {
         "method": method.name,
-        "hyperparameters": hp.model_dump(mode="json"),
+        "hyperparameters": trained.hyperparameters.model_dump(mode="json"),
         "data_hash": data_hash(examples),
         "metrics": trained.result.metrics,
         **(extra_meta or {}),
@@ -116,9 +123,15 @@ def subspace_metrics(subspace: Subspace) -> dict[str, float | int]:
     }
 
 
-def data_hash(examples: Sequence[Example]) -> str:
-    """A short digest of the training data, recorded with the task (what exactly was learned)."""
+def data_hash(examples: Sequence[TrainingExample]) -> str:
+    """A short digest of the training data, recorded with the task (what exactly was learned).
+
+    Prompt/completion pairs hash as they always have, so earlier tasks keep their digests; a chat
+    example hashes as its JSON, which never holds a raw NUL byte, so it cannot read as a pair."""
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(example.prompt.encode() + b"\0" + example.completion.encode() + b"\n")
+        if isinstance(example, ChatExample):
+            digest.update(json.dumps(asdict(example), ensure_ascii=False).encode() + b"\n")
+        else:
+            digest.update(example.prompt.encode() + b"\0" + example.completion.encode() + b"\n")
     return digest.hexdigest()[:16]

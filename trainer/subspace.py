@@ -26,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters_store.subspace import Subspace, orthonormalize
-from trainer.config import Example
+from trainer.config import TrainingExample
 from trainer.loop import padded_batch, tokenize
 from trainer.served import merged_into
 
@@ -131,7 +131,7 @@ def _groups(model: nn.Module, names: Sequence[str], memory_bytes: int) -> list[l
 def grow_subspace(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[Example],
+    examples: Sequence[TrainingExample],
     served: dict[str, torch.Tensor],
     previous: Subspace | None,
     energy: float,

@@ -155,10 +155,14 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
                 me,
                 status=JobStatus.succeeded,
                 metrics=trained.result.metrics,
+                warnings=trained.result.warnings,
+                hyperparameters=trained.hyperparameters.model_dump(mode="json", exclude_unset=True),
                 task_version=publication.task.id,
                 merge_id=publication.merge.id,
             )
             log.info("job %s: published %s, live merge %s", job.id, publication.task.id, publication.merge.id)
+            for warning in trained.result.warnings:
+                log.warning("job %s (%s): %s", job.id, job.name, warning)
         except TrainingCancelled:
             if not claim_held():
                 log.warning("job %s: claim lapsed during training; stopped without publishing", job.id)

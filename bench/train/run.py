@@ -69,6 +69,7 @@ sys.path.insert(0, str(REPO))
 
 from adapters_store.lora import LoraAdapter, LoraModule  # noqa: E402
 from bench.report import RESULTS, envelope, markdown_table, write_result  # noqa: E402
+from trainer import auto  # noqa: E402
 from trainer.config import PRESETS, Hyperparameters, MethodSpec  # noqa: E402
 from trainer.loop import (  # noqa: E402
     Session,
@@ -354,6 +355,7 @@ def open_method(stack: ExitStack, workload: Workload, model: nn.Module, name: st
         lora_alpha=2 * config["rank"],
         target_modules=workload.target_modules,
         calibration_steps=1,  # the masked phase is what is measured; one step is enough to pick a mask
+        learning_rate=1e-3,  # any rate: a step costs the same
     )
     tasks = 0 if method.name == BASELINE else config["history"]
     history = synthetic_history(method, hp, target_shapes(model, workload.target_modules), tasks)
@@ -680,7 +682,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=4096, help="7b: d_in = d_out of q_proj and v_proj")
     parser.add_argument("--tokens", type=int, default=512, help="7b: synthetic activations per step")
     parser.add_argument("--model", type=Path, default=LaminaSettings().model, help="project: base model dir")
-    parser.add_argument("--batch-size", type=int, default=Hyperparameters().batch_size, help="project")
+    parser.add_argument("--batch-size", type=int, default=auto.BATCH, help="project")
     parser.add_argument("--out", type=Path, default=RESULTS / "train.json", help="also writes .md beside it")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

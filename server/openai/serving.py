@@ -34,19 +34,12 @@ from server.openai.protocol import (
     _new_id,
 )
 from server.settings import ServerSettings
+from trainer.chat import DEFAULT_CHAT_TEMPLATE  # training renders chat examples with it too
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from vllm import SamplingParams
 
-# Used when the tokenizer has no chat template of its own: role-tagged turns, then the
-# assistant tag as the generation prompt.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 DEFAULT_COMPLETION_TOKENS = 16
 
 

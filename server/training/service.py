@@ -14,7 +14,7 @@ from server.errors import APIError
 from server.training.protocol import ExampleIn, TaskCreate
 from trainer.admission import AdmissionError, admit
 from trainer.celery_app import TRAIN_TASK, make_celery
-from trainer.config import Example, Hyperparameters, UnknownMethodError, resolve_method
+from trainer.config import Hyperparameters, UnknownMethodError, resolve_method
 from trainer.jobs import Job, JobBoard, JobNotFound, JobRefused, JobStatus, now
 from trainer.settings import LaminaSettings
 
@@ -76,7 +76,7 @@ class TrainingService:
             )
         except AdmissionError as error:
             raise APIError(error.status, error.message, param=error.param, code=error.code) from None
-        examples = [Example(prompt=e.prompt, completion=e.completion) for e in request.examples]
+        examples = [e.to_example() for e in request.examples]
         try:
             job = self.board.create(
                 request.name,
@@ -130,8 +130,8 @@ class TrainingService:
 
 
 def parse_jsonl(content: bytes) -> list[ExampleIn]:
-    """Examples from an uploaded JSONL file, one ``{"prompt", "completion"}`` object a line;
-    errors name the line."""
+    """Examples from an uploaded JSONL file, one object a line, ``{"prompt", "completion"}`` or
+    ``{"messages": [...]}``; errors name the line and the field."""
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError:
@@ -143,9 +143,17 @@ def parse_jsonl(content: bytes) -> list[ExampleIn]:
         try:
             data: Any = json.loads(line)
             examples.append(ExampleIn.model_validate(data))
-        except (ValueError, ValidationError) as error:
-            reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else "not valid JSON"
-            raise APIError(400, f"file line {number}: {reason}", param="file") from None
+        except ValidationError as error:
+            raise APIError(400, f"file line {number}: {_first_error(error)}", param="file") from None
+        except ValueError:
+            raise APIError(400, f"file line {number}: not valid JSON", param="file") from None
     if not examples:
         raise APIError(400, "file: no examples", param="file")
     return examples
+
+
+def _first_error(error: ValidationError) -> str:
+    """``messages.1.role: Input should be ...``: the first error, with its field path if any."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    return f"{field}: {first['msg']}" if field else first["msg"]
