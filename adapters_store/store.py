@@ -318,7 +318,7 @@ class AdapterStore:
                     result = build_merge(live.method, self._load_tasks(remaining), weights)
                     # The removed task's directions stay reserved: the later tasks' inputs may
                     # lie in them too (they were never added twice), so only a superset is safe.
-                    kept = Subspace.load(live.path) if Subspace.exists(live.path) else None
+                    kept = Subspace.load(live.path).unchanged() if Subspace.exists(live.path) else None
                     merge_id, merge_dir = self._write_merge(
                         result, live.method, parents, weights, None, kept
                     )

@@ -7,13 +7,17 @@ input directions the live tasks' inputs occupy, and draws each new task's frozen
 orthogonal complement of span(U). This module only stores and reads that basis; it is computed
 by the trainer (``trainer/subspace.py``), from the served model's activations.
 
-The basis is cumulative and versioned with the merge it protects: ``merges/m<k>/subspace.safetensors``
-holds the directions of every parent of ``m<k>``. A rollback therefore brings back exactly the
-basis of that merge; removing a task keeps the previous basis (a superset: the removed task's
-directions stay reserved, so no remaining task ever loses protection).
+The basis is cumulative and versioned with the merge it protects: merge ``m<k>`` protects the
+directions of every parent of ``m<k>``. A rollback therefore brings back exactly the basis of
+that merge; removing a task keeps the previous basis (a superset: the removed task's directions
+stay reserved, so no remaining task ever loses protection).
 
-Storage: U is kept in fp16 (d_in · k · 2 bytes per module) and re-orthonormalized in fp32 on
-load, so the rounding does not leak into the projection.
+Storage: a merge's ``subspace.safetensors`` holds only the directions it adds to the basis it
+grew from, with that merge's id as its parent; loading walks the chain. So a store holds every
+direction once, at most d_in per module in all, however many merges it has (a full copy per
+merge would cost a 7B model up to 14 GB each). Columns are kept in fp16 (d_in · 2 bytes each)
+and the concatenated basis is re-orthonormalized in fp32 on load, so the rounding does not leak
+into the projection.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class Subspace:
 
     bases: dict[str, torch.Tensor]  # module path -> (d_in, k), orthonormal columns, fp32
     energy: float
+    merge_id: str | None = None  # the merge whose file holds this basis, once stored
+    grown_from: Subspace | None = None  # the stored basis this one extends (its first columns)
 
     def dims(self) -> dict[str, int]:
         """k per module: input directions reserved by the live tasks."""
@@ -53,27 +59,56 @@ class Subspace:
         return {"energy": self.energy, "dims": self.dims(), "d_in": self.d_in()}
 
     def save(self, directory: Path) -> Path:
-        """Write ``subspace.safetensors`` into ``directory`` (which must exist)."""
+        """Write ``subspace.safetensors`` into the merge ``directory`` (which must exist): the
+        columns beyond :attr:`grown_from`'s, and that merge's id as the parent to read first."""
+        parent = self.grown_from
+        if parent is not None and parent.merge_id is None:
+            raise ValueError("a subspace can only extend one that is stored with a merge")
+        kept = parent.dims() if parent is not None else {}
+        tensors = {
+            name: U[:, kept.get(name, 0) :].to(torch.float16).contiguous() for name, U in self.bases.items()
+        }  # (d_in, k − k_parent) each
+        metadata = {
+            "format": _FORMAT,
+            "energy": repr(self.energy),
+            "parent": (parent.merge_id or "") if parent else "",
+        }
         path = Path(directory) / SUBSPACE_FILE
-        tensors = {name: U.to(torch.float16).contiguous() for name, U in self.bases.items()}
-        save_file(tensors, str(path), metadata={"format": _FORMAT, "energy": repr(self.energy)})
+        save_file(tensors, str(path), metadata=metadata)
         return path
+
+    def unchanged(self) -> Subspace:
+        """The same basis, to be stored with another merge (a removal keeps every direction)."""
+        return Subspace(bases=self.bases, energy=self.energy, grown_from=self)
 
     @classmethod
     def load(cls, directory: Path) -> Subspace:
-        path = Path(directory) / SUBSPACE_FILE
-        bases: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not a Lamina subspace file")
-            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                bases[name] = orthonormalize(handle.get_tensor(name).float())
-        return cls(bases=bases, energy=float(metadata["energy"]))
+        """The basis stored with the merge in ``directory``, its parents' columns first."""
+        directory = Path(directory)
+        columns: dict[str, list[torch.Tensor]] = {}
+        energy: float | None = None
+        step: Path | None = directory
+        while step is not None:
+            own, metadata = _read(step / SUBSPACE_FILE)
+            energy = float(metadata["energy"]) if energy is None else energy  # the newest ε
+            for name, U in own.items():
+                columns.setdefault(name, []).insert(0, U.float())
+            step = directory.parent / metadata["parent"] if metadata.get("parent") else None
+        bases = {name: orthonormalize(torch.cat(parts, dim=1)) for name, parts in columns.items()}
+        assert energy is not None
+        return cls(bases=bases, energy=energy, merge_id=directory.name)
 
     @staticmethod
     def exists(directory: Path) -> bool:
         return (Path(directory) / SUBSPACE_FILE).is_file()
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a Lamina subspace file")
+        return {name: handle.get_tensor(name) for name in handle.keys()}, metadata  # noqa: SIM118
 
 
 def orthonormalize(U: torch.Tensor) -> torch.Tensor:

@@ -134,6 +134,7 @@ class BenchmarkConfig:
     threads: int | None = None  # torch.set_num_threads on CPU; None: leave torch's default
     eval_batch_size: int = 64
     training: str = "table"  # "table": TASK_TRAINING, the same for every method; "auto": trainer.auto's rules
+    overrides: tuple[tuple[str, Any], ...] = ()  # hyper-parameters set for every task (a sweep's knob)
     probe: bool = True  # score the general-ability probe (trainer.suite.probe) after every task
     preset: str = "custom"
 
@@ -168,17 +169,15 @@ class BenchmarkConfig:
     def hyperparameters(self, task: str, seed: int) -> Hyperparameters:
         """The task's Hyperparameters: rank 8 everywhere; steps, learning rate and batch size from
         the table, or left to ``trainer.auto`` (what a user who sets nothing gets)."""
-        if self.training == "auto":
-            return Hyperparameters(r=RANK, lora_alpha=LORA_ALPHA, steps=self.steps, seed=seed)
-        knobs = self.task_training(task)
-        return Hyperparameters(
-            r=RANK,
-            lora_alpha=LORA_ALPHA,
-            steps=knobs.steps,
-            learning_rate=knobs.learning_rate,
-            batch_size=knobs.batch_size,
-            seed=seed,
-        )
+        chosen: dict[str, Any] = {"r": RANK, "lora_alpha": LORA_ALPHA, "steps": self.steps, "seed": seed}
+        if self.training == "table":
+            knobs = self.task_training(task)
+            chosen |= {
+                "steps": knobs.steps,
+                "learning_rate": knobs.learning_rate,
+                "batch_size": knobs.batch_size,
+            }
+        return Hyperparameters(**(chosen | dict(self.overrides)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +201,7 @@ class MethodRun:
     final_losses: list[float]
     stats_error: str | None = None  # why ACR/occupancy are missing, if they are
     probe: list[float | None] = field(default_factory=list)  # general ability after each task
+    subspace_reserved: list[float] = field(default_factory=list)  # inflora: fullest module after each task
 
 
 @dataclass
@@ -388,11 +388,11 @@ class _Context:
 
 def train_and_publish(
     ctx: _Context, store: AdapterStore, method_name: str, task_index: int, seed: int, label: str
-) -> tuple[float, float]:
+) -> tuple[float, dict[str, Any]]:
     """Train one task on the store's live state and publish it through the worker's own path
     (:mod:`trainer.publish`).
 
-    Returns (seconds spent, final task loss).
+    Returns (seconds spent, the training's metrics).
     """
     method = resolve_method(method_name)
     task = ctx.suite.tasks[task_index]
@@ -406,7 +406,7 @@ def train_and_publish(
     extra = {"benchmark": {"order": ctx.config.order, "seed": seed}}
     publish_trained(store, task.name, examples, method, hp, trained, extra_meta=extra)
     ctx.trainings_done += 1
-    return time.perf_counter() - started, float(trained.result.metrics["final_loss"])
+    return time.perf_counter() - started, trained.result.metrics
 
 
 def live_deltas(store: AdapterStore) -> dict[str, torch.Tensor]:
@@ -429,12 +429,15 @@ def run_method(
     train_seconds = eval_seconds = 0.0
     losses: list[float] = []
     probe: list[float | None] = []
+    reserved: list[float] = []
     for i, task in enumerate(ctx.suite.tasks):
-        seconds, loss = train_and_publish(
+        seconds, trained = train_and_publish(
             ctx, store, method, i, seed, f"{method} s{seed} {i + 1}/{size} {task.name}"
         )
         train_seconds += seconds
-        losses.append(loss)
+        losses.append(float(trained["final_loss"]))
+        if "subspace_reserved_max" in trained:  # inflora: how full the fullest module is now
+            reserved.append(float(trained["subspace_reserved_max"]))
         started = time.perf_counter()
         with merged_into(ctx.model, live_deltas(store)):
             for j in range(min(i + 2, size)):
@@ -456,6 +459,7 @@ def run_method(
         losses,
         stats_error,
         probe,
+        reserved,
     )
 
 
@@ -682,6 +686,7 @@ def load_result(path: Path) -> BenchmarkResult:
     config["methods"], config["seeds"] = tuple(config["methods"]), tuple(config["seeds"])
     config["model_dir"] = Path(config["model_dir"])
     config["work_dir"] = None if config["work_dir"] is None else Path(config["work_dir"])
+    config["overrides"] = tuple(tuple(pair) for pair in config.get("overrides", ()))
     return BenchmarkResult(
         config=BenchmarkConfig(**config),
         tasks=document["tasks"],
@@ -794,6 +799,11 @@ def markdown_report(result: BenchmarkResult) -> str:
     ]
     for method in config.methods:
         parts += ["", f"### {method}", "", matrix_table(result, method)]
+        reserved = [run.subspace_reserved for run in result.runs_of(method) if run.subspace_reserved]
+        if reserved:  # inflora's capacity: the fullest module's reserved share of its inputs
+            means = [statistics.fmean(values) for values in zip(*reserved, strict=True)]
+            shares = ", ".join(f"{100 * share:.0f} %" for share in means)
+            parts += ["", f"Input directions reserved in the fullest module after each task: {shares}."]
     return "\n".join(parts) + "\n"
 
 

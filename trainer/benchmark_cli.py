@@ -6,6 +6,7 @@ transformers) happen inside the command, so ``lamina --help`` stays fast.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -74,6 +75,15 @@ def _model_dir(value: str) -> Path:
         raise typer.BadParameter(str(error), param_hint="--model") from error
 
 
+def _override(item: str) -> tuple[str, Any]:
+    """``name=value`` with the value read as JSON when it is JSON (numbers, lists), else text."""
+    name, _, text = item.partition("=")
+    try:
+        return name.strip(), json.loads(text)
+    except json.JSONDecodeError:
+        return name.strip(), text
+
+
 @bench_app.command("continual")
 def continual(
     methods: Annotated[
@@ -123,6 +133,10 @@ def continual(
             "the embedded model, auto for any other)."
         ),
     ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="A hyper-parameter for every task, e.g. --set subspace_energy=0.99."),
+    ] = None,
     no_probe: Annotated[
         bool, typer.Option("--no-probe", help="Skip the general-ability probe (trainer/suite/probe.py).")
     ] = False,
@@ -141,6 +155,7 @@ def continual(
         "work_dir": work_dir,
         "training": training or ("table" if model is None else "auto"),
         "probe": not no_probe,
+        "overrides": tuple(_override(item) for item in set_ or []),
     }
     if seed is not None:
         overrides["seeds"] = (seed,)

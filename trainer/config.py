@@ -181,6 +181,14 @@ class Hyperparameters(BaseModel):
             "forgetting, fewer free directions for later tasks.",
         ),
     ] = 0.999
+    subspace_init: Annotated[
+        Literal["inputs", "random"],
+        Field(
+            description="inflora: how the frozen A is drawn inside the free directions. \"inputs\" "
+            "(InfLoRA's choice): the r free directions where this task's own inputs, on the served model, "
+            "have the most energy; \"random\": LoRI's seeded random A, projected.",
+        ),
+    ] = "inputs"
     l1_lambda: Annotated[
         float | None,
         Field(

@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from adapters_store.lora import LoraAdapter
 from adapters_store.subspace import Subspace
 from trainer import auto
+from trainer.activations import input_covariances
 from trainer.chat import example_tokens
 from trainer.config import Hyperparameters, MethodSpec, TrainingExample
 from trainer.evaluate import exact_match
@@ -109,6 +110,21 @@ def batches(
         for start in range(0, len(order), batch_size):
             chunk = [encoded[i] for i in order[start : start + batch_size]]
             yield padded_batch(chunk, pad_id, device)
+
+
+def forward_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    encoded: Sequence[tuple[list[int], list[int]]],
+    device: torch.device,
+    batch_size: int = 16,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every sequence once, in order, as (input_ids, attention_mask) batches: for passes that
+    only look at activations (inflora's input covariances)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return [
+        padded_batch(encoded[start : start + batch_size], pad_id, device)[:2]
+        for start in range(0, len(encoded), batch_size)
+    ]
 
 
 def padded_batch(
@@ -325,6 +341,8 @@ def train_task(
     losses: list[float] = []
     last_terms: dict[str, float] = {}
     with adapter_session(model, method, hp, history, subspace) as session:
+        if getattr(session.parametrization, "wants_input_covariances", False):
+            orient_by_inputs(session, tokenizer, encoded, device)
         calibration = session.parametrization.calibration_steps
         total = calibration + steps
         data = batches(encoded, hp.batch_size, pad_id, hp.seed, device)
@@ -377,6 +395,26 @@ def train_task(
     return TrainResult(adapter=adapter, metrics=metrics, losses=losses, hyperparameters=hp, warnings=warnings)
 
 
+def orient_by_inputs(
+    session: Session,
+    tokenizer: PreTrainedTokenizerBase,
+    encoded: Sequence[tuple[list[int], list[int]]],
+    device: torch.device,
+) -> None:
+    """Hand the parametrization each target module's input covariance over the task's sequences,
+    measured on the session's model before any step (B = 0, so: base + stacked earlier tasks)."""
+    names = {name: f"{_PEFT_PREFIX}{name}.base_layer" for name in session.layers}  # the frozen Linear
+    was_training = session.peft_model.training
+    session.peft_model.eval()
+    try:
+        measured = input_covariances(
+            session.peft_model, forward_batches(tokenizer, encoded, device), list(names.values())
+        )
+    finally:
+        session.peft_model.train(was_training)
+    session.parametrization.orient(session.layers, {name: measured[path] for name, path in names.items()})  # type: ignore[attr-defined]
+
+
 def split_held_out(
     examples: Sequence[TrainingExample], hp: Hyperparameters
 ) -> tuple[list[TrainingExample], list[TrainingExample]]:
@@ -384,7 +422,9 @@ def split_held_out(
     measure the task on inputs it never saw."""
     count = auto.held_out_count(len(examples), hp.validation_fraction)
     held = set(random.Random(hp.seed).sample(range(len(examples)), count))
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+    return [e for i, e in enumerate(examples) if i not in held], [
+        e for i, e in enumerate(examples) if i in held
+    ]
 
 
 def learning_warnings(train_accuracy: float | None, hp: Hyperparameters) -> list[str]:

@@ -150,7 +150,9 @@ def test_writers_produce_valid_json_markdown_and_png(small_run: BenchmarkResult,
     assert set(document["task_training"]) == set(small_run.tasks)
 
     markdown = paths["md"].read_text()
-    assert "| method | AA ↑ | BWT ↑ | FWT ↑ | FWT0 ↑ | FR ↓ | ACR | occupancy | train s |" in markdown
+    assert "| method | AA ↑ | BWT ↑ | FWT ↑ | FWT0 ↑ | FR ↓ | GA ↑ | ACR | occupancy | train s |" in markdown
+    assert document["probe_size"] == small_run.probe_size > 0  # the embedded model knows a few sums
+    assert all(len(run["probe"]) == len(small_run.tasks) for run in document["runs"])
     assert "| seq-lora |" in markdown and "| lori-s |" in markdown and "### lori-s" in markdown
 
     image = matplotlib.image.imread(paths["png"])

@@ -12,11 +12,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.store import AdapterStore
 from adapters_store.subspace import Subspace
+from trainer.activations import input_covariances
 from trainer.admission import AdmissionError, admit
 from trainer.config import Hyperparameters, resolve_method
 from trainer.methods import PARAMETRIZATIONS, CapacityError, LoraParams
-from trainer.methods.parametrizations import project_rows
-from trainer.subspace import grow_basis, input_covariances
+from trainer.methods.input_subspace import grow_basis, leading_free_directions, project_rows
 
 D_IN = 24
 ENERGY = 0.99
@@ -188,3 +188,49 @@ def test_admin_stats_report_subspace_occupancy_per_module(tmp_path: Path) -> Non
     assert view["subspace"]["free_min"] == D_IN - k and view["subspace"]["energy"] == ENERGY
     assert stats_for_store(store)["subspace"] == view["subspace"]  # from the cache too
     assert render_stats_png(view).startswith(b"\x89PNG")
+
+
+def test_leading_free_directions_are_the_task_energy_outside_the_basis() -> None:
+    X_old, X_new = low_rank_inputs(10), low_rank_inputs(11)
+    U = grow_basis(None, X_old.T @ X_old, ENERGY)
+    C = X_new.T @ X_new
+    rows, held = leading_free_directions(C, U, 4)  # (4, D_IN)
+    assert torch.allclose(rows @ rows.T, torch.eye(4), atol=1e-5)
+    assert (rows @ U).abs().max() < 1e-5  # never inside the protected span
+    P = torch.eye(D_IN) - U @ U.T
+    reference = torch.linalg.eigvalsh(P @ C @ P).flip(0)[:4].sum() / torch.trace(C)
+    assert held == pytest.approx(float(reference), rel=1e-4)  # the most energy 4 free directions can hold
+    random_rows = project_rows(torch.randn(4, D_IN, generator=torch.Generator().manual_seed(3)), U)
+    random_rows = torch.linalg.qr(random_rows.T)[0].T
+    assert held > float(torch.trace(random_rows @ C @ random_rows.T) / torch.trace(C))
+
+    one_token = torch.randn(1, D_IN, generator=torch.Generator().manual_seed(12))
+    rows, _ = leading_free_directions(one_token.T @ one_token, U, 4)  # rank 1: completed to 4
+    assert torch.allclose(rows @ rows.T, torch.eye(4), atol=1e-5) and (rows @ U).abs().max() < 1e-5
+
+
+def test_each_merge_stores_only_the_directions_it_adds(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    store = AdapterStore(tmp_path, "fp")
+    name = "model.layers.0.self_attn.q_proj"
+    X1, X2 = low_rank_inputs(13), low_rank_inputs(14)
+    start = Subspace({name: grow_basis(None, X1.T @ X1, ENERGY)}, ENERGY)
+    store.publish("one", adapter(0), {"method": "inflora"}, "concat", subspace=start)
+    first = store.subspace()
+    grown = Subspace({name: grow_basis(first.bases[name], X2.T @ X2, ENERGY)}, ENERGY, grown_from=first)
+    m2 = store.publish("two", adapter(1), {"method": "inflora"}, "concat", subspace=grown).merge
+    m3 = store.remove_task("one")
+
+    def stored_columns(merge_id: str) -> int:
+        return load_file(str(tmp_path / "merges" / merge_id / "subspace.safetensors"))[name].shape[1]
+
+    k1, k2 = first.dims()[name], grown.dims()[name]
+    assert (stored_columns("m1"), stored_columns(m2.id), stored_columns(m3.id)) == (k1, k2 - k1, 0)
+    loaded = store.subspace()
+    assert loaded.dims() == {name: k2} and loaded.merge_id == m3.id
+    U = loaded.bases[name]
+    assert torch.allclose(U.T @ U, torch.eye(k2), atol=1e-5)
+    V = grown.bases[name]
+    assert torch.allclose(U @ U.T, V @ V.T, atol=5e-3)
+    assert held_energy(U, X1) >= ENERGY - 1e-3 and held_energy(U, X2) >= ENERGY - 1e-3

@@ -20,6 +20,7 @@ from torch import nn
 from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.subspace import Subspace
 from trainer.config import Hyperparameters, MethodSpec
+from trainer.methods.input_subspace import leading_free_directions, project_rows
 from trainer.methods.registry import Layers, LoraParams, register_parametrization
 
 # Module i of a task gets the seed task_seed * stride + i (i in sorted module-name order), so
@@ -80,21 +81,6 @@ def feasible_topk_mask(update: torch.Tensor, feasible: torch.Tensor, k: int) -> 
     mask = torch.zeros_like(scores, dtype=torch.bool)
     mask[torch.topk(scores, k).indices] = True
     return mask.view_as(update)  # (d_out, r)
-
-
-def project_rows(A: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """A ← A (I − U Uᵀ), each row rescaled to its original norm.
-
-    The projector is never formed: (A U) Uᵀ costs r · d_in · k. Rescaling keeps the adapter's
-    scale (s = alpha / r) meaning what it means for LoRI's unprojected A.
-    """
-    if U.shape[1] == 0:
-        return A.clone()
-    projected = A - (A @ U) @ U.T  # (r, d_in)
-    norms = projected.norm(dim=1, keepdim=True)  # (r, 1)
-    if bool((norms <= 1e-6 * A.norm(dim=1, keepdim=True)).any()):
-        raise ValueError("a row of A lies in the protected subspace; too few free directions")
-    return projected * (A.norm(dim=1, keepdim=True) / norms)
 
 
 def _sorted(layers: Layers) -> Iterator[tuple[int, str, LoraParams]]:
@@ -277,6 +263,27 @@ class InfLora(Lori):
     """
 
     protects_inputs = True
+
+    @property
+    def wants_input_covariances(self) -> bool:
+        """The loop measures this task's input covariance per module once the adapter is set up
+        (on the model as it trains: base + the earlier tasks) and hands it to :meth:`orient`."""
+        return self.hp.subspace_init == "inputs"
+
+    @torch.no_grad()
+    def orient(self, layers: Layers, covariances: dict[str, torch.Tensor]) -> None:
+        """InfLoRA's A: for each module, the r free directions where this task's inputs have the
+        most energy, scaled to the norm of LoRI's random rows (so lora_alpha keeps its meaning).
+        Every row still avoids span(U); the task just stops wasting rank on directions its own
+        inputs never use."""
+        held = []
+        for name, p in layers.items():
+            basis = self.subspace.bases.get(name) if self.subspace is not None else None
+            rows, share = leading_free_directions(covariances[name], basis, p.A.shape[0])  # (r, d_in)
+            norms = p.A.norm(dim=1, keepdim=True).cpu()  # (r, 1): the random rows' norms
+            p.A.copy_(rows * norms)
+            held.append(share)
+        self._metrics["input_energy_in_A"] = round(sum(held) / len(held), 4)
 
     def _frozen_A(self, name: str, A: torch.Tensor) -> torch.Tensor:
         basis = self.subspace.bases.get(name) if self.subspace is not None else None
