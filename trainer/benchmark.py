@@ -51,6 +51,7 @@ from trainer.chat import encode_prompt
 from trainer.config import Example, Hyperparameters, resolve_method
 from trainer.evaluate import greedy_completions
 from trainer.loop import load_base
+from trainer.methods import CapacityError
 from trainer.publish import publish_trained, train_for_store
 from trainer.served import merge_deltas, merged_into
 from trainer.settings import default_base_model_dir
@@ -202,6 +203,7 @@ class MethodRun:
     stats_error: str | None = None  # why ACR/occupancy are missing, if they are
     probe: list[float | None] = field(default_factory=list)  # general ability after each task
     subspace_reserved: list[float] = field(default_factory=list)  # inflora: fullest module after each task
+    refused: list[int] = field(default_factory=list)  # tasks the store had no capacity for
 
 
 @dataclass
@@ -421,7 +423,9 @@ def run_method(
     """Train the order's tasks one after another with ``method``; evaluate after each.
 
     After task i: every seen task j <= i (the matrix's lower triangle) and the next task i + 1
-    (for FWT0) are scored on the live merge.
+    (for FWT0) are scored on the live merge. A task the store has no capacity for (LoRAF's B,
+    inflora's input directions) is refused, as the service refuses it with 409: the live merge
+    stays as it was and the task is scored on it all the same.
     """
     size = len(ctx.suite.tasks)
     acc: list[list[float | None]] = [[None] * size for _ in range(size)]
@@ -430,14 +434,21 @@ def run_method(
     losses: list[float] = []
     probe: list[float | None] = []
     reserved: list[float] = []
+    refused: list[int] = []
     for i, task in enumerate(ctx.suite.tasks):
-        seconds, trained = train_and_publish(
-            ctx, store, method, i, seed, f"{method} s{seed} {i + 1}/{size} {task.name}"
-        )
-        train_seconds += seconds
-        losses.append(float(trained["final_loss"]))
-        if "subspace_reserved_max" in trained:  # inflora: how full the fullest module is now
-            reserved.append(float(trained["subspace_reserved_max"]))
+        try:
+            seconds, trained = train_and_publish(
+                ctx, store, method, i, seed, f"{method} s{seed} {i + 1}/{size} {task.name}"
+            )
+        except CapacityError as error:
+            log.warning("%s seed %d: task %d (%s) refused: %s", method, seed, i, task.name, error)
+            refused.append(i)
+            ctx.trainings_done += 1
+        else:
+            train_seconds += seconds
+            losses.append(float(trained["final_loss"]))
+            if "subspace_reserved_max" in trained:  # inflora: how full the fullest module is now
+                reserved.append(float(trained["subspace_reserved_max"]))
         started = time.perf_counter()
         with merged_into(ctx.model, live_deltas(store)):
             for j in range(min(i + 2, size)):
@@ -460,6 +471,7 @@ def run_method(
         stats_error,
         probe,
         reserved,
+        refused,
     )
 
 
@@ -801,9 +813,16 @@ def markdown_report(result: BenchmarkResult) -> str:
         parts += ["", f"### {method}", "", matrix_table(result, method)]
         reserved = [run.subspace_reserved for run in result.runs_of(method) if run.subspace_reserved]
         if reserved:  # inflora's capacity: the fullest module's reserved share of its inputs
-            means = [statistics.fmean(values) for values in zip(*reserved, strict=True)]
+            means = [statistics.fmean(values) for values in zip(*reserved, strict=False)]
             shares = ", ".join(f"{100 * share:.0f} %" for share in means)
             parts += ["", f"Input directions reserved in the fullest module after each task: {shares}."]
+        for run in result.runs_of(method):
+            if run.refused:
+                names = ", ".join(result.tasks[i] for i in run.refused)
+                parts += [
+                    "",
+                    f"Seed {run.seed}: no capacity left for {names} (refused, as the service would).",
+                ]
     return "\n".join(parts) + "\n"
 
 

@@ -51,3 +51,10 @@ def test_learning_rate_follows_the_parametrization() -> None:
 def test_held_out_slice(n: int, held: int) -> None:
     assert auto.held_out_count(n, 0.1) == held
     assert auto.held_out_count(n, 0.0) == 0
+
+
+def test_auto_training_goes_on_while_the_loss_is_high_up_to_twice_the_plan() -> None:
+    high, low = [1.0] * 100, [1.0] * 90 + [0.01] * 10
+    assert auto.keep_going(high, planned=100) and not auto.keep_going(low, planned=100)
+    assert not auto.keep_going([1.0] * 200, planned=100)  # at most EXTEND_FACTOR × the plan
+    assert not auto.keep_going([1.0] * auto.MAX_STEPS, planned=900)  # and never past MAX_STEPS
