@@ -37,7 +37,11 @@ class ServerSettings(LaminaSettings):
         "adapter (base and tasks stay available); `weights` = W0 + ΔW written into the engine (exact; "
         "only `continual` is served while it is live).",
     )
-    default_method: str = Field("lori-s", description="Method of a POST /tasks that names none.")
+    default_method: str = Field(
+        "inflora",
+        description="Method of a POST /tasks that names none: inflora forgets least on the benchmark "
+        "(README, Results).",
+    )
     max_tokens_limit: int = Field(
         4096, ge=1, description="Upper bound a single request may ask for in max_tokens."
     )

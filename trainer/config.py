@@ -178,9 +178,10 @@ class Hyperparameters(BaseModel):
             lt=1.0,
             description="inflora: fraction ε of each earlier task's input energy, per module, that the "
             "protected subspace holds; the new task's frozen A is drawn orthogonal to it. Higher: less "
-            "forgetting, fewer free directions for later tasks.",
+            "forgetting, fewer free directions for later tasks (on the embedded model 0.999 filled a "
+            "module after 5 of 15 tasks; 0.99 left 9 % of the fullest one free after all 15).",
         ),
-    ] = 0.999
+    ] = 0.99
     subspace_init: Annotated[
         Literal["inputs", "random"],
         Field(
