@@ -119,6 +119,10 @@ class _Base:
         self.hp, self.method, self.history, self.subspace = hp, method, history, subspace
         self.masked: dict[str, _MaskedB] = {}
         self._metrics: dict[str, float | int | str] = {}
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Set up what a parametrization keeps beyond the shared fields (no model yet)."""
 
     def calibrate(self, layers: Layers) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no calibration phase")
@@ -194,16 +198,9 @@ class Lori(_Base):
     (``a_seed``; module i uses :func:`module_seed`), so A can be regenerated rather than stored.
     """
 
-    def __init__(
-        self,
-        hp: Hyperparameters,
-        method: MethodSpec,
-        history: list[LoraAdapter],
-        subspace: Subspace | None = None,
-    ) -> None:
-        super().__init__(hp, method, history, subspace)
-        self.sparsity = method.effective_sparsity(hp)
-        self.calibration_steps = hp.calibration_steps if self.sparsity > 0 else 0
+    def _prepare(self) -> None:
+        self.sparsity = self.method.effective_sparsity(self.hp)
+        self.calibration_steps = self.hp.calibration_steps if self.sparsity > 0 else 0
         self.masks: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -315,15 +312,8 @@ class LoraF(_Base):
     and its entries keep their positions; the new columns are all feasible.
     """
 
-    def __init__(
-        self,
-        hp: Hyperparameters,
-        method: MethodSpec,
-        history: list[LoraAdapter],
-        subspace: Subspace | None = None,
-    ) -> None:
-        super().__init__(hp, method, history, subspace)
-        self.calibration_steps = hp.calibration_steps
+    def _prepare(self) -> None:
+        self.calibration_steps = self.hp.calibration_steps
         self.start: dict[str, torch.Tensor] = {}  # B⁽⁰⁾ per module: the earlier tasks' entries
         self.feasible: dict[str, torch.Tensor] = {}  # Ω per module
         self.masks: dict[str, torch.Tensor] = {}  # M_t per module
