@@ -229,7 +229,7 @@ def test_stability_sign_term_is_active_at_lora_scale() -> None:
 
     def loss(hp: Hyperparameters, sign: float) -> float:
         layers = {"m": LoraParams(A=nn.Parameter(A), B=nn.Parameter(sign * B), scale=1.0)}
-        return float(REGULARIZERS["stability"](hp, [earlier])(layers))
+        return REGULARIZERS["stability"](hp, [earlier])(layers).item()
 
     auto = Hyperparameters()
     assert auto.stability_alpha is None
