@@ -51,7 +51,9 @@ def render_stats_png(stats: dict[str, Any], dpi: int = 100) -> bytes:
     eps = stats.get("params", {}).get("eps")
     _cr_heatmap(fig, cr_axes, stats["aggregate"], tasks, eps)
     b_shares = {n: (m["occupancy"] or 0.0, f"{m['b_positions_free']} left") for n, m in modules.items()}
-    _occupancy_bars(bar_axes, b_shares, "share of B positions owned by some task", "occupancy of B per module")
+    _occupancy_bars(
+        bar_axes, b_shares, "share of B positions owned by some task", "occupancy of B per module"
+    )
     acr_by_eps(eps_axes, stats["aggregate"], eps)
     if subspace:
         shares = {

@@ -319,9 +319,7 @@ class AdapterStore:
                     # The removed task's directions stay reserved: the later tasks' inputs may
                     # lie in them too (they were never added twice), so only a superset is safe.
                     kept = Subspace.load(live.path).unchanged() if Subspace.exists(live.path) else None
-                    merge_id, merge_dir = self._write_merge(
-                        result, live.method, parents, weights, None, kept
-                    )
+                    merge_id, merge_dir = self._write_merge(result, live.method, parents, weights, None, kept)
                 entries = self._ledger.append(
                     [
                         {"op": "remove_task", "task": name, "id": tasks[index].id},

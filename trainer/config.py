@@ -94,7 +94,7 @@ class Hyperparameters(BaseModel):
     ] = 16
     learning_rate: Annotated[
         float | None,
-        Field(gt=0, le=1.0, description="AdamW learning rate. None or \"auto\": chosen by trainer.auto."),
+        Field(gt=0, le=1.0, description='AdamW learning rate. None or "auto": chosen by trainer.auto.'),
     ] = None
     weight_decay: Annotated[
         float, Field(ge=0, le=1.0, description="AdamW decoupled weight decay (the seeds' papers use 0).")
@@ -105,7 +105,7 @@ class Hyperparameters(BaseModel):
             ge=1,
             le=1_000_000,
             description="Optimizer steps of the main phase. None: epochs × ceil(#examples / batch_size). "
-            "Give either steps or epochs, not both; neither (or \"auto\"): chosen by trainer.auto.",
+            'Give either steps or epochs, not both; neither (or "auto"): chosen by trainer.auto.',
         ),
     ] = None
     epochs: Annotated[
@@ -114,7 +114,7 @@ class Hyperparameters(BaseModel):
     ] = None
     batch_size: Annotated[
         int | None,
-        Field(ge=1, le=1024, description="Examples per optimizer step. None or \"auto\": trainer.auto."),
+        Field(ge=1, le=1024, description='Examples per optimizer step. None or "auto": trainer.auto.'),
     ] = None
     validation_fraction: Annotated[
         float,
@@ -185,9 +185,9 @@ class Hyperparameters(BaseModel):
     subspace_init: Annotated[
         Literal["inputs", "random"],
         Field(
-            description="inflora: how the frozen A is drawn inside the free directions. \"inputs\" "
+            description='inflora: how the frozen A is drawn inside the free directions. "inputs" '
             "(InfLoRA's choice): the r free directions where this task's own inputs, on the served model, "
-            "have the most energy; \"random\": LoRI's seeded random A, projected.",
+            'have the most energy; "random": LoRI\'s seeded random A, projected.',
         ),
     ] = "inputs"
     l1_lambda: Annotated[

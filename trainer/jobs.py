@@ -66,7 +66,7 @@ class Job(BaseModel):
     n_examples: int
     hyperparameters: dict[str, Any] = Field(
         default_factory=dict,
-        description="As posted; once the job succeeds, as trained (every \"auto\" value resolved).",
+        description='As posted; once the job succeeds, as trained (every "auto" value resolved).',
     )
     progress: Progress | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
