@@ -182,6 +182,17 @@ class Hyperparameters(BaseModel):
             "module after 5 of 15 tasks; 0.99 left 9 % of the fullest one free after all 15).",
         ),
     ] = 0.99
+    subspace_base_energy: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            lt=1.0,
+            description="inflora: before a store's first task, the fraction of the base model's own input "
+            "energy (on text it samples itself) that the protected subspace holds, so what the model knew "
+            "before any task survives them (SmolLM2-135M: general-ability probe 0 % → 94 % after one task). "
+            "0 protects only the tasks; set on the first task of a store, later tasks keep what it chose.",
+        ),
+    ] = 0.99
     subspace_init: Annotated[
         Literal["inputs", "random"],
         Field(

@@ -24,7 +24,9 @@ from trainer.config import ChatExample, Hyperparameters, MethodSpec, TrainingExa
 from trainer.loop import TrainResult, train_task
 from trainer.methods import PARAMETRIZATIONS
 from trainer.served import merge_deltas
-from trainer.subspace import grow_subspace
+from trainer.subspace import base_subspace, grow_subspace, target_names
+
+BASE_MIN_FREE_TASKS = 4  # the base model's seed leaves every module room for this many tasks
 
 
 @dataclass
@@ -57,6 +59,10 @@ def train_for_store(
     measure the grown subspace on the model that will be served once this task is live."""
     history = store.history()
     previous = store.subspace()
+    protects_inputs = getattr(PARAMETRIZATIONS[method.parametrization], "protects_inputs", False)
+    seed_metrics: dict[str, Any] = {}
+    if protects_inputs and previous is None and hp.subspace_base_energy > 0:
+        previous, seed_metrics = _seed_subspace(model, tokenizer, method, hp, history)
     result = train_task(
         model,
         tokenizer,
@@ -69,7 +75,8 @@ def train_for_store(
         should_stop=should_stop,
     )
     subspace = None
-    if getattr(PARAMETRIZATIONS[method.parametrization], "protects_inputs", False):
+    if protects_inputs:
+        result.metrics.update(seed_metrics)
         started = time.perf_counter()
         served = merge_deltas(build_merge(method.merge, [*history, result.adapter]))
         subspace = grow_subspace(
@@ -79,6 +86,34 @@ def train_for_store(
             subspace_metrics(subspace), subspace_seconds=round(time.perf_counter() - started, 3)
         )
     return TrainedTask(result=result, history=history, subspace=subspace)
+
+
+def _seed_subspace(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    method: MethodSpec,
+    hp: Hyperparameters,
+    history: list[LoraAdapter],
+) -> tuple[Subspace, dict[str, Any]]:
+    """The subspace a store's first inflora task starts from: the served model's own inputs on
+    text it samples (:func:`trainer.subspace.base_subspace`), leaving room for
+    BASE_MIN_FREE_TASKS tasks of rank r in every module."""
+    started = time.perf_counter()
+    served = merge_deltas(build_merge(method.merge, history)) if history else {}
+    seed = base_subspace(
+        model,
+        tokenizer,
+        target_names(model, hp.target_modules),
+        served,
+        hp.subspace_base_energy,
+        min_free=BASE_MIN_FREE_TASKS * hp.r,
+    )
+    shares = [k / d for k, d in zip(seed.dims().values(), seed.d_in().values(), strict=True)]
+    return seed, {
+        "subspace_base_reserved_mean": round(sum(shares) / len(shares), 4),
+        "subspace_base_reserved_max": round(max(shares), 4),
+        "subspace_base_seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 def publish_trained(
