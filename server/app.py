@@ -26,6 +26,7 @@ from server.limits import BodySizeLimit
 from server.models import ModelRegistry
 from server.openai.router import router as openai_router
 from server.openai.serving import CompletionService
+from server.request_id import RequestIdMiddleware, install_log_records
 from server.settings import ServerSettings
 from server.training.router import document_task_schema
 from server.training.router import router as training_router
@@ -94,7 +95,9 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         reserved_names=(settings.base_model_name, CONTINUAL),
     )
     install_error_handlers(app)
+    install_log_records()
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every response carries it
     app.include_router(openai_router, dependencies=[Depends(require_user)])
     app.include_router(training_router, dependencies=[Depends(require_user)])
     document_task_schema(app)

@@ -19,9 +19,12 @@ app.add_typer(model_app, name="model")
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    from server.request_id import install_log_records
+
+    install_log_records()  # every record carries the request id it was written for ("-": none)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
 
