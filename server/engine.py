@@ -7,6 +7,7 @@ processes; ``shutdown`` must run on every exit path or they outlive the server.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from server.settings import ServerSettings
 
 if TYPE_CHECKING:  # vLLM is heavy to import; only the engine process pays for it, once.
     from vllm import RequestOutput, SamplingParams
+    from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -48,6 +50,7 @@ class Engine:
 
     def start(self) -> None:
         """Build the engine (blocking, ~20 s on CPU with the tiny model; run it in a thread)."""
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -64,6 +67,12 @@ class Engine:
             max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
             # Adds Lamina's dense-weight writer to vLLM's worker (server/dense_weights.py).
             worker_extension_cls=WORKER_EXTENSION,
+            # JSON outputs (response_format, forced tool calls) without free whitespace between
+            # values: small models given it may write newlines until max_tokens (xgrammar: the
+            # backend vLLM picks first; schemas it cannot compile are refused with a 400).
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=True
+            ),
             seed=0,
         )
         log.info("starting vLLM engine for %s", s.model)
@@ -81,9 +90,21 @@ class Engine:
             raise RuntimeError("the engine is not started")
         return self._llm
 
+    def check(self, params: SamplingParams) -> None:
+        """vLLM's own checks of ``params`` against the model (logprobs, logit_bias, stop and
+        allowed token ids, a structured output's grammar), which the engine otherwise runs only
+        once the request is submitted; on a copy, as they record the grammar backend chosen."""
+        llm = self.llm
+        copy.deepcopy(params).verify(
+            llm.model_config,
+            llm.vllm_config.speculative_config,
+            llm.vllm_config.structured_outputs_config,
+            llm.tokenizer,
+        )
+
     def generate(
         self,
-        prompt: str,
+        prompt: str | TokensPrompt,
         params: SamplingParams,
         request_id: str,
         adapter: AdapterHandle | None,

@@ -7,16 +7,29 @@ services raise ``APIError`` instead of building responses themselves.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.models import ModelNotFound
-from server.openai.protocol import ErrorBody, ErrorResponse
+from server.request_id import HEADER, current_request_id
 
 log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
 
 
 class APIError(Exception):
@@ -43,11 +56,18 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(status_code=error.status, content=error.body())
 
 
+_FIELD = re.compile(r"[a-z_][a-z0-9_]*")
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _field_path(loc: tuple) -> str | None:
-    """``("body", "messages", 0, "role")`` -> ``"messages.0.role"``."""
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    # pydantic adds the union member's type name (``str``, ``list[str]``) to the location
-    parts = [p for p in parts if p not in ("str", "list[str]", "int", "float")]
+    """``("body", "messages", 0, "ChatCompletionUserMessageParam", "role")`` -> ``"messages.0.role"``:
+    pydantic puts the union member's type (``str``, ``list[str]``, a class name) into the
+    location; fields are snake_case names and list indices."""
+    parts = [
+        str(p) for p in loc if isinstance(p, int) or (_FIELD.fullmatch(str(p)) and str(p) not in _TYPE_NAMES)
+    ]
+    parts = [p for p in parts if p not in ("body", "query", "path")]
     return ".".join(parts) or None
 
 
@@ -56,6 +76,13 @@ async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONR
     param = _field_path(tuple(first.get("loc", ())))
     message = f"{param}: {first['msg']}" if param else str(first["msg"])
     return error_response(APIError(400, message, param=param, code="invalid_value"))
+
+
+async def _on_engine_client_error(_: Request, exc: Exception) -> JSONResponse:
+    """vLLM's ``VLLMClientError`` (its request validators raise these; they name the field)."""
+    return error_response(
+        APIError(400, str(exc), param=getattr(exc, "parameter", None), code="invalid_value")
+    )
 
 
 async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -73,11 +100,19 @@ async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONRespons
 
 async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error")
-    return error_response(APIError(500, "internal server error", type="server_error"))
+    response = error_response(APIError(500, "internal server error", type="server_error"))
+    # Starlette answers these outside every middleware, the request id's included
+    request_id = current_request_id()
+    if request_id is not None:
+        response.headers[HEADER] = request_id
+    return response
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from vllm.exceptions import VLLMClientError  # the OpenAI requests are vLLM's models
+
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(VLLMClientError, _on_engine_client_error)
     app.add_exception_handler(APIError, _on_api_error)  # type: ignore[arg-type]
     app.add_exception_handler(ModelNotFound, _on_model_not_found)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]

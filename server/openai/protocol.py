@@ -1,95 +1,78 @@
-"""Request and response shapes of the OpenAI-compatible endpoints (pydantic, validated at the
-edge so that bad input becomes a 400 naming the field, never a 500)."""
+"""Request and response shapes of the OpenAI-compatible endpoints.
+
+Requests are vLLM's own request models (``vllm.entrypoints.openai``), so Lamina accepts every
+body vLLM's server accepts and, like it, ignores fields it does not know. What Lamina adds on
+top (the model resolver, the version lease, the fields it refuses by name) lives in
+``serving.py``. Responses are OpenAI's shapes, with ``system_fingerprint`` naming the adapter
+version that answered.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    model_validator,
+)
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionRequest as _VllmChatCompletionRequest,
+)
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest as _VllmCompletionRequest
 
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-class _Strict(BaseModel):
-    """Unknown fields are rejected by name rather than silently ignored."""
+def _malformed_field(model: type[BaseModel], data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """vLLM's "before" validators read the raw body and crash (TypeError, ...) on some
+    malformed ones (``"messages": null``); such a body is a 400 naming the malformed field."""
+    from vllm.exceptions import VLLMValidationError
 
-    model_config = ConfigDict(extra="forbid")
+    try:
+        return handler(data)
+    except (TypeError, AttributeError, KeyError) as error:
+        fields = data.items() if isinstance(data, dict) else []
+        for name, value in fields:
+            field = model.model_fields.get(name)
+            if field is None or field.annotation is None:
+                continue
+            try:
+                TypeAdapter(field.annotation).validate_python(value)
+            except ValidationError:
+                raise VLLMValidationError(f"{name} is malformed.", parameter=name) from error
+        raise VLLMValidationError(f"the request is malformed: {error}") from error
 
 
-class StreamOptions(_Strict):
-    include_usage: bool = False
+class CompletionRequest(_VllmCompletionRequest):
+    """vLLM's completion request, plus OpenAI's legacy ``best_of`` (vLLM ignores it; Lamina
+    serves ``best_of`` equal to ``n`` and refuses the rest by name)."""
 
+    best_of: int | None = Field(None, description="OpenAI legacy: samples to choose from; only best_of == n.")
 
-class SamplingFields(_Strict):
-    """The sampling parameters shared by completions and chat completions."""
-
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate (default 16).")
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    user: str | None = None
-    logprobs: None = Field(None, description="Log-probabilities are not served; only null is accepted.")
-    # vLLM's extensions to the OpenAI request, which its clients (`vllm bench serve`) send.
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="vLLM extension.")
-    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-text.")
-    min_tokens: int = Field(0, ge=0, description="vLLM extension: tokens to generate before a stop counts.")
-
-    @field_validator("stop")
+    @model_validator(mode="wrap")
     @classmethod
-    def _at_most_four_stops(cls, value: str | list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        stops = [value] if isinstance(value, str) else value
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
-        return stops
+    def _malformed_is_400(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _malformed_field(cls, data, handler)
 
 
-class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(description="One prompt, or a batch of prompts.")
-    echo: bool = False
+class ChatCompletionRequest(_VllmChatCompletionRequest):
+    """vLLM's chat completion request."""
 
-    @field_validator("prompt")
+    @model_validator(mode="wrap")
     @classmethod
-    def _non_empty_batch(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be an empty list")
-        return value
-
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def _malformed_is_400(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _malformed_field(cls, data, handler)
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="Text, or a list of text parts (joined).")
-    name: str | None = None
-
-    def as_template_input(self) -> dict[str, str]:
-        """What the chat template sees: content as one string."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": text} | ({"name": self.name} if self.name else {})
-
-
-class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
+AnyRequest = CompletionRequest | ChatCompletionRequest
 
 
 class Usage(BaseModel):
@@ -98,7 +81,7 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-FinishReason = Literal["stop", "length"] | None
+FinishReason = Literal["stop", "length", "tool_calls"] | None
 
 
 class _Answer(BaseModel):
@@ -115,10 +98,40 @@ class _Answer(BaseModel):
     )
 
 
+# ----------------------------------------------------------------------------- logprobs
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completion logprobs: per generated token its text, log-probability, the
+    most likely alternatives (``logprobs`` of them, plus the sampled token) and its offset."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="The top_logprobs most likely tokens here.")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+# ----------------------------------------------------------------------------- completions
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -128,15 +141,30 @@ class CompletionResponse(_Answer):
     choices: list[CompletionChoice]
 
 
+# ----------------------------------------------------------------------------- chat
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON text.")
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=lambda: _new_id("call"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatChoiceMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -146,15 +174,20 @@ class ChatCompletionResponse(_Answer):
     choices: list[ChatChoice]
 
 
+class ToolCallDelta(ToolCall):
+    index: int
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason = None
 
 
@@ -164,25 +197,24 @@ class ChatCompletionChunk(_Answer):
     choices: list[ChatChunkChoice]
 
 
+# ----------------------------------------------------------------------------- models
+
+
 class ModelCard(BaseModel):
+    """A served model, as vLLM describes one: ``root`` is what it is built from (the base
+    model as configured, or the adapter version serving a task or the continual alias),
+    ``parent`` the model it adapts (None for the base)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "lamina"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
     kind: str = Field(description="base | task | continual")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody

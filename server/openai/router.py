@@ -6,12 +6,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from server.errors import ErrorResponse
+from server.models import Route
 from server.openai.protocol import (
+    AnyRequest,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
     ModelCard,
     ModelList,
 )
@@ -25,32 +27,49 @@ _ERRORS: dict[int | str, dict] = {
 }
 
 
-def _service(request: Request) -> CompletionService:
-    return request.app.state.completions
-
-
-def _event_stream(events) -> StreamingResponse:  # type: ignore[no-untyped-def]
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+def _card(request: Request, route: Route) -> ModelCard:
+    """``root``: the adapter version serving it, the merge written into the weights, or the
+    base model as configured (``continual`` before any merge); ``parent``: the base, for all
+    but the base itself."""
+    settings = request.app.state.settings
+    root = route.adapter.name if route.adapter else (route.in_weights or str(settings.model))
+    parent = None if route.kind == "base" else request.app.state.registry.base_name
+    return ModelCard(
+        id=route.name,
+        created=route.created,
+        root=root,
+        parent=parent,
+        max_model_len=settings.max_model_len,
+        kind=route.kind,
+    )
 
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    registry = request.app.state.registry
-    cards = [ModelCard(id=r.name, created=r.created, kind=r.kind) for r in registry.routes()]
-    return ModelList(data=cards)
+    return ModelList(data=[_card(request, route) for route in request.app.state.registry.routes()])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    """One model's card; 404 in OpenAI's shape (``model_not_found``) for an id not served."""
+    return _card(request, request.app.state.registry.resolve(model_id))
+
+
+async def _answer(body: AnyRequest, request: Request):  # type: ignore[no-untyped-def]
+    service: CompletionService = request.app.state.completions
+    if body.stream:
+        events = service.stream(body)
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    return await service.answer(body)
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=_ERRORS)
 async def create_completion(body: CompletionRequest, request: Request):  # type: ignore[no-untyped-def]
-    service = _service(request)
-    if body.stream:
-        return _event_stream(service.stream_completion(body))
-    return await service.complete(body)
+    return await _answer(body, request)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):  # type: ignore[no-untyped-def]
-    service = _service(request)
-    if body.stream:
-        return _event_stream(service.stream_chat(body))
-    return await service.chat(body)
+    return await _answer(body, request)

@@ -1,24 +1,34 @@
-"""Completions and chat completions: turn validated requests into vLLM requests and vLLM
-outputs into OpenAI responses or server-sent-event chunks.
+"""Completions and chat completions: one path from a validated request to vLLM requests, and
+from vLLM outputs to an OpenAI answer or a stream of server-sent events.
+
+The two endpoints differ only in how a request becomes prompts (text or token ids; messages
+through the chat template) and how a choice is written (``text`` and legacy logprobs;
+``message`` / ``delta``, chat logprobs and tool calls): :class:`_CompletionFormat` and
+:class:`_ChatFormat`. Everything else (limits, sampling parameters through vLLM's own
+``to_sampling_params``, the version lease, running the engine, usage, streaming and its
+in-band errors) is shared.
 
 Built once at start-up and kept on ``app.state``; the router only translates to HTTP.
 Prompts are tokenized here (not in vLLM) so that context-length errors name the field
-before anything reaches the engine.
+before anything reaches the engine, and a chat prompt is tokenized as training tokenizes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from server.engine import Engine
 from server.errors import APIError
 from server.models import ModelRegistry, Route
 from server.openai.protocol import (
+    AnyRequest,
     ChatChoice,
     ChatChoiceMessage,
     ChatChunkChoice,
@@ -26,10 +36,16 @@ from server.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    SamplingFields,
+    FunctionCall,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
     Usage,
     _new_id,
 )
@@ -39,18 +55,67 @@ from trainer.chat import DEFAULT_CHAT_TEMPLATE  # training renders chat examples
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from vllm import SamplingParams
+    from vllm.logprobs import Logprob
 
-DEFAULT_COMPLETION_TOKENS = 16
+log = logging.getLogger(__name__)
+
+MAX_CHOICES = 16  # n per prompt: this server's bound (each choice is a sequence in the batch)
+LOGPROB_FLOOR = -9999.0  # what OpenAI sends for a log-probability of -inf
+
+# Fields of vLLM's requests that Lamina does not serve: a request that sets one is refused
+# with a 400 naming it, never answered as if it had not been sent.
+UNSERVED: dict[str, str] = {
+    "use_beam_search": "beam search is not served; sample n choices instead",
+    "prompt_embeds": "prompt embeddings are not served; send text or token ids",
+    "prompt_logprobs": "prompt log-probabilities are not served",
+    "logprob_token_ids": "log-probabilities of chosen token ids are not served; use logprobs",
+    "return_token_ids": "token ids in answers are not served; use logprobs",
+    "kv_transfer_params": "this server has no KV-transfer connector",
+    "ec_transfer_params": "this server has no encoder-cache transfer connector",
+    "priority": "the engine schedules requests first come, first served",
+    "chat_template": "request-supplied chat templates are not trusted (vLLM's default too)",
+}
+
+
+def _is_set(name: str, value: object) -> bool:
+    return bool(value) and not (name == "thinking_token_budget" and value == -1)
 
 
 @dataclass(frozen=True)
 class Piece:
-    """One streamed delta for one choice."""
+    """One delta of one choice, as the engine produced it."""
 
     index: int
     text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob] | None] | None
     finish_reason: str | None
-    n_tokens: int
+
+
+@dataclass
+class _Choice:
+    """One choice of an answer being collected or streamed."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    text_offset: int = 0  # where the next token starts in the choice's text (completion logprobs)
+
+    def add(self, piece: Piece) -> None:
+        self.text += piece.text
+        self.token_ids += piece.token_ids
+        self.logprobs += piece.logprobs or []
+        self.finish_reason = piece.finish_reason or self.finish_reason
+
+
+class Prepared(NamedTuple):
+    """A request checked and rendered: prompts as token ids and the engine's sampling
+    parameters (``n`` is 1 for greedy requests; their n choices run as copies)."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    tool_schema: dict[str, Any] | None = None  # chat with a forced tool call: the output's JSON schema
 
 
 class CompletionService:
@@ -69,8 +134,12 @@ class CompletionService:
         self.tokenizer = tokenizer
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        # Tools reach the model only through a template that renders them.
+        self.template_renders_tools = "tools" in str(tokenizer.chat_template)
+        # chat_template_kwargs are template variables; apply_chat_template's own arguments are not
+        self._template_arguments = set(inspect.signature(tokenizer.apply_chat_template).parameters)
 
-    # ----------------------------------------------------------------- validation helpers
+    # ----------------------------------------------------------------- checks
 
     def _require_ready(self) -> None:
         if not self.engine.ready:
@@ -78,8 +147,49 @@ class CompletionService:
                 503, "The engine is still loading; retry when GET /ready is 200.", type="server_error"
             )
 
-    def _encode(self, text: str, param: str) -> list[int]:
-        ids = self.tokenizer(text)["input_ids"]
+    def _refuse_unserved(self, request: AnyRequest) -> None:
+        for name, why in UNSERVED.items():
+            if _is_set(name, getattr(request, name, None)):
+                raise APIError(400, f"{name} is not supported: {why}.", param=name, code="unsupported")
+        if _is_set("thinking_token_budget", request.thinking_token_budget):
+            raise APIError(
+                400,
+                "thinking_token_budget is not supported: this server has no reasoning parser.",
+                param="thinking_token_budget",
+                code="unsupported",
+            )
+        n = request.n or 1
+        if n > MAX_CHOICES:
+            raise APIError(400, f"n may be at most {MAX_CHOICES}.", param="n")
+        if isinstance(request, ChatCompletionRequest):
+            if request.echo:
+                raise APIError(400, "echo is not supported in chat completions.", param="echo")
+            return
+        if request.suffix:
+            raise APIError(
+                400,
+                "suffix is not supported: the served model has no fill-in-the-middle prompt format.",
+                param="suffix",
+                code="unsupported",
+            )
+        if request.best_of is not None and request.best_of != n:
+            raise APIError(
+                400,
+                f"best_of={request.best_of} is not supported: only best_of equal to n ({n}) is served.",
+                param="best_of",
+                code="unsupported",
+            )
+        if request.echo and request.logprobs is not None:
+            raise APIError(
+                400,
+                "echo with logprobs is not supported: prompt log-probabilities are not served.",
+                param="echo",
+                code="unsupported",
+            )
+
+    def _check_length(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise APIError(400, f"{param} must not be empty.", param=param)
         if len(ids) >= self.settings.max_model_len:
             raise APIError(
                 400,
@@ -87,57 +197,147 @@ class CompletionService:
                 param=param,
                 code="context_length_exceeded",
             )
-        return list(ids)
+        return ids
 
-    def _max_tokens(self, requested: int | None, prompt_lens: Sequence[int], default: int | None) -> int:
-        room = self.settings.max_model_len - max(prompt_lens)
+    def _max_tokens(self, requested: int | None, prompts: list[list[int]], param: str) -> int:
+        longest = max(len(p) for p in prompts)
+        room = self.settings.max_model_len - longest
         if requested is None:
-            return min(default, room) if default is not None else room
+            return room
+        if requested < 1:
+            raise APIError(400, f"{param} must be at least 1, got {requested}.", param=param)
         if requested > room:
             raise APIError(
                 400,
-                f"max_tokens={requested} plus the prompt ({max(prompt_lens)} tokens) exceeds the "
+                f"{param}={requested} plus the prompt ({longest} tokens) exceeds the "
                 f"context of {self.settings.max_model_len} tokens.",
-                param="max_tokens",
+                param=param,
                 code="context_length_exceeded",
             )
         if requested > self.settings.max_tokens_limit:
-            raise APIError(
-                400, f"max_tokens may be at most {self.settings.max_tokens_limit}.", param="max_tokens"
-            )
+            raise APIError(400, f"{param} may be at most {self.settings.max_tokens_limit}.", param=param)
         return requested
 
-    def _sampling_params(self, request: SamplingFields, max_tokens: int, stream: bool) -> SamplingParams:
-        from vllm import SamplingParams
-        from vllm.exceptions import VLLMValidationError
-        from vllm.sampling_params import RequestOutputKind
+    # ----------------------------------------------------------------- prompts
 
-        # vLLM refuses n > 1 with greedy sampling; OpenAI allows it. _pieces runs such a
-        # request as n single-sample copies (identical, as greedy decoding is deterministic).
-        n = 1 if request.temperature == 0 else request.n
+    def _truncate(self, ids: list[int], request: AnyRequest) -> list[int]:
+        keep = request.truncate_prompt_tokens
+        if keep is None:
+            return ids
+        keep = self.settings.max_model_len - 1 if keep == -1 else keep
+        return ids[:keep] if request.truncation_side == "right" else ids[len(ids) - keep :]
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def _completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
+        """``prompt`` as token ids: a text, a list of texts, a list of token ids, or a list of those."""
+        prompt = request.prompt
+        if not isinstance(prompt, list) or not prompt:
+            batch: list[str | list[int]] = [prompt] if isinstance(prompt, str) else []
+        elif all(isinstance(item, int) for item in prompt):
+            batch = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            batch = list(prompt)  # type: ignore[arg-type]
+        if not batch:
+            raise APIError(400, "prompt must not be empty.", param="prompt")
+        vocabulary = len(self.tokenizer)
+        prompts = []
+        for item in batch:
+            if isinstance(item, str):
+                ids = self._encode(item, request.add_special_tokens)
+            else:
+                ids = list(item)
+                outside = [i for i in ids if i >= vocabulary]
+                if outside:
+                    raise APIError(
+                        400,
+                        f"prompt holds token ids outside the vocabulary of {vocabulary}: {outside[:5]}.",
+                        param="prompt",
+                    )
+            prompts.append(self._check_length(self._truncate(ids, request), "prompt"))
+        return prompts
+
+    def _chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        """``messages`` through the chat template, tokenized as training tokenizes a chat prompt
+        (special tokens added unless the request says otherwise)."""
+        from jinja2 import TemplateError
+
+        if not request.messages:
+            raise APIError(400, "messages must hold at least one message.", param="messages")
+        conversation = [_template_message(i, m) for i, m in enumerate(request.messages)]
+        variables = {
+            k: v for k, v in (request.chat_template_kwargs or {}).items() if k not in self._template_arguments
+        }
+        if request.tools and self.template_renders_tools:
+            variables["tools"] = [tool.model_dump(exclude_none=True) for tool in request.tools]
+        if request.documents:
+            variables["documents"] = request.documents
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation,  # type: ignore[arg-type]
+                tokenize=False,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                **variables,
+            )
+        except (TemplateError, ValueError, TypeError) as error:
+            raise APIError(
+                400, f"the chat template refused the messages: {error}", param="messages"
+            ) from error
+        special = request.add_special_tokens if "add_special_tokens" in request.model_fields_set else True
+        return self._check_length(self._truncate(self._encode(str(text), special), request), "messages")
+
+    # ----------------------------------------------------------------- preparing
+
+    def prepare(self, request: AnyRequest) -> Prepared:
+        """Check ``request`` and render it into prompts and sampling parameters; every refusal
+        is an ``APIError`` naming the field, raised before anything reaches the engine (and
+        while it still loads: a bad request is a 400 then too, a good one a 503)."""
+        from vllm.exceptions import VLLMClientError
+
+        self.registry.resolve(self.model_name(request))  # 404 before any work
+        self._refuse_unserved(request)
+        tool_schema = None
+        if isinstance(request, ChatCompletionRequest):
+            prompts = [self._chat_prompt(request)]
+            tool_schema = _forced_tool_schema(request)
+            if tool_schema is not None:
+                request = _constrained_to(request, tool_schema)
+            sent_new_name = request.max_completion_tokens is not None
+            param = "max_completion_tokens" if sent_new_name else "max_tokens"
+            max_tokens = self._max_tokens(request.max_completion_tokens or request.max_tokens, prompts, param)
+        else:
+            prompts = self._completion_prompts(request)
+            max_tokens = self._max_tokens(request.max_tokens, prompts, "max_tokens")
         if request.min_tokens > max_tokens:
             raise APIError(
                 400,
                 f"min_tokens ({request.min_tokens}) exceeds max_tokens ({max_tokens}).",
                 param="min_tokens",
             )
+        # vLLM refuses n > 1 with greedy sampling; OpenAI allows it. _pieces runs such a request
+        # as n single-sample copies (identical, as greedy decoding is deterministic).
+        if request.temperature is not None and request.temperature < 1e-5:
+            request = request.model_copy(update={"n": 1})
         try:
-            return SamplingParams(
-                n=n,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                max_tokens=max_tokens,
-                stop=request.stop,
-                seed=request.seed,
-                presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty,
-                repetition_penalty=request.repetition_penalty,
-                ignore_eos=request.ignore_eos,
-                min_tokens=request.min_tokens,
-                output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-            )
-        except VLLMValidationError as error:
-            raise APIError(400, str(error), param=getattr(error, "parameter", None)) from error
+            params = request.to_sampling_params(max_tokens, {})
+        except (VLLMClientError, ValueError) as error:
+            raise _refusal(error, request) from error
+        return Prepared(prompts, params, tool_schema)
+
+    def _check_with_engine(self, request: AnyRequest, params: SamplingParams) -> None:
+        """vLLM's own checks of the parameters against the model, before a stream starts."""
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            self.engine.check(params)
+        except (VLLMClientError, ValueError) as error:
+            raise _refusal(error, request) from error
+
+    def model_name(self, request: AnyRequest) -> str:
+        """``model`` as sent; like vLLM, a request without one asks for the base model."""
+        return request.model or self.registry.base_name
 
     # ----------------------------------------------------------------- running requests
 
@@ -152,35 +352,44 @@ class CompletionService:
         return route.in_weights or self.registry.base_name
 
     async def _pieces(
-        self, route: Route, prompts: list[list[int]], params: SamplingParams, n: int, request_id: str
+        self, route: Route, prepared: Prepared, n: int, request_id: str, cache_salt: str | None
     ) -> AsyncIterator[Piece]:
         """Run every prompt as vLLM requests giving ``n`` samples each and yield their deltas
         as they arrive; choice index = prompt index · n + sample index."""
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
         queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
-        copies = n // params.n  # > 1 only for greedy requests, see _sampling_params
+        params = prepared.params
+        copies = n // params.n  # > 1 only for greedy requests, see prepare
 
         async def pump(first_index: int, token_ids: list[int], vllm_request_id: str) -> None:
             try:
                 prompt = TokensPrompt(prompt_token_ids=token_ids)
+                if cache_salt:
+                    prompt["cache_salt"] = cache_salt
                 stream = self.engine.generate(prompt, params, vllm_request_id, route.adapter)  # type: ignore[arg-type]
                 async for output in stream:
                     for sample in output.outputs:
+                        if sample.finish_reason == "error":
+                            raise APIError(500, "the engine failed while generating.", type="server_error")
                         piece = Piece(
                             first_index + sample.index,
                             sample.text,
+                            list(sample.token_ids),
+                            list(sample.logprobs) if sample.logprobs is not None else None,
                             sample.finish_reason,
-                            len(sample.token_ids),
                         )
                         await queue.put(piece)
                 await queue.put(None)
+            except (VLLMClientError, ValueError) as error:  # the engine's own checks of the request
+                await queue.put(APIError(400, str(error), param=getattr(error, "parameter", None)))
             except BaseException as exc:  # forwarded to the consumer, which re-raises
                 await queue.put(exc)
 
         tasks = [
             asyncio.create_task(pump(i * n + copy, ids, f"{request_id}-{i}-{copy}"))
-            for i, ids in enumerate(prompts)
+            for i, ids in enumerate(prepared.prompts)
             for copy in range(copies)
         ]
         try:
@@ -197,180 +406,417 @@ class CompletionService:
             for task in tasks:
                 task.cancel()
 
-    async def _collect(
-        self, route: Route, prompts: list[list[int]], params: SamplingParams, n: int, request_id: str
-    ) -> tuple[dict[int, Piece], Usage]:
-        texts: dict[int, str] = {}
-        reasons: dict[int, str | None] = {}
-        counts: dict[int, int] = {}
-        async for piece in self._pieces(route, prompts, params, n, request_id):
-            texts[piece.index] = texts.get(piece.index, "") + piece.text
-            reasons[piece.index] = piece.finish_reason
-            counts[piece.index] = counts.get(piece.index, 0) + piece.n_tokens
-        pieces = {i: Piece(i, texts[i], reasons[i], counts[i]) for i in sorted(texts)}
-        return pieces, _usage(prompts, sum(counts.values()))
+    def _format(self, request: AnyRequest, prepared: Prepared) -> _Format:
+        if isinstance(request, ChatCompletionRequest):
+            return _ChatFormat(self, request, prepared)
+        return _CompletionFormat(self, request, prepared)
 
-    # ----------------------------------------------------------------- completions
-
-    def _prepare_completion(self, request: CompletionRequest) -> tuple[list[list[int]], SamplingParams]:
-        self.registry.resolve(request.model)  # 404 before any work
+    async def answer(self, request: AnyRequest) -> CompletionResponse | ChatCompletionResponse:
+        """The whole answer at once."""
+        prepared = self.prepare(request)
         self._require_ready()
-        prompts = [self._encode(p, "prompt") for p in request.prompts()]
-        max_tokens = self._max_tokens(
-            request.max_tokens, [len(p) for p in prompts], DEFAULT_COMPLETION_TOKENS
+        self._check_with_engine(request, prepared.params)
+        form = self._format(request, prepared)
+        response_id, n = _new_id(form.id_prefix), request.n or 1
+        choices: dict[int, _Choice] = {}
+        with self.registry.lease(self.model_name(request)) as route:
+            async for piece in self._pieces(route, prepared, n, response_id, request.cache_salt):
+                choices.setdefault(piece.index, form.new_choice(piece.index)).add(piece)
+        usage = _usage(prepared.prompts, sum(len(c.token_ids) for c in choices.values()))
+        fingerprint = self.fingerprint(route)
+        self._log_answer(request, fingerprint, usage)
+        return form.answer(
+            response_id, [form.choice(i, choices[i]) for i in sorted(choices)], usage, fingerprint
         )
-        return prompts, self._sampling_params(request, max_tokens, request.stream)
 
-    async def complete(self, request: CompletionRequest) -> CompletionResponse:
-        prompts, params = self._prepare_completion(request)
-        response_id = _new_id("cmpl")
-        with self.registry.lease(request.model) as route:
-            pieces, usage = await self._collect(route, prompts, params, request.n, response_id)
-        prefix = request.prompts()
-        choices = [
-            CompletionChoice(
-                index=i,
-                text=(prefix[i // request.n] if request.echo else "") + piece.text,
-                finish_reason=_finish(piece.finish_reason),
-            )
-            for i, piece in pieces.items()
+    def stream(self, request: AnyRequest) -> AsyncIterator[str]:
+        """The answer as server-sent events. Refusals raise here, before the 200 is sent; an
+        error after it goes into the stream as an ``{"error": ...}`` event before ``[DONE]``,
+        as vLLM's server does."""
+        prepared = self.prepare(request)
+        self._require_ready()
+        self._check_with_engine(request, prepared.params)
+        form = self._format(request, prepared)
+        response_id, created, n = _new_id(form.id_prefix), int(time.time()), request.n or 1
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            completion_tokens = 0
+            try:
+                with self.registry.lease(self.model_name(request)) as route:
+                    fingerprint = self.fingerprint(route)
+
+                    def event(choices: list[Any], usage: Usage | None = None) -> str:
+                        chunk = form.chunk(response_id, created, choices, usage, fingerprint)
+                        return f"data: {json.dumps(chunk)}\n\n"
+
+                    indices = range(len(prepared.prompts) * n)
+                    choices = {i: form.new_choice(i) for i in indices}
+                    for i in indices:
+                        opening = form.opening(i)
+                        if opening is not None:
+                            yield event([opening])
+                    async for piece in self._pieces(route, prepared, n, response_id, request.cache_salt):
+                        completion_tokens += len(piece.token_ids)
+                        delta = form.delta(choices[piece.index], piece)
+                        if delta is not None:
+                            yield event([delta])
+                    usage = _usage(prepared.prompts, completion_tokens)
+                    self._log_answer(request, fingerprint, usage)
+                    if include_usage:
+                        yield event([], usage)
+            except Exception as error:  # the 200 is sent: the error goes in-band
+                if not isinstance(error, APIError):
+                    log.exception("error while streaming an answer")
+                    error = APIError(500, "internal server error", type="server_error")
+                yield f"data: {json.dumps(error.body())}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return events()
+
+    def _log_answer(self, request: AnyRequest, fingerprint: str, usage: Usage) -> None:
+        kind = "chat" if isinstance(request, ChatCompletionRequest) else "completion"
+        log.info(
+            "%s model=%s served_by=%s prompt_tokens=%d completion_tokens=%d",
+            kind,
+            self.model_name(request),
+            fingerprint,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
+
+
+def _refusal(error: Exception, request: AnyRequest) -> APIError:
+    """vLLM's refusal of a request as a 400 naming the field: the one vLLM names, else the
+    request field its message starts with ("min_tokens must be ...")."""
+    param = getattr(error, "parameter", None)
+    if param is None:
+        first = str(error).split(" ", 1)[0].strip("`'")
+        param = first if first in type(request).model_fields else None
+    return APIError(400, str(error), param=param)
+
+
+# --------------------------------------------------------------------------- chat helpers
+
+
+def _template_message(index: int, message: Any) -> dict[str, Any]:
+    """One message as the chat template sees it: role and content as one text (as training
+    renders examples), plus ``name``, ``tool_calls`` and ``tool_call_id`` when sent.
+    ``developer`` is OpenAI's newer name for ``system``; assistant ``content: null`` is empty."""
+    if not isinstance(message, dict):  # vLLM also takes openai_harmony messages (gpt-oss's format)
+        author = message.author
+        parts = [{"type": "text", "text": getattr(part, "text", "")} for part in message.content or []]
+        message = {"role": getattr(author.role, "value", author.role), "content": parts, "name": author.name}
+    role = message.get("role")
+    if not role:
+        raise APIError(400, f"messages.{index}.role is required.", param=f"messages.{index}.role")
+    content = message.get("content")
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    else:
+        texts = []
+        for part in content:
+            kind = part.get("type", "text" if "text" in part else None)
+            if kind not in ("text", "refusal"):
+                raise APIError(
+                    400,
+                    f"content parts of type {kind!r} are not supported: the served model reads text only.",
+                    param=f"messages.{index}.content",
+                    code="unsupported",
+                )
+            texts.append(str(part.get(kind, "")))
+        text = "".join(texts)
+    rendered = {"role": "system" if role == "developer" else role, "content": text}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        if message.get(key):
+            rendered[key] = message[key]
+    return rendered
+
+
+def _forced_tool_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The JSON schema a forced tool call's output follows: the named function's parameters,
+    or (``required``) a list of ``{"name", "parameters"}`` calls, one at most unless
+    ``parallel_tool_calls``. None when no tool call is forced (``none``, ``auto``: Lamina has no
+    parser for a model's own tool-call syntax, so ``auto`` answers in text, as vLLM does
+    without ``--enable-auto-tool-choice``)."""
+    choice = request.tool_choice
+    if not request.tools or choice in (None, "none", "auto"):
+        return None
+    if request.response_format is not None and request.response_format.type != "text":
+        raise APIError(
+            400, "response_format cannot be combined with a forced tool call.", param="response_format"
+        )
+    if request.structured_outputs is not None:
+        raise APIError(
+            400, "structured_outputs cannot be combined with a forced tool call.", param="structured_outputs"
+        )
+    functions = {tool.function.name: tool.function.parameters or {"type": "object"} for tool in request.tools}
+    if choice != "required":
+        return functions[choice.function.name]  # type: ignore[union-attr]  # named; vLLM checked it exists
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"type": "string", "enum": [name]}, "parameters": parameters},
+            "required": ["name", "parameters"],
+        }
+        for name, parameters in functions.items()
+    ]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if request.parallel_tool_calls is False:
+        schema["maxItems"] = 1
+    return schema
+
+
+def _constrained_to(request: ChatCompletionRequest, schema: dict[str, Any]) -> ChatCompletionRequest:
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return request.model_copy(update={"structured_outputs": StructuredOutputsParams(json=schema)})
+
+
+def _tool_calls(request: ChatCompletionRequest, text: str) -> list[ToolCall] | None:
+    """A forced tool call's output as OpenAI tool calls; None when it is not valid JSON (the
+    answer ran out of tokens), so the text is answered as content instead."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if request.tool_choice == "required":
+        if not isinstance(value, list):
+            return None
+        return [
+            ToolCall(function=FunctionCall(name=call["name"], arguments=json.dumps(call["parameters"])))
+            for call in value
+            if isinstance(call, dict) and "name" in call and "parameters" in call
         ]
+    name = request.tool_choice.function.name  # type: ignore[union-attr]
+    return [ToolCall(function=FunctionCall(name=name, arguments=text))]
+
+
+# --------------------------------------------------------------------------- formats
+
+
+class _Format:
+    """How one endpoint writes choices, answers and stream chunks."""
+
+    id_prefix: str
+
+    def __init__(self, service: CompletionService, request: Any, prepared: Prepared) -> None:
+        self.service, self.request, self.prepared = service, request, prepared
+        self.model = service.model_name(request)
+        self.as_token_ids = bool(request.return_tokens_as_token_ids)
+
+    def new_choice(self, index: int) -> _Choice:
+        return _Choice()
+
+    def opening(self, index: int) -> Any | None:
+        """What a stream sends for choice ``index`` before any token."""
+        return None
+
+    def choice(self, index: int, state: _Choice) -> Any:
+        raise NotImplementedError
+
+    def delta(self, state: _Choice, piece: Piece) -> Any | None:
+        raise NotImplementedError
+
+    def answer(self, response_id: str, choices: list[Any], usage: Usage, fingerprint: str) -> Any:
+        raise NotImplementedError
+
+    def chunk(
+        self, response_id: str, created: int, choices: list[Any], usage: Usage | None, fingerprint: str
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # logprobs: both endpoints rank the engine's alternatives the same way
+
+    def token(self, token_id: int, logprob: Logprob | None) -> str:
+        if self.as_token_ids:
+            return f"token_id:{token_id}"
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return str(self.service.tokenizer.decode([token_id]))
+
+    @staticmethod
+    def ranked(position: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+        best = sorted(position.items(), key=lambda item: item[1].logprob, reverse=True)
+        return best if k < 0 else best[:k]
+
+
+def _floor(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+class _CompletionFormat(_Format):
+    id_prefix = "cmpl"
+    request: CompletionRequest
+
+    def prompt_text(self, index: int) -> str:
+        """The prompt of choice ``index`` as echoed: as sent, or decoded from token ids."""
+        prompt = self.prepared.prompts[index // (self.request.n or 1)]
+        batch = self.request.prompt
+        if isinstance(batch, str):
+            return batch
+        if isinstance(batch, list) and batch and isinstance(batch[0], str):
+            return str(batch[index // (self.request.n or 1)])
+        return str(self.service.tokenizer.decode(prompt))
+
+    def new_choice(self, index: int) -> _Choice:
+        state = _Choice()
+        if self.request.echo:
+            state.text_offset = len(self.prompt_text(index))
+        return state
+
+    def logprobs(self, state: _Choice, token_ids: list[int], positions: list[Any]) -> CompletionLogprobs:
+        """OpenAI's legacy logprobs for ``token_ids``, continuing ``state``'s text offsets."""
+        k = self.request.logprobs or 0
+        out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        for token_id, position in zip(token_ids, positions, strict=False):
+            sampled = position.get(token_id) if position else None
+            token = self.token(token_id, sampled)
+            out.tokens.append(token)
+            out.token_logprobs.append(_floor(sampled.logprob) if sampled else None)
+            if position is None:
+                out.top_logprobs.append(None)
+            else:
+                top = {self.token(t, lp): _floor(lp.logprob) for t, lp in self.ranked(position, k)}
+                if sampled is not None:
+                    top.setdefault(token, _floor(sampled.logprob))  # OpenAI: always the sampled token too
+                out.top_logprobs.append(top)
+            out.text_offset.append(state.text_offset)
+            state.text_offset += len(token)
+        return out
+
+    def choice(self, index: int, state: _Choice) -> CompletionChoice:
+        prefix = self.prompt_text(index) if self.request.echo else ""
+        logprobs = None
+        if self.request.logprobs is not None:
+            logprobs = self.logprobs(state, state.token_ids, state.logprobs)
+        return CompletionChoice(
+            index=index,
+            text=prefix + state.text,
+            logprobs=logprobs,
+            finish_reason=_finish(state.finish_reason),
+        )
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        if not self.request.echo:
+            return None
+        return CompletionChoice(index=index, text=self.prompt_text(index), finish_reason=None).model_dump()
+
+    def delta(self, state: _Choice, piece: Piece) -> dict[str, Any] | None:
+        if not piece.text and piece.finish_reason is None and not piece.token_ids:
+            return None
+        logprobs = None
+        if self.request.logprobs is not None:
+            logprobs = self.logprobs(state, piece.token_ids, piece.logprobs or [])
+        choice = CompletionChoice(
+            index=piece.index, text=piece.text, logprobs=logprobs, finish_reason=_finish(piece.finish_reason)
+        )
+        return choice.model_dump()
+
+    def answer(
+        self, response_id: str, choices: list[Any], usage: Usage, fingerprint: str
+    ) -> CompletionResponse:
         return CompletionResponse(
-            id=response_id,
-            model=request.model,
-            choices=choices,
-            usage=usage,
-            system_fingerprint=self.fingerprint(route),
+            id=response_id, model=self.model, choices=choices, usage=usage, system_fingerprint=fingerprint
         )
 
-    def stream_completion(self, request: CompletionRequest) -> AsyncIterator[str]:
-        prompts, params = self._prepare_completion(request)
-        response_id, created = _new_id("cmpl"), int(time.time())
+    def chunk(
+        self, response_id: str, created: int, choices: list[Any], usage: Usage | None, fingerprint: str
+    ) -> dict[str, Any]:
+        body = CompletionResponse(
+            id=response_id, created=created, model=self.model, choices=[], system_fingerprint=fingerprint
+        ).model_dump(exclude={"usage"})
+        body["choices"] = choices
+        if usage is not None:
+            body["usage"] = usage.model_dump()
+        return body
 
-        fingerprint: str | None = None  # set once the request holds its route
 
-        def chunk(choices: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
-            body: dict[str, Any] = {
-                "id": response_id,
-                "object": "text_completion",
-                "created": created,
-                "model": request.model,
-                "system_fingerprint": fingerprint,
-                "choices": choices,
-            }
-            if usage is not None:
-                body["usage"] = usage.model_dump()
-            return body
+class _ChatFormat(_Format):
+    id_prefix = "chatcmpl"
+    request: ChatCompletionRequest
 
-        async def events() -> AsyncIterator[str]:
-            nonlocal fingerprint
-            completion_tokens = 0
-            with self.registry.lease(request.model) as route:
-                fingerprint = self.fingerprint(route)
-                if request.echo:
-                    for i in range(len(prompts) * request.n):
-                        text = request.prompts()[i // request.n]
-                        yield _sse(
-                            chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
-                        )
-                async for piece in self._pieces(route, prompts, params, request.n, response_id):
-                    completion_tokens += piece.n_tokens
-                    if not piece.text and piece.finish_reason is None:
-                        continue
-                    choice = {
-                        "index": piece.index,
-                        "text": piece.text,
-                        "logprobs": None,
-                        "finish_reason": _finish(piece.finish_reason),
-                    }
-                    yield _sse(chunk([choice]))
-            if request.stream_options and request.stream_options.include_usage:
-                yield _sse(chunk([], _usage(prompts, completion_tokens)))
-            yield "data: [DONE]\n\n"
-
-        return events()
-
-    # ----------------------------------------------------------------- chat completions
-
-    def _prepare_chat(self, request: ChatCompletionRequest) -> tuple[list[list[int]], SamplingParams]:
-        self.registry.resolve(request.model)
-        self._require_ready()
-        messages = [m.as_template_input() for m in request.messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt = self._encode(str(text), "messages")
-        requested = request.max_completion_tokens or request.max_tokens
-        if request.max_completion_tokens is not None and request.max_tokens is None:
-            param_name = "max_completion_tokens"
-        else:
-            param_name = "max_tokens"
-        try:
-            max_tokens = self._max_tokens(requested, [len(prompt)], None)
-        except APIError as error:
-            error.param = param_name
-            raise
-        return [prompt], self._sampling_params(request, max_tokens, request.stream)
-
-    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        prompts, params = self._prepare_chat(request)
-        response_id = _new_id("chatcmpl")
-        with self.registry.lease(request.model) as route:
-            pieces, usage = await self._collect(route, prompts, params, request.n, response_id)
-        choices = [
-            ChatChoice(
-                index=i,
-                message=ChatChoiceMessage(content=piece.text),
-                finish_reason=_finish(piece.finish_reason),
+    def logprobs(self, token_ids: list[int], positions: list[Any]) -> ChatLogprobs | None:
+        if not self.request.logprobs:
+            return None
+        k = self.request.top_logprobs or 0
+        content = []
+        for token_id, position in zip(token_ids, positions, strict=False):
+            sampled = position.get(token_id) if position else None
+            token = self.token(token_id, sampled)
+            tops = [
+                TopLogprob(token=(t := self.token(i, lp)), logprob=_floor(lp.logprob), bytes=list(t.encode()))
+                for i, lp in (self.ranked(position, k) if position else [])
+            ]
+            logprob = _floor(sampled.logprob) if sampled else LOGPROB_FLOOR
+            content.append(
+                TokenLogprob(token=token, logprob=logprob, bytes=list(token.encode()), top_logprobs=tops)
             )
-            for i, piece in pieces.items()
-        ]
+        return ChatLogprobs(content=content)
+
+    def choice(self, index: int, state: _Choice) -> ChatChoice:
+        calls = _tool_calls(self.request, state.text) if self.prepared.tool_schema is not None else None
+        message = (
+            ChatChoiceMessage(content=None, tool_calls=calls)
+            if calls
+            else ChatChoiceMessage(content=state.text)
+        )
+        return ChatChoice(
+            index=index,
+            message=message,
+            logprobs=self.logprobs(state.token_ids, state.logprobs),
+            finish_reason="tool_calls" if calls else _finish(state.finish_reason),
+        )
+
+    def opening(self, index: int) -> ChatChunkChoice:
+        return ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+
+    def delta(self, state: _Choice, piece: Piece) -> ChatChunkChoice | None:
+        if self.prepared.tool_schema is not None:
+            # A forced tool call is sent whole once it is complete: its arguments are only
+            # known to be a call (not text) once they parse.
+            state.add(piece)
+            if piece.finish_reason is None:
+                return None
+            final = self.choice(piece.index, state)
+            calls = [
+                ToolCallDelta(index=i, **call.model_dump())
+                for i, call in enumerate(final.message.tool_calls or [])
+            ]
+            delta = ChatDelta(content=final.message.content, tool_calls=calls or None)
+            return ChatChunkChoice(
+                index=piece.index, delta=delta, logprobs=final.logprobs, finish_reason=final.finish_reason
+            )
+        if not piece.text and piece.finish_reason is None and not piece.token_ids:
+            return None
+        return ChatChunkChoice(
+            index=piece.index,
+            delta=ChatDelta(content=piece.text),
+            logprobs=self.logprobs(piece.token_ids, piece.logprobs or []),
+            finish_reason=_finish(piece.finish_reason),
+        )
+
+    def answer(
+        self, response_id: str, choices: list[Any], usage: Usage, fingerprint: str
+    ) -> ChatCompletionResponse:
         return ChatCompletionResponse(
-            id=response_id,
-            model=request.model,
-            choices=choices,
-            usage=usage,
-            system_fingerprint=self.fingerprint(route),
+            id=response_id, model=self.model, choices=choices, usage=usage, system_fingerprint=fingerprint
         )
 
-    def stream_chat(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
-        prompts, params = self._prepare_chat(request)
-        response_id, created = _new_id("chatcmpl"), int(time.time())
-
-        fingerprint: str | None = None  # set once the request holds its route
-
-        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
-            body = ChatCompletionChunk(
-                id=response_id,
-                created=created,
-                model=request.model,
-                system_fingerprint=fingerprint,
-                choices=choices,
-                usage=usage,
-            )
-            return body.model_dump()
-
-        async def events() -> AsyncIterator[str]:
-            nonlocal fingerprint
-            completion_tokens = 0
-            with self.registry.lease(request.model) as route:
-                fingerprint = self.fingerprint(route)
-                for i in range(request.n):
-                    yield _sse(
-                        chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
-                    )
-                async for piece in self._pieces(route, prompts, params, request.n, response_id):
-                    completion_tokens += piece.n_tokens
-                    if not piece.text and piece.finish_reason is None:
-                        continue
-                    delta = ChatDelta(content=piece.text)
-                    choice = ChatChunkChoice(
-                        index=piece.index, delta=delta, finish_reason=_finish(piece.finish_reason)
-                    )
-                    yield _sse(chunk([choice]))
-            if request.stream_options and request.stream_options.include_usage:
-                yield _sse(chunk([], _usage(prompts, completion_tokens)))
-            yield "data: [DONE]\n\n"
-
-        return events()
+    def chunk(
+        self, response_id: str, created: int, choices: list[Any], usage: Usage | None, fingerprint: str
+    ) -> dict[str, Any]:
+        body = ChatCompletionChunk(
+            id=response_id,
+            created=created,
+            model=self.model,
+            system_fingerprint=fingerprint,
+            choices=choices,
+            usage=usage,
+        )
+        return body.model_dump()
 
 
 def _finish(reason: str | None) -> str | None:
@@ -385,7 +831,3 @@ def _usage(prompts: list[list[int]], completion_tokens: int) -> Usage:
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
     )
-
-
-def _sse(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body)}\n\n"

@@ -184,7 +184,7 @@ def test_prompt_and_answer_of_a_chat_example_is_what_training_and_the_server_see
     request = ChatCompletionRequest(
         model="base", messages=[{"role": m.role, "content": m.content} for m in CONVERSATION.messages[:-1]]
     )
-    assert service._prepare_chat(request)[0] == [prompt]
+    assert service.prepare(request)[0] == [prompt]
 
 
 def test_prompt_and_answer_on_the_embedded_model(base_model_dir: Path) -> None:
@@ -200,7 +200,7 @@ def test_prompt_and_answer_on_the_embedded_model(base_model_dir: Path) -> None:
     request = ChatCompletionRequest(
         model="base", messages=[{"role": m.role, "content": m.content} for m in CONVERSATION.messages[:-1]]
     )
-    assert service._prepare_chat(request)[0] == [prompt]
+    assert service.prepare(request)[0] == [prompt]
     assert prompt[0] == tokenizer.bos_token_id
 
 
