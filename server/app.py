@@ -13,16 +13,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
-from server.admin.auth import require_user
+from server.admin.auth import require_admin, require_user
 from server.admin.router import router as admin_router
 from server.engine import Engine
 from server.errors import install_error_handlers
 from server.hotswap import CONTINUAL, AdapterSync
 from server.limits import BodySizeLimit
+from server.metrics import LaminaMetrics
 from server.models import ModelRegistry
 from server.openai.router import router as openai_router
 from server.openai.serving import CompletionService
@@ -72,7 +75,16 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
     store = AdapterStore(
         settings.store_dir, fingerprint_model(settings.model), base_model=str(settings.model)
     )
+    training = TrainingService(
+        settings,
+        store,
+        settings.default_method,
+        settings.max_examples,
+        reserved_names=(settings.base_model_name, CONTINUAL),
+    )
+    metrics = LaminaMetrics(training.board)
     app.state.settings = settings
+    app.state.metrics = metrics
     app.state.engine = engine
     app.state.registry = registry
     app.state.store = store
@@ -85,15 +97,10 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         events_url=settings.events_url,
         dense_serving=settings.dense_merge_serving,
         base_model_dir=settings.model,
+        metrics=metrics,
     )
-    app.state.completions = CompletionService(settings, engine, registry, tokenizer)
-    app.state.training = TrainingService(
-        settings,
-        store,
-        settings.default_method,
-        settings.max_examples,
-        reserved_names=(settings.base_model_name, CONTINUAL),
-    )
+    app.state.completions = CompletionService(settings, engine, registry, tokenizer, metrics)
+    app.state.training = training
     install_error_handlers(app)
     install_log_records()
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
@@ -119,5 +126,19 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
             status = request.app.state.sync.status
             return JSONResponse({"status": "ready", "live_merge": status.live_merge, "tasks": status.tasks})
         return JSONResponse(status_code=503, content={"status": "loading"})
+
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        dependencies=[Depends(require_admin)],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    )
+    async def metrics_text(request: Request) -> Response:
+        """Prometheus text format: vLLM's engine metrics and Lamina's (server/metrics.py).
+        Needs the admin key, as /admin does."""
+        lamina: LaminaMetrics = request.app.state.metrics
+        lamina.refresh_mask_occupancy(request.app.state.store)
+        return Response(await run_in_threadpool(lamina.exposition), media_type=CONTENT_TYPE_LATEST)
 
     return app

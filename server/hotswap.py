@@ -35,6 +35,7 @@ from adapters_store.merges import DenseDelta
 from adapters_store.store import AdapterStore, MergeRecord, TaskRecord
 from server.dense_weights import apply_dense_delta
 from server.engine import AdapterHandle, Engine
+from server.metrics import LaminaMetrics
 from server.models import ModelRegistry, Route
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,10 @@ class AdapterSync:
         poll_interval_s: float = 0.5,
         dense_serving: str = "lora",
         base_model_dir: Path | None = None,
+        metrics: LaminaMetrics | None = None,
     ) -> None:
         self.engine, self.registry, self.store = engine, registry, store
+        self.metrics = metrics or LaminaMetrics()
         self.cache_dir = cache_dir
         self.dense_serving = dense_serving
         self.base_model_dir = base_model_dir
@@ -79,28 +82,42 @@ class AdapterSync:
         self._loaded: dict[str, AdapterHandle] = {}  # engine adapter name -> handle
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
+        # (live merge, live task ids) as of the last successful sync; None before the first one
+        self._serving: tuple[str | None, tuple[str, ...]] | None = None
         registry.set_route(Route(CONTINUAL, None, CONTINUAL))  # no tasks yet: continual = base
 
     # --- one sync ---------------------------------------------------------------------------
 
     async def sync(self) -> None:
         async with self._lock:
+            before = self._serving
             try:
                 await self._sync()
                 self.status.last_error = None
             except Exception as error:  # the live model stays as it was
                 log.exception("adapter sync failed; keeping the current adapters")
                 self.status.last_error = f"{type(error).__name__}: {error}"
+                self.metrics.sync_failures.inc()
+            else:
+                if before is not None and self._serving != before:  # not the start-up sync
+                    self.metrics.swapped(self._live_since())
             finally:
                 self.status.syncs += 1
             await self._unload_unused()
+
+    def _live_since(self) -> str | None:
+        """When the ledger last changed what is live (its ``set_live`` entry's timestamp)."""
+        for entry in reversed(self.store.ledger()):
+            if entry.get("op") == "set_live":
+                return str(entry["ts"])
+        return None
 
     async def _sync(self) -> None:
         tasks = self.store.tasks()
         live = self.store.live()
         if live is not None and live.kind == "dense" and self.dense_serving == "weights":
             await self._serve_in_weights(live)
-            self.status.live_merge, self.status.tasks = live.id, [t.id for t in tasks]
+            self._served(live, tasks)
             return
         if self._weights_merge is not None:  # back to W0 before anything else is served
             assert self.base_model_dir is not None
@@ -120,8 +137,13 @@ class AdapterSync:
         for route in self.registry.routes():
             if route.kind == "task" and route.name not in wanted:
                 self.registry.drop_route(route.name)
+        self._served(live, tasks)
+
+    def _served(self, live: MergeRecord | None, tasks: list[TaskRecord]) -> None:
         self.status.live_merge = live.id if live else None
         self.status.tasks = [t.id for t in tasks]
+        self._serving = (self.status.live_merge, tuple(self.status.tasks))
+        self.metrics.serving(live)
 
     async def _serve_in_weights(self, live: MergeRecord) -> None:
         """Write W0 + ΔW into the engine and serve only ``continual`` from it."""
@@ -140,6 +162,8 @@ class AdapterSync:
             handle = AdapterHandle(name, next(self._ids), str(path))
             await self.engine.add_adapter(handle)
             self._loaded[name] = handle
+            self.metrics.adapter_loads.inc()
+            self.metrics.adapters_loaded.set(len(self._loaded))
             log.info("loaded adapter %s (id %d) from %s", name, handle.lora_id, path)
         return self._loaded[name]
 
@@ -194,6 +218,8 @@ class AdapterSync:
             if not self.registry.in_use(handle):
                 await self.engine.remove_adapter(handle)
                 del self._loaded[name]
+                self.metrics.adapter_unloads.inc()
+                self.metrics.adapters_loaded.set(len(self._loaded))
                 log.info("unloaded adapter %s (id %d)", name, handle.lora_id)
 
     # --- following the store -----------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from server.engine import Engine
 from server.errors import APIError
+from server.metrics import LaminaMetrics
 from server.models import ModelRegistry, Route
 from server.openai.protocol import (
     AnyRequest,
@@ -127,11 +128,13 @@ class CompletionService:
         engine: Engine,
         registry: ModelRegistry,
         tokenizer: PreTrainedTokenizerBase,
+        metrics: LaminaMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.registry = registry
         self.tokenizer = tokenizer
+        self.metrics = metrics or LaminaMetrics()
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
         # Tools reach the model only through a template that renders them.
@@ -475,7 +478,9 @@ class CompletionService:
         return events()
 
     def _log_answer(self, request: AnyRequest, fingerprint: str, usage: Usage) -> None:
+        """Log and count an answered request (the version is the answer's fingerprint)."""
         kind = "chat" if isinstance(request, ChatCompletionRequest) else "completion"
+        self.metrics.requests.labels(endpoint=kind, model=self.model_name(request), version=fingerprint).inc()
         log.info(
             "%s model=%s served_by=%s prompt_tokens=%d completion_tokens=%d",
             kind,
