@@ -1,20 +1,111 @@
 """The ``lamina`` command line: ``serve`` runs the API server; later commands run the worker,
-the demo and the benchmarks. Heavy imports happen inside each command."""
+the demo and the benchmarks; ``train`` and ``tasks`` talk to a running server over HTTP.
+Heavy imports happen inside each command.
+
+A bad ``LAMINA_*`` setting, a path that is not a store, or a server that cannot be reached or
+refuses a request ends the command with one line on stderr naming the variable, the path or the
+URL (exit code 2 for a setting or a path, 1 for the server), never a traceback.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
 from trainer.base_model.cli import model_app
 from trainer.benchmark_cli import bench_app
 
+if TYPE_CHECKING:
+    import httpx
+    from pydantic import ValidationError
+
+    from trainer.settings import LaminaSettings
+
 app = typer.Typer(help="Lamina: an LLM server that keeps learning.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(model_app, name="model")
+tasks_app = typer.Typer(help="Training jobs on a running server: list, show, cancel.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+
+Settings = TypeVar("Settings", bound="LaminaSettings")
+
+# How the client commands find the server and authenticate (the server's LAMINA_API_KEYS).
+Url = Annotated[str, typer.Option(envvar="LAMINA_URL", help="The Lamina server.")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        envvar="LAMINA_API_KEY",
+        help="Bearer key, one of the server's LAMINA_API_KEYS (or its admin key).",
+        show_default=False,
+    ),
+]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """End the command with one line on stderr."""
+    typer.echo(f"lamina: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load_settings(cls: type[Settings], **overrides: Any) -> Settings:
+    """``cls()`` from the ``LAMINA_*`` environment; a bad value ends the command naming it."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(**overrides)
+    except ValidationError as error:
+        fail(setting_error(error), 2)
+
+
+def require_model(settings: LaminaSettings) -> None:
+    """The base model directory must hold a Hugging Face model before anything loads it."""
+    if not (settings.model / "config.json").is_file():
+        fail(f"LAMINA_MODEL: {settings.model} holds no model (no config.json)", 2)
+
+
+def setting_error(error: ValidationError) -> str:
+    """The first problem as one line: ``LAMINA_MAX_LORA_RANK: max_lora_rank must be one of ...``."""
+    first = error.errors()[0]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not first["loc"]:  # a check of the whole object names its variables itself
+        return message
+    return f"LAMINA_{str(first['loc'][0]).upper()}: {message}"
+
+
+class ServerClient:
+    """The few HTTP calls the client commands make; every failure is one line naming the URL."""
+
+    def __init__(self, url: str, api_key: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def call(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kwargs: Any) -> Any:
+        import httpx
+
+        kwargs.setdefault("timeout", 30)
+        try:
+            response = httpx.request(method, f"{self.url}{path}", headers=self.headers, **kwargs)
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
+            reason = str(error) or type(error).__name__
+            fail(f"cannot reach the Lamina server at {self.url} ({reason}); set --url or LAMINA_URL")
+        if response.status_code not in ok:
+            fail(f"{method} {self.url}{path}: {response.status_code} {_error_message(response)}")
+        return response.json()
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The server's own message (OpenAI's error shape), or the start of the body."""
+    try:
+        message = str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = response.text.strip()[:200] or response.reason_phrase
+    if response.status_code == 401:
+        message += " Pass --api-key or set LAMINA_API_KEY."
+    return message
 
 
 @app.callback()
@@ -42,7 +133,8 @@ def serve(
     from server.settings import ServerSettings
 
     overrides = {k: v for k, v in {"host": host, "port": port, "model": model}.items() if v is not None}
-    settings = ServerSettings(**overrides)  # type: ignore[arg-type]
+    settings = load_settings(ServerSettings, **overrides)
+    require_model(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 
@@ -51,6 +143,9 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run the training worker (Celery; concurrency 1, acks_late, prefetch 1)."""
+    from trainer.settings import LaminaSettings
+
+    load_settings(LaminaSettings)  # the worker module reads them at import: check them first
     from trainer.worker import celery, settings
 
     celery.worker_main(
@@ -94,25 +189,22 @@ def train(
     file: Annotated[Path, typer.Argument(help="JSONL file, one {prompt, completion} per line.", exists=True)],
     method: Annotated[str | None, typer.Option(help="Method preset, e.g. lori-s, ps-lora.")] = None,
     hyperparameters: Annotated[str, typer.Option(help="JSON object of hyper-parameters.")] = "{}",
-    url: Annotated[str, typer.Option(help="Lamina server.")] = "http://127.0.0.1:8000",
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
 ) -> None:
     """Post a task to a running server and follow its training with a progress bar."""
     import time
 
-    import httpx
     from tqdm import tqdm
 
+    server = ServerClient(url, api_key)
     data = {"name": name, "hyperparameters": hyperparameters, **({"method": method} if method else {})}
     with file.open("rb") as handle:
-        response = httpx.post(f"{url}/tasks", data=data, files={"file": handle}, timeout=60)
-    if response.status_code != 202:
-        typer.echo(f"refused ({response.status_code}): {response.json()['error']['message']}", err=True)
-        raise typer.Exit(1)
-    job = response.json()
+        job = server.call("POST", "/tasks", ok=(202,), data=data, files={"file": handle}, timeout=60)
     with tqdm(total=1, desc=f"{name} ({job['method']})", unit="step") as bar:
         while job["status"] not in ("succeeded", "failed", "cancelled"):
             time.sleep(0.5)
-            job = httpx.get(f"{url}/tasks/{job['id']}", timeout=30).json()
+            job = server.call("GET", f"/tasks/{job['id']}")
             progress = job.get("progress") or {}
             if progress:
                 bar.total = progress["total"]
@@ -122,6 +214,71 @@ def train(
     typer.echo(f"{job['status']}: {job.get('task_version') or job.get('error')}")
     if job["status"] != "succeeded":
         raise typer.Exit(1)
+
+
+@tasks_app.command("list")
+def tasks_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the server's JSON.")] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Every training job, in arrival order, with its status and progress."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    jobs = ServerClient(url, api_key).call("GET", "/tasks")["data"]
+    if as_json:
+        typer.echo(json.dumps(jobs, indent=2))
+        return
+    if not jobs:
+        typer.echo("No training jobs.")
+        return
+    table = Table()
+    for column in ("id", "name", "method", "status", "progress", "loss", "created"):
+        table.add_column(column)
+    for job in jobs:
+        progress = job.get("progress") or {}
+        loss = progress.get("loss")
+        table.add_row(
+            job["id"],
+            job["name"],
+            job["method"],
+            job["status"],
+            f"{progress['step']}/{progress['total']}" if progress else "",
+            f"{loss:.4g}" if loss is not None else "",
+            job["created_at"],
+        )
+    Console().print(table)
+
+
+@tasks_app.command("show")
+def tasks_show(
+    job_id: Annotated[str, typer.Argument(help="A job id (job-…), as `lamina tasks list` shows.")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """One job as the server has it: status, progress, metrics, warnings, error (JSON)."""
+    import json
+
+    typer.echo(json.dumps(ServerClient(url, api_key).call("GET", f"/tasks/{job_id}"), indent=2))
+
+
+@tasks_app.command("cancel")
+def tasks_cancel(
+    job_id: Annotated[str, typer.Argument(help="A job id (job-…).")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Cancel a job: a queued one at once, a running one at its next step."""
+    job = ServerClient(url, api_key).call("POST", f"/tasks/{job_id}/cancel")
+    if job["status"] == "cancelled":
+        typer.echo(f"{job['id']}: cancelled")
+    elif job["cancel_requested"] and job["status"] not in ("succeeded", "failed"):
+        typer.echo(f"{job['id']}: {job['status']}, stops at its next step")
+    else:
+        typer.echo(f"{job['id']}: already {job['status']}, nothing to cancel")
 
 
 @app.command()
@@ -138,11 +295,21 @@ def stats(
 
     from adapters_store.fingerprint import fingerprint_model
     from adapters_store.stats_cache import stats_for_store
-    from adapters_store.store import AdapterStore
+    from adapters_store.store import STORE_FILE, AdapterStore, FingerprintMismatch
     from trainer.settings import LaminaSettings
 
-    settings = LaminaSettings()
-    data = stats_for_store(AdapterStore(settings.store_dir, fingerprint_model(settings.model)))
+    settings = load_settings(LaminaSettings)
+    if not (settings.store_dir / STORE_FILE).is_file():  # opening one would create it
+        fail(
+            f"{settings.store_dir} is not an adapter store (no {STORE_FILE}); set LAMINA_STORE or LAMINA_HOME",
+            2,
+        )
+    require_model(settings)
+    try:
+        store = AdapterStore(settings.store_dir, fingerprint_model(settings.model))
+    except FingerprintMismatch as error:
+        fail(f"{error}: LAMINA_MODEL names another base model than the store's", 2)
+    data = stats_for_store(store)
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return

@@ -32,3 +32,17 @@ def test_stats_prints_tasks_and_collision_matrix(
     assert result.exit_code == 0, result.output
     assert "alpha/v1" in result.output and "beta/v1" in result.output
     assert "Collision rate" in result.output and "live merge m2" in result.output
+
+
+def test_stats_refuses_a_path_that_is_not_a_store_and_creates_nothing(
+    base_model_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "notes.txt").write_text("not a store")
+    for path in (tmp_path, tmp_path / "missing"):
+        env = {"LAMINA_STORE": str(path), "LAMINA_MODEL": str(base_model_dir), "LAMINA_HOME": str(tmp_path)}
+        result = CliRunner().invoke(app, ["stats"], env=env)
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert result.stderr.strip() == (
+            f"lamina: {path} is not an adapter store (no store.json); set LAMINA_STORE or LAMINA_HOME"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
