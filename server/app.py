@@ -23,6 +23,8 @@ from server.admin.auth import require_admin, require_user
 from server.admin.router import router as admin_router
 from server.engine import Engine
 from server.errors import install_error_handlers
+from server.finetuning.router import router as finetuning_router
+from server.finetuning.service import FineTuningService
 from server.hotswap import CONTINUAL, AdapterSync
 from server.limits import BodySizeLimit
 from server.metrics import LaminaMetrics
@@ -101,12 +103,21 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
     )
     app.state.completions = CompletionService(settings, engine, registry, tokenizer, metrics)
     app.state.training = training
+    app.state.finetuning = FineTuningService(
+        training,
+        settings.store_dir,
+        base_names={settings.base_model_name},
+        base_name=settings.base_model_name,
+        default_method=settings.default_method,
+        max_file_bytes=settings.max_file_bytes,
+    )
     install_error_handlers(app)
     install_log_records()
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every response carries it
     app.include_router(openai_router, dependencies=[Depends(require_user)])
     app.include_router(training_router, dependencies=[Depends(require_user)])
+    app.include_router(finetuning_router, dependencies=[Depends(require_user)])
     document_task_schema(app)
     app.include_router(admin_router)
 

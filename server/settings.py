@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from trainer.settings import LaminaSettings
@@ -48,6 +48,12 @@ class ServerSettings(LaminaSettings):
     max_request_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest request body (JSON or upload) accepted; 413 beyond."
     )
+    max_file_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1,
+        description="Largest file POST /v1/files stores (a fine-tuning JSONL); 413 naming `file` beyond. "
+        "At most max_request_bytes, which would refuse the upload first.",
+    )
     max_examples: int = Field(
         20_000, ge=1, description="Most training examples one task may have; 413 beyond."
     )
@@ -59,6 +65,15 @@ class ServerSettings(LaminaSettings):
         description="Comma-separated bearer keys for completions and training. Empty: those endpoints are "
         "open (the demo); set them in production.",
     )
+
+    @model_validator(mode="after")
+    def _file_fits_a_request(self) -> Self:
+        if self.max_file_bytes > self.max_request_bytes:
+            raise ValueError(
+                f"max_file_bytes ({self.max_file_bytes}) is above max_request_bytes ({self.max_request_bytes}): "
+                "such an upload would be refused as a request first"
+            )
+        return self
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -1,0 +1,242 @@
+"""The logic behind ``/v1/files`` and ``/v1/fine_tuning/jobs``: files are kept in the store, a
+fine-tuning job is a Lamina task submitted through the same ``TrainingService`` as
+``POST /tasks`` (one job board, one queue), plus a small record of the OpenAI request in
+``<store>/finetuning/jobs/``."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import TypeVar
+
+from fastapi import UploadFile
+from pydantic import BaseModel, ValidationError
+
+from server.errors import APIError
+from server.finetuning.events import ProgressLog, job_events
+from server.finetuning.files import FileStore
+from server.finetuning.mapping import lamina_job_id, openai_job_id, plan, to_openai, unix
+from server.finetuning.protocol import (
+    Checkpoint,
+    CheckpointList,
+    FileDeleted,
+    FileList,
+    FileObject,
+    FineTuneRecord,
+    FineTuningJob,
+    FineTuningJobCreate,
+    FineTuningJobEventList,
+    FineTuningJobList,
+)
+from server.training.protocol import ExampleIn, TaskCreate
+from server.training.service import TrainingService, parse_jsonl
+from trainer.jobs import Job, JobNotFound, JobStatus
+
+PURPOSE = "fine-tune"
+UPLOAD_CHUNK = 1 << 20
+# TrainingService names its own fields in errors; a fine-tuning client sent these instead.
+_PARAMS = {"name": "suffix", "method": "metadata.lamina_method", "examples": "training_file"}
+
+Item = TypeVar("Item", bound=BaseModel)
+
+
+class FineTuningService:
+    def __init__(
+        self,
+        training: TrainingService,
+        store_dir: Path,
+        base_names: set[str],
+        base_name: str,
+        default_method: str,
+        max_file_bytes: int,
+    ) -> None:
+        self.training = training
+        self.board = training.board
+        self.files = FileStore(store_dir)
+        self.progress = ProgressLog(store_dir)
+        self.records = Path(store_dir) / "finetuning" / "jobs"
+        self.records.mkdir(parents=True, exist_ok=True)
+        self.base_names, self.base_name = base_names, base_name
+        self.default_method = default_method
+        self.max_file_bytes = max_file_bytes
+
+    # --- files ------------------------------------------------------------------------------
+
+    async def upload(self, upload: UploadFile, purpose: str) -> FileObject:
+        if purpose != PURPOSE:
+            raise APIError(
+                400,
+                f"purpose {purpose!r} is not supported: Lamina stores files for fine-tuning only "
+                f"(purpose={PURPOSE!r}).",
+                param="purpose",
+                code="invalid_value",
+            )
+        content = bytearray()
+        while chunk := await upload.read(UPLOAD_CHUNK):
+            content += chunk
+            if len(content) > self.max_file_bytes:
+                raise APIError(
+                    413,
+                    f"file is larger than {self.max_file_bytes} bytes (LAMINA_MAX_FILE_BYTES).",
+                    param="file",
+                    code="file_too_large",
+                )
+        parse_jsonl(bytes(content))  # every line an example, or a 400 naming the line and the field
+        return self.files.create(bytes(content), upload.filename or "upload.jsonl", purpose)
+
+    def list_files(self, purpose: str | None, after: str | None, limit: int, order: str) -> FileList:
+        files = [f for f in self.files.all() if purpose is None or f.purpose == purpose]
+        if order == "asc":
+            files.reverse()
+        page, has_more = _page(files, after, limit, "after")
+        return FileList(
+            data=page,
+            has_more=has_more,
+            first_id=page[0].id if page else None,
+            last_id=page[-1].id if page else None,
+        )
+
+    def delete_file(self, file_id: str) -> FileDeleted:
+        self.files.delete(file_id)
+        return FileDeleted(id=file_id)
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    def create(self, request: FineTuningJobCreate) -> FineTuningJob:
+        planned = plan(request, self.base_names, self.default_method)
+        examples = _examples(self.files, request.training_file, "training_file")
+        if request.validation_file is not None:
+            _examples(self.files, request.validation_file, "validation_file")
+        task = TaskCreate.model_validate(
+            {
+                "name": planned.name,
+                "method": planned.method,
+                "examples": examples,
+                "hyperparameters": planned.hyperparameters,
+            }
+        )
+        try:
+            job = self.training.submit(task)
+        except APIError as error:
+            error.param = _PARAMS.get(error.param or "", error.param)
+            raise
+        record = FineTuneRecord(
+            job_id=job.id,
+            model=request.model,
+            training_file=request.training_file,
+            validation_file=request.validation_file,
+            suffix=request.suffix,
+            seed=int(planned.hyperparameters.get("seed", 0)),
+            metadata=request.metadata,
+            hyperparameters=planned.requested,
+        )
+        _write_record(self.records / f"{job.id}.json", record)
+        return to_openai(job, record, self.base_name)
+
+    def retrieve(self, ftjob_id: str) -> FineTuningJob:
+        job = self._job(ftjob_id)
+        return to_openai(job, self._record(job.id), self.base_name)
+
+    def list_jobs(self, after: str | None, limit: int) -> FineTuningJobList:
+        jobs = list(reversed(self.board.fail_lapsed()))  # newest first
+        for job in jobs:
+            self.progress.observe(job)
+        listed = [to_openai(job, self._record(job.id), self.base_name) for job in jobs]
+        page, has_more = _page(listed, after, limit, "after")
+        return FineTuningJobList(data=page, has_more=has_more)
+
+    def cancel(self, ftjob_id: str) -> FineTuningJob:
+        job = self._job(ftjob_id)
+        job = self.board.request_cancel(job.id)
+        return to_openai(job, self._record(job.id), self.base_name)
+
+    def events(self, ftjob_id: str, after: str | None, limit: int) -> FineTuningJobEventList:
+        job = self._job(ftjob_id)
+        events = job_events(job, self._record(job.id), self.progress.points(job.id))
+        page, has_more = _page(events, after, limit, "after")
+        return FineTuningJobEventList(data=page, has_more=has_more)
+
+    def checkpoints(self, ftjob_id: str, after: str | None, limit: int) -> CheckpointList:
+        """The published task version is the job's one checkpoint; none before it succeeds."""
+        job = self._job(ftjob_id)
+        found: list[Checkpoint] = []
+        if job.status == JobStatus.succeeded and job.task_version is not None:
+            step = int(job.progress.step if job.progress else job.metrics.get("steps", 0))
+            metrics = {"step": float(step)}
+            if "final_loss" in job.metrics:
+                metrics["train_loss"] = float(job.metrics["final_loss"])
+            found.append(
+                Checkpoint(
+                    id=f"ftckpt-{job.id.removeprefix('job-')}",
+                    created_at=_unix_or_zero(job.finished_at),
+                    fine_tuned_model_checkpoint=job.name,
+                    fine_tuning_job_id=openai_job_id(job.id),
+                    metrics=metrics,
+                    step_number=step,
+                )
+            )
+        page, has_more = _page(found, after, limit, "after")
+        return CheckpointList(
+            data=page,
+            has_more=has_more,
+            first_id=page[0].id if page else None,
+            last_id=page[-1].id if page else None,
+        )
+
+    def _job(self, ftjob_id: str) -> Job:
+        job_id = lamina_job_id(ftjob_id)
+        try:
+            if job_id is None:
+                raise JobNotFound(ftjob_id)
+            job = self.board.current(job_id)
+        except JobNotFound:
+            raise APIError(
+                404,
+                f"No such fine-tuning job: {ftjob_id}",
+                param="fine_tuning_job_id",
+                code="fine_tuning_job_not_found",
+                type="not_found_error",
+            ) from None
+        self.progress.observe(job)
+        return job
+
+    def _record(self, job_id: str) -> FineTuneRecord | None:
+        try:
+            return FineTuneRecord.model_validate_json((self.records / f"{job_id}.json").read_bytes())
+        except (FileNotFoundError, ValidationError):  # a job posted to /tasks
+            return None
+
+
+def _page(items: list[Item], after: str | None, limit: int, param: str) -> tuple[list[Item], bool]:
+    """OpenAI's cursor pages: the ``limit`` items that follow the one whose id is ``after``."""
+    start = 0
+    if after is not None:
+        ids = [getattr(item, "id") for item in items]  # noqa: B009 - every listed model has an id
+        if after not in ids:
+            raise APIError(
+                400, f"{param} {after!r} is not an id in this list.", param=param, code="invalid_value"
+            )
+        start = ids.index(after) + 1
+    page = items[start : start + limit]
+    return page, start + limit < len(items)
+
+
+def _unix_or_zero(timestamp: str | None) -> int:
+    return unix(timestamp) or 0
+
+
+def _examples(files: FileStore, file_id: str, param: str) -> list[ExampleIn]:
+    """A stored file's examples (checked at upload; checked again, naming ``param``)."""
+    try:
+        return parse_jsonl(files.content(file_id, param))
+    except APIError as error:
+        if error.message.startswith("file"):  # "file line 3: ..." from parse_jsonl
+            error.message = f"{param} {file_id}{error.message[4:]}"
+        error.param = param
+        raise
+
+
+def _write_record(path: Path, record: FineTuneRecord) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(record.model_dump_json())
+    tmp.replace(path)
