@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ValidationError
@@ -88,13 +88,7 @@ class FineTuningService:
         files = [f for f in self.files.all() if purpose is None or f.purpose == purpose]
         if order == "asc":
             files.reverse()
-        page, has_more = _page(files, after, limit, "after")
-        return FileList(
-            data=page,
-            has_more=has_more,
-            first_id=page[0].id if page else None,
-            last_id=page[-1].id if page else None,
-        )
+        return FileList(**_page_with_ids(files, after, limit))
 
     def delete_file(self, file_id: str) -> FileDeleted:
         self.files.delete(file_id)
@@ -175,13 +169,7 @@ class FineTuningService:
                     step_number=step,
                 )
             )
-        page, has_more = _page(found, after, limit, "after")
-        return CheckpointList(
-            data=page,
-            has_more=has_more,
-            first_id=page[0].id if page else None,
-            last_id=page[-1].id if page else None,
-        )
+        return CheckpointList(**_page_with_ids(found, after, limit))
 
     def _job(self, ftjob_id: str) -> Job:
         job_id = lamina_job_id(ftjob_id)
@@ -219,6 +207,13 @@ def _page(items: list[Item], after: str | None, limit: int, param: str) -> tuple
         start = ids.index(after) + 1
     page = items[start : start + limit]
     return page, start + limit < len(items)
+
+
+def _page_with_ids(items: list[Item], after: str | None, limit: int) -> dict[str, Any]:
+    """A cursor page with the ``first_id`` and ``last_id`` that the file and checkpoint lists carry."""
+    page, has_more = _page(items, after, limit, "after")
+    first_id, last_id = (getattr(page[0], "id"), getattr(page[-1], "id")) if page else (None, None)  # noqa: B009
+    return {"data": page, "has_more": has_more, "first_id": first_id, "last_id": last_id}
 
 
 def _unix_or_zero(timestamp: str | None) -> int:
