@@ -9,6 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +19,26 @@ import httpx
 import openai
 import psutil
 import pytest
+import redis
 
-from tests.conftest import REPO, RunningServer
+from tests.conftest import REPO, RunningServer, start_server, stop_server
 
 JOB_TIMEOUT_S = 240
 TERMINAL = ("succeeded", "failed", "cancelled")
+REDIS_URL = "redis://127.0.0.1:6379/0"  # the Redis the service tests share (the fault tests run their own)
+# A small memorisation task: what is checked is that an adapter carries its task through the
+# store, the merge and the hot-swap, so the prompts are the training prompts.
+CODE_WORDS = [
+    (f"Code word for {w}:", f" {c}")
+    for w, c in [
+        ("apple", "zulu"),
+        ("river", "kilo"),
+        ("stone", "echo"),
+        ("cloud", "delta"),
+        ("tiger", "lima"),
+        ("piano", "oscar"),
+    ]
+]
 
 
 @dataclass
@@ -37,6 +55,35 @@ class Stack:
     def ledger(self) -> list[dict]:
         text = (self.home / "store" / "ledger.jsonl").read_text()
         return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def require_redis(url: str = REDIS_URL) -> None:
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.RedisError:
+        pytest.fail(f"Redis is required at {url} for the integration tests")
+
+
+@contextmanager
+def running_stack(
+    home: Path, settings: dict[str, str], broker_url: str = REDIS_URL, queue: str = "lamina-test"
+) -> Iterator[Stack]:
+    """A worker and a server on ``home`` and a queue of their own on ``broker_url`` (isolated
+    from any other run), with the ``LAMINA_*`` ``settings``; on exit, stops the server and the
+    worker the stack holds then (a test may have restarted either)."""
+    env = {
+        "LAMINA_HOME": str(home),
+        "LAMINA_BROKER_URL": broker_url,
+        "LAMINA_QUEUE": f"{queue}-{uuid.uuid4().hex[:8]}",
+        **settings,
+    }
+    worker = start_worker(env, home / "worker.log")
+    stack = Stack(start_server(env, home / "server.log"), worker, env, home)
+    try:
+        yield stack
+    finally:
+        stop_server(stack.server)
+        stop_worker(stack.worker)
 
 
 def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:

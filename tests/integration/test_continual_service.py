@@ -8,44 +8,29 @@ naming the field, and nothing is queued.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import redis
 
-from tests.conftest import start_server, stop_server
 from tests.integration import service_stack
 from tests.integration.service_stack import (
+    CODE_WORDS,
     Stack,
     answers,
+    require_redis,
+    running_stack,
     served_models,
-    start_worker,
-    stop_worker,
     wait_for,
     wait_until_served,
 )
 
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 ADMIN_KEY = "test-admin-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 METHOD = "inflora"  # the default method: learning B must not move A's answers
-# Small memorisation tasks: what is checked is that each adapter carries its task through the
-# store, the merge and the hot-swap, so the prompts are the training prompts.
-TASK_A = [
-    (f"Code word for {w}:", f" {c}")
-    for w, c in [
-        ("apple", "zulu"),
-        ("river", "kilo"),
-        ("stone", "echo"),
-        ("cloud", "delta"),
-        ("tiger", "lima"),
-        ("piano", "oscar"),
-    ]
-]
+TASK_A = CODE_WORDS
 TASK_B = [
     (f"Opposite of {w} =", f" {o}")
     for w, o in [
@@ -60,30 +45,12 @@ TASK_B = [
 HYPERPARAMETERS = {"steps": 120, "learning_rate": 0.005, "batch_size": 6, "r": 8, "seed": 0}
 
 
-def _redis_available() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping())
-    except redis.RedisError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    if not _redis_available():
-        pytest.fail(f"Redis is required at {REDIS_URL} for the integration tests")
-    home = tmp_path_factory.mktemp("lamina-home")
-    env = {
-        "LAMINA_HOME": str(home),
-        "LAMINA_BROKER_URL": REDIS_URL,
-        "LAMINA_QUEUE": f"lamina-test-{uuid.uuid4().hex[:8]}",  # isolated from any other run
-        "LAMINA_DEFAULT_METHOD": METHOD,
-        "LAMINA_ADMIN_KEY": ADMIN_KEY,
-    }
-    worker = start_worker(env, home / "worker.log")
-    server = start_server(env, home / "server.log")
-    yield Stack(server, worker, env, home)
-    stop_server(server)
-    stop_worker(worker)
+    require_redis()
+    settings = {"LAMINA_DEFAULT_METHOD": METHOD, "LAMINA_ADMIN_KEY": ADMIN_KEY}
+    with running_stack(tmp_path_factory.mktemp("lamina-home"), settings) as stack:
+        yield stack
 
 
 def post_task(

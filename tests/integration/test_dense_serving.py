@@ -4,33 +4,22 @@ aliases whose weights the engine no longer holds (base, task adapters) are not s
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import start_server, stop_server
-from tests.integration.service_stack import Stack, start_worker, stop_worker, wait_for, wait_until_served
-from tests.integration.test_continual_service import HYPERPARAMETERS, REDIS_URL, TASK_A, accuracy
+from tests.integration.service_stack import Stack, running_stack, wait_for, wait_until_served
+from tests.integration.test_continual_service import HYPERPARAMETERS, TASK_A, accuracy
 
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("lamina-dense")
-    env = {
-        "LAMINA_HOME": str(home),
-        "LAMINA_BROKER_URL": REDIS_URL,
-        "LAMINA_QUEUE": f"lamina-test-{uuid.uuid4().hex[:8]}",
-        "LAMINA_DENSE_MERGE_SERVING": "weights",
-    }
-    worker = start_worker(env, home / "worker.log")
-    server = start_server(env, home / "server.log")
-    yield Stack(server, worker, env, home)
-    stop_server(server)
-    stop_worker(worker)
+    settings = {"LAMINA_DENSE_MERGE_SERVING": "weights"}
+    with running_stack(tmp_path_factory.mktemp("lamina-dense"), settings) as stack:
+        yield stack
 
 
 def test_ps_lora_merge_is_served_from_the_engine_weights(stack: Stack) -> None:

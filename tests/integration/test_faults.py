@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,9 +28,9 @@ from tests.integration.service_stack import (
     Stack,
     answers,
     get_job,
+    running_stack,
     served_models,
     start_worker,
-    stop_worker,
     wait_for,
     wait_until_served,
 )
@@ -99,20 +98,11 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, private_redis: RedisServer) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("lamina-home")
-    env = {
-        "LAMINA_HOME": str(home),
-        "LAMINA_BROKER_URL": private_redis.url,
-        "LAMINA_QUEUE": f"lamina-faults-{uuid.uuid4().hex[:8]}",
-        "LAMINA_DEFAULT_METHOD": METHOD,
-        "LAMINA_JOB_LEASE_S": str(LEASE_S),
-    }
-    worker = start_worker(env, home / "worker.log")
-    server = start_server(env, home / "server.log")
-    running = Stack(server, worker, env, home)
-    yield running
-    stop_server(running.server)
-    stop_worker(running.worker)
+    settings = {"LAMINA_DEFAULT_METHOD": METHOD, "LAMINA_JOB_LEASE_S": str(LEASE_S)}
+    with running_stack(
+        tmp_path_factory.mktemp("lamina-home"), settings, private_redis.url, queue="lamina-faults"
+    ) as stack:
+        yield stack
 
 
 def post(stack: Stack, name: str, hyperparameters: dict) -> str:

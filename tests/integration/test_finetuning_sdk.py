@@ -8,39 +8,26 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import redis
 
-from tests.conftest import start_server, stop_server
 from tests.integration.service_stack import (
+    CODE_WORDS,
     JOB_TIMEOUT_S,
     Stack,
+    require_redis,
+    running_stack,
     served_models,
-    start_worker,
-    stop_worker,
     wait_until_served,
 )
 
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 MAX_FILE_BYTES = 4096
-FACTS = [
-    (f"Code word for {w}:", f" {c}")
-    for w, c in [
-        ("apple", "zulu"),
-        ("river", "kilo"),
-        ("stone", "echo"),
-        ("cloud", "delta"),
-        ("tiger", "lima"),
-        ("piano", "oscar"),
-    ]
-]
+FACTS = CODE_WORDS
 # 6 examples in one batch: n_epochs is the number of optimizer steps.
 SHORT = {"n_epochs": 120, "batch_size": 6, "learning_rate_multiplier": 1}
 LONG = {"n_epochs": 1000, "batch_size": 6}
@@ -55,23 +42,10 @@ FACTS_FILE = jsonl([{"prompt": p, "completion": c} for p, c in FACTS])
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError:
-        pytest.fail(f"Redis is required at {REDIS_URL} for the integration tests")
-    home = tmp_path_factory.mktemp("lamina-home")
-    env = {
-        "LAMINA_HOME": str(home),
-        "LAMINA_BROKER_URL": REDIS_URL,
-        "LAMINA_QUEUE": f"lamina-test-{uuid.uuid4().hex[:8]}",
-        "LAMINA_DEFAULT_METHOD": "inflora",
-        "LAMINA_MAX_FILE_BYTES": str(MAX_FILE_BYTES),
-    }
-    worker = start_worker(env, home / "worker.log")
-    server = start_server(env, home / "server.log")
-    yield Stack(server, worker, env, home)
-    stop_server(server)
-    stop_worker(worker)
+    require_redis()
+    settings = {"LAMINA_DEFAULT_METHOD": "inflora", "LAMINA_MAX_FILE_BYTES": str(MAX_FILE_BYTES)}
+    with running_stack(tmp_path_factory.mktemp("lamina-home"), settings) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
