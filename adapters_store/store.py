@@ -5,7 +5,8 @@ Layout under the root::
     store.json                 base-model fingerprint, fixed when the store is created
     ledger.jsonl               append-only; the only truth about task order and what is live
     tasks/<name>/v<k>/         PEFT layout (+ masks.safetensors) and meta.json
-    merges/m<seq>/             PEFT layout (LoRA merges) or delta.safetensors (dense), meta.json
+    merges/m<seq>/             PEFT layout (LoRA merges), or delta.safetensors (dense) plus its
+                               rank-``dense_export_rank`` SVD in PEFT layout; meta.json
 
 Why this shape:
 
@@ -114,7 +115,7 @@ class MergeRecord:
     id: str  # "m<seq>"
     kind: Literal["lora", "dense"]
     method: str  # the registered merge, e.g. "concat"
-    path: Path  # PEFT layout (lora) or a directory holding delta.safetensors (dense)
+    path: Path  # PEFT layout; a dense merge also holds delta.safetensors, its PEFT files its SVD
     parents: tuple[str, ...]  # task version ids, oldest first
     meta: dict[str, Any]
 
@@ -173,6 +174,13 @@ class AdapterStore:
     ``on_event`` is called after each change with its ``set_live`` ledger entry (plus the
     store root), e.g. :func:`adapters_store.events.redis_notifier`; its failures are logged,
     never raised, because the ledger is already written and servers also poll it.
+
+    ``base_model`` is what every ``adapter_config.json`` names as ``base_model_name_or_path``:
+    the model as the user named it (a catalogue name, the embedded model's name), never a local
+    directory, so a version copied elsewhere still says which model it belongs to.
+    ``dense_export_rank`` is the rank of the PEFT-layout SVD written beside every dense merge
+    (:meth:`DenseDelta.to_lora_svd`), so that PEFT and vLLM load those versions too; servers
+    whose ``max_lora_rank`` equals it serve that export as it is.
     """
 
     def __init__(
@@ -181,11 +189,15 @@ class AdapterStore:
         fingerprint: str,
         *,
         base_model: str = "",
+        dense_export_rank: int = 64,
         on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        if dense_export_rank < 1:
+            raise ValueError(f"dense_export_rank must be >= 1, got {dense_export_rank}")
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.base_model = base_model  # written into adapter_config.json for PEFT/vLLM
+        self.dense_export_rank = dense_export_rank
         self._on_event = on_event
         self._ledger = _Ledger(self.root / LEDGER_FILE)
         for sub in ("tasks", "merges"):
@@ -487,10 +499,16 @@ class AdapterStore:
         }
         if subspace is not None:
             meta["subspace"] = subspace.summary()
+        export: LoraAdapter | None = None
+        if isinstance(result, DenseDelta):
+            export, error = result.to_lora_svd(self.dense_export_rank)
+            meta["svd_rank"], meta["svd_relative_error"] = self.dense_export_rank, error
 
         def write(directory: Path) -> None:
             if isinstance(result, DenseDelta):
                 result.save(directory)
+                assert export is not None
+                export.save_peft(directory, base_model=self.base_model)
             else:
                 result.save_peft(directory, base_model=self.base_model)
             if subspace is not None:

@@ -75,7 +75,10 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
     engine = Engine(settings)
     registry = ModelRegistry(settings.base_model_name)
     store = AdapterStore(
-        settings.store_dir, fingerprint_model(settings.model), base_model=str(settings.model)
+        settings.store_dir,
+        fingerprint_model(settings.model),
+        base_model=settings.model_name,
+        dense_export_rank=settings.max_lora_rank,
     )
     training = TrainingService(
         settings,

@@ -9,7 +9,9 @@ A version that fails to load leaves the aliases as they were: the live model nev
 half-way. Dense merges (PS-LoRA's magnitude merge) are served one of two ways:
 
 - ``lora`` (default): as their best rank-R approximation at the engine's max_lora_rank (the
-  relative error is logged and reported); ``base`` and every task keep their own weights.
+  relative error is logged and reported); ``base`` and every task keep their own weights. The
+  store writes that export beside the merge when its rank matches; otherwise it is computed
+  here once, into the cache.
 - ``weights``: W0 + ΔW is written into the engine's weights (exact, and no LoRA cost per
   token). The engine's weights then no longer are the base model's, so while such a merge is
   live only ``continual`` is served; W0 comes back from disk when it stops being live.
@@ -191,6 +193,9 @@ class AdapterSync:
             return await self._load(f"{CONTINUAL}@{merge.id}", merge.path)
         name = f"{CONTINUAL}@{merge.id}-svd{self.max_lora_rank}"
         if name not in self._loaded:
+            if merge.meta.get("svd_rank") == self.max_lora_rank:  # the store wrote this export
+                self.status.svd_relative_error = float(merge.meta["svd_relative_error"])
+                return await self._load(name, merge.path)
             path = await asyncio.to_thread(self._export_svd, merge.id, lambda: DenseDelta.load(merge.path))
             self.status.svd_relative_error = _svd_error(path)
             return await self._load(name, path)

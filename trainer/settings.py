@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trainer.base_model.catalog import ModelNotInstalledError, resolve_model
@@ -67,6 +67,20 @@ class LaminaSettings(BaseSettings):
         "rank columns (fresh frozen rows of A) instead of refusing the task with 409. 0: never grow.",
     )
 
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="Where the worker trains: `auto` (CUDA when torch sees a GPU, else the CPU), `cpu`, "
+        "`cuda` or `cuda:<n>`. The server's engine picks its own device (vLLM).",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines of the server and the worker: `text` for people, `json` for one JSON object "
+        "per line with the request id, job id, model and version where known.",
+    )
+
+    _model_name: str = PrivateAttr("")
+
     @field_validator("max_lora_rank")
     @classmethod
     def _rank_is_a_vllm_slot(cls, value: int) -> int:
@@ -77,12 +91,23 @@ class LaminaSettings(BaseSettings):
     @model_validator(mode="after")
     def _resolve_model_name(self) -> Self:
         """A catalogue name becomes its directory under <home>/models, so every process that reads
-        the settings (server, worker, benchmarks) loads the same files."""
+        the settings (server, worker, benchmarks) loads the same files. The name as given is kept
+        for :attr:`model_name` (read first: the assignment below marks ``model`` as set)."""
+        given = str(self.model) if "model" in self.model_fields_set else None
         try:
             self.model = resolve_model(self.model, self.home)
         except ModelNotInstalledError as error:
             raise ValueError(f"LAMINA_MODEL={self.model}: {error}") from None
+        self._model_name = given if given is not None else self.model.name
         return self
+
+    @property
+    def model_name(self) -> str:
+        """The base model as the user named it: the LAMINA_MODEL value (a catalogue name such as
+        ``smollm2-135m-instruct``, or the path as written), or the embedded model's name
+        (``lamina-tiny``). What adapters record as ``base_model_name_or_path``, so they say which
+        model they belong to on any machine instead of naming a local directory."""
+        return self._model_name
 
     @property
     def store_dir(self) -> Path:
