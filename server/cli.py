@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
 
 import typer
 
@@ -111,13 +111,23 @@ def _error_message(response: httpx.Response) -> str:
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     from server.request_id import install_log_records
+    from trainer.logs import configure_logging
 
     install_log_records()  # every record carries the request id it was written for ("-": none)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s",
-    )
+    configure_logging("text", logging.DEBUG if verbose else logging.INFO)  # serve/worker: LAMINA_LOG_FORMAT
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+
+
+def _use_log_format(log_format: Literal["text", "json"]) -> None:
+    """Switch to the settings' log format, keeping the level ``--verbose`` chose. In JSON, vLLM
+    and uvicorn log through the root logger too, instead of their own text handlers."""
+    import os
+
+    from trainer.logs import configure_logging
+
+    if log_format == "json":
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    configure_logging(log_format, logging.getLogger().level)
 
 
 @app.command()
@@ -135,7 +145,14 @@ def serve(
     overrides = {k: v for k, v in {"host": host, "port": port, "model": model}.items() if v is not None}
     settings = load_settings(ServerSettings, **overrides)
     require_model(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    _use_log_format(settings.log_format)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+    )
 
 
 @app.command()
@@ -145,7 +162,7 @@ def worker(
     """Run the training worker (Celery; concurrency 1, acks_late, prefetch 1)."""
     from trainer.settings import LaminaSettings
 
-    load_settings(LaminaSettings)  # the worker module reads them at import: check them first
+    _use_log_format(load_settings(LaminaSettings).log_format)  # the worker module reads them at import
     from trainer.worker import celery, settings
 
     celery.worker_main(

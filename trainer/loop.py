@@ -68,9 +68,24 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)  # e.g. the task did not learn its examples
 
 
-def load_base(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM in fp32 (training and ΔW maths stay in fp32) and its tokenizer."""
+def select_device(setting: str = "auto") -> torch.device:
+    """The device ``LAMINA_DEVICE`` names: ``auto`` is CUDA when torch sees a GPU, else the CPU;
+    an explicit ``cuda`` without one is refused, not silently trained on the CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"LAMINA_DEVICE={setting}, but torch sees no CUDA device")
+    return device
+
+
+def load_base(
+    model_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM in fp32 (training and ΔW maths stay in fp32) onto ``device``, and its
+    tokenizer. The training loop follows the model's device."""
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to oddly
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return model, tokenizer

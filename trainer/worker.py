@@ -33,6 +33,7 @@ from trainer.admission import AdmissionError, admit
 from trainer.celery_app import TRAIN_TASK, make_celery
 from trainer.config import Hyperparameters, resolve_method
 from trainer.jobs import Job, JobBoard, JobError, JobStatus, Progress
+from trainer.logs import log_context
 from trainer.settings import LaminaSettings
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,14 @@ def worker_name() -> str:
 
 
 @cache
-def _base_model(model_dir: str) -> tuple[Any, Any]:
-    """Load the base model once per worker process; train_task leaves it unchanged."""
-    from trainer.loop import load_base
+def _base_model(model_dir: str, device: str = "auto") -> tuple[Any, Any]:
+    """Load the base model once per worker process, onto the device LAMINA_DEVICE selects;
+    train_task leaves it unchanged."""
+    from trainer.loop import load_base, select_device
 
-    return load_base(model_dir)
+    chosen = select_device(device)
+    log.info("training on %s", chosen)
+    return load_base(model_dir, chosen)
 
 
 @cache
@@ -104,7 +108,8 @@ def open_store(settings: LaminaSettings) -> AdapterStore:
     return AdapterStore(
         settings.store_dir,
         _fingerprint(str(settings.model)),
-        base_model=str(settings.model),
+        base_model=settings.model_name,
+        dense_export_rank=settings.max_lora_rank,
         on_event=redis_notifier(url, settings.store_dir) if url else None,
     )
 
@@ -116,7 +121,10 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
     from trainer.publish import publish_trained, train_for_store
 
     me = job.worker or worker_name()
-    with heartbeat(board, job.id, me, settings.job_lease_s, keep_lock) as claim_held:
+    with (
+        log_context(job_id=job.id, model=job.name),
+        heartbeat(board, job.id, me, settings.job_lease_s, keep_lock) as claim_held,
+    ):
         try:
             method = resolve_method(job.method)
             hp = Hyperparameters.model_validate(job.hyperparameters)
@@ -125,7 +133,7 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
             requested_rank = hp.r
             hp = admit(store, job.name, method, hp, settings.max_lora_rank, settings.loraf_grow_rank)
             board.update_claimed(job.id, me, status=JobStatus.running)
-            model, tokenizer = _base_model(str(settings.model))
+            model, tokenizer = _base_model(str(settings.model), settings.device)
             trained = train_for_store(
                 model,
                 tokenizer,
@@ -160,7 +168,13 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
                 task_version=publication.task.id,
                 merge_id=publication.merge.id,
             )
-            log.info("job %s: published %s, live merge %s", job.id, publication.task.id, publication.merge.id)
+            log.info(
+                "job %s: published %s, live merge %s",
+                job.id,
+                publication.task.id,
+                publication.merge.id,
+                extra={"version": publication.task.id},
+            )
             for warning in trained.result.warnings:
                 log.warning("job %s (%s): %s", job.id, job.name, warning)
         except TrainingCancelled:

@@ -39,6 +39,7 @@ from server.openai.protocol import (
 )
 from server.settings import ServerSettings
 from trainer.chat import DEFAULT_CHAT_TEMPLATE  # training renders chat examples with it too
+from trainer.logs import set_log_context
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -380,6 +381,7 @@ class CompletionService:
         response_id, n = _new_id(form.id_prefix), request.n or 1
         choices: dict[int, Choice] = {}
         with self.registry.lease(self.model_name(request)) as route:
+            set_log_context(model=self.model_name(request), version=self.fingerprint(route))
             async for piece in self._pieces(route, prepared, n, response_id, request.cache_salt):
                 choices.setdefault(piece.index, form.new_choice(piece.index)).add(piece)
         usage = _usage(prepared.prompts, sum(len(c.token_ids) for c in choices.values()))
@@ -405,6 +407,7 @@ class CompletionService:
             try:
                 with self.registry.lease(self.model_name(request)) as route:
                     fingerprint = self.fingerprint(route)
+                    set_log_context(model=self.model_name(request), version=fingerprint)
 
                     def event(choices: list[Any], usage: Usage | None = None) -> str:
                         chunk = form.chunk(response_id, created, choices, usage, fingerprint)
