@@ -1,19 +1,33 @@
 """Admin endpoints (admin key required): what the store holds, its statistics as JSON and as
-a picture, rollback to an earlier merge, and removing a task. Rollback and removal only
-write the store's ledger; every server follows it and hot-swaps as for a publish."""
+a picture, rollback to an earlier merge, removing a task, and importing a LoRA trained elsewhere
+as a task. These only write the store's ledger; every server follows it and hot-swaps as for a
+publish."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from adapters_store.store import AdapterStore, MergeNotFound, MergeRecord, TaskNotFound
+from adapters_store.lora import LoraAdapter
+from adapters_store.merges import MergeError
+from adapters_store.store import (
+    AdapterStore,
+    InvalidTaskName,
+    MergeNotFound,
+    MergeRecord,
+    TaskExists,
+    TaskNotFound,
+    TaskRecord,
+    check_task_name,
+)
 from server.admin.auth import require_admin
+from server.admin.imports import base_linear_shapes, parse_peft_lora, refuse
 from server.errors import APIError
+from server.hotswap import CONTINUAL
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -65,6 +79,103 @@ async def adapters(request: Request) -> dict[str, Any]:
         "growth": [e for e in store.ledger() if e.get("op") == "grow"],  # LoRAF rank growth, oldest first
         "served": request.app.state.sync.status.__dict__,
     }
+
+
+@router.post("/adapters", status_code=201)
+async def import_adapter(
+    request: Request,
+    name: str = Form(description="The task's name, as for POST /tasks: it becomes a model name."),
+    config: UploadFile = File(description="The adapter's adapter_config.json (PEFT)."),
+    weights: UploadFile = File(description="The adapter's adapter_model.safetensors (PEFT)."),
+) -> dict[str, Any]:
+    """Import a PEFT LoRA trained elsewhere as task ``name``: multipart with the two files
+    ``save_pretrained`` writes. It is checked against the base model (its modules exist and are
+    linear layers, lora_A/lora_B fit their in/out features, r <= max_lora_rank) and refused with
+    422 naming what is wrong; then published like a trained task (a new version, the continual
+    merge rebuilt with it) and hot-swapped in. 409 when a live task has that name or it cannot
+    join the live merge."""
+    settings = request.app.state.settings
+    try:
+        check_task_name(name)
+    except InvalidTaskName as error:
+        raise refuse(str(error), "name", code="invalid_name") from None
+    if name in (settings.base_model_name, CONTINUAL):
+        raise refuse(f"{name!r} is reserved for a served model", "name", code="invalid_name")
+    config_bytes, weights_bytes = await config.read(), await weights.read()
+    shapes = await run_in_threadpool(base_linear_shapes, settings.model)
+    adapter, peft_config = await run_in_threadpool(
+        parse_peft_lora, config_bytes, weights_bytes, shapes, settings.max_lora_rank
+    )
+    store = _store(request)
+    record = await run_in_threadpool(
+        _publish_import, store, name, adapter, peft_config, settings.max_lora_rank
+    )
+    await request.app.state.sync.sync()  # this replica swaps now; others follow the ledger
+    live = store.live()
+    return {
+        "name": name,
+        "id": record.id,
+        "rank": adapter.rank,
+        "target_modules": adapter.target_modules,
+        "live_merge": _merge_view(live, live.id) if live else None,
+    }
+
+
+def _publish_import(
+    store: AdapterStore, name: str, adapter: LoraAdapter, peft_config: dict[str, Any], max_lora_rank: int
+) -> TaskRecord:
+    """Publish through the store's one atomic path, with the live merge's method; what cannot
+    join it (other target modules, a concat rank beyond the engine's) is a 409."""
+    live, tasks = store.live(), store.tasks()
+    merge = live.method if live is not None else "concat"
+    if tasks:
+        theirs = sorted(store.task_adapter(tasks[0].name).modules)
+        if sorted(adapter.modules) != theirs:
+            raise refuse(
+                f"the live tasks adapt {len(theirs)} modules ({', '.join(sorted({m.rsplit('.', 1)[-1] for m in theirs}))}); "
+                f"this adapter adapts {len(adapter.modules)} ({', '.join(adapter.target_modules)}): "
+                "a store merges adapters of the same modules",
+                "weights",
+                code="modules_differ",
+                status=409,
+            )
+    if (
+        merge == "concat"
+        and live is not None
+        and int(live.meta.get("rank") or 0) + adapter.rank > max_lora_rank
+    ):
+        raise refuse(
+            f"the continual concat merge would have rank {int(live.meta['rank']) + adapter.rank}, above "
+            f"max_lora_rank {max_lora_rank}",
+            "weights",
+            code="rank_too_large",
+            status=409,
+        )
+    live_subspace = store.subspace()  # inflora: keep protecting the earlier tasks' inputs
+    meta = {
+        "method": "import",
+        "imported": {
+            "base_model_name_or_path": peft_config.get("base_model_name_or_path"),
+            "r": peft_config.get("r"),
+            "lora_alpha": peft_config.get("lora_alpha"),
+            "use_rslora": bool(peft_config.get("use_rslora")),
+        },
+    }
+    try:
+        publication = store.publish(
+            name,
+            adapter,
+            meta,
+            merge,
+            subspace=live_subspace.unchanged() if live_subspace is not None else None,
+        )
+    except TaskExists as error:
+        raise refuse(str(error), "name", code="task_exists", status=409) from None
+    except MergeError as error:
+        raise refuse(
+            f"cannot join the live {merge} merge: {error}", "weights", code="merge_failed", status=409
+        ) from None
+    return publication.task
 
 
 @router.post("/rollback")
