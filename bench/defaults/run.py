@@ -7,8 +7,9 @@
 Each *shape* is what a user posts (issue 12): ``codes`` and ``lockers`` memorise 40 made-up facts
 (scored on their training prompts); ``twice`` and ``swap`` are rules over 90 examples (scored on
 their training prompts and on 30 inputs the task never saw). Each trains alone, through
-``trainer.loop.train_task`` exactly as the worker trains (auto hyper-parameters unless ``--set``,
-the default held-out slice), and is scored on the task's own model by greedy decoding
+``trainer.publish.train_for_store`` on a fresh store exactly as the worker trains a store's first
+task (inflora's base-model seed included; auto hyper-parameters unless ``--set``, the default
+held-out slice), and is scored on the task's own model by greedy decoding
 (``trainer.evaluate.exact_match``). Prints a table and writes ``bench/results/defaults-<model>.json``.
 """
 
@@ -18,8 +19,10 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +31,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from adapters_store.fingerprint import fingerprint_model  # noqa: E402
+from adapters_store.store import AdapterStore  # noqa: E402
 from bench.report import RESULTS, envelope, markdown_table, write_result  # noqa: E402
 from trainer.base_model.corpus import COLORS, NOUNS, PETS, SPELLING_WORDS  # noqa: E402
 from trainer.config import Example, Hyperparameters, resolve_method  # noqa: E402
 from trainer.evaluate import exact_match  # noqa: E402
-from trainer.loop import load_base, train_task  # noqa: E402
+from trainer.loop import load_base  # noqa: E402
+from trainer.publish import train_for_store  # noqa: E402
 from trainer.served import merged_into  # noqa: E402
 
 N_FACTS, N_RULE, N_UNSEEN = 40, 90, 30
@@ -71,9 +77,13 @@ SHAPES: dict[str, Callable[[random.Random], tuple[list[Example], list[Example]]]
 def run_one(model, tokenizer, shape: str, method: str, seed: int, overrides: dict) -> dict:  # type: ignore[no-untyped-def]
     examples, unseen = SHAPES[shape](random.Random(f"{shape}:{seed}"))
     hp = Hyperparameters(seed=seed, **overrides)
+    store = AdapterStore(
+        Path(tempfile.mkdtemp(prefix=f"{shape}-{method}-")), fingerprint_model(Path(model.name_or_path))
+    )
     started = time.perf_counter()
-    result = train_task(model, tokenizer, examples, resolve_method(method), hp, [])
+    result = train_for_store(model, tokenizer, store, examples, resolve_method(method), hp).result
     seconds = time.perf_counter() - started
+    shutil.rmtree(store.root, ignore_errors=True)
     with merged_into(model, result.adapter.deltas()):  # the task's own model: base + its ΔW
         unseen_accuracy = exact_match(model, tokenizer, unseen, seed)
     resolved = result.hyperparameters
