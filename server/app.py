@@ -30,6 +30,7 @@ from server.limits import BodySizeLimit
 from server.metrics import LaminaMetrics
 from server.models import ModelRegistry
 from server.openai.router import router as openai_router
+from server.openai.router import tokenizer_router
 from server.openai.serving import CompletionService
 from server.request_id import RequestIdMiddleware, install_log_records
 from server.settings import ServerSettings
@@ -119,6 +120,7 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every response carries it
     app.include_router(openai_router, dependencies=[Depends(require_user)])
+    app.include_router(tokenizer_router, dependencies=[Depends(require_user)])
     app.include_router(training_router, dependencies=[Depends(require_user)])
     app.include_router(finetuning_router, dependencies=[Depends(require_user)])
     document_task_schema(app)

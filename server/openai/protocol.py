@@ -25,6 +25,15 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest as _VllmChatCompletionRequest,
 )
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest as _VllmCompletionRequest
+from vllm.entrypoints.serve.tokenize.protocol import (  # vLLM's /tokenize and /detokenize, as is
+    DetokenizeRequest as DetokenizeRequest,
+)
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeResponse as DetokenizeResponse
+from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest as TokenizeChatRequest
+from vllm.entrypoints.serve.tokenize.protocol import (
+    TokenizeCompletionRequest as TokenizeCompletionRequest,
+)
+from vllm.entrypoints.serve.tokenize.protocol import TokenizeResponse as TokenizeResponse
 
 
 def _new_id(prefix: str) -> str:
@@ -73,6 +82,7 @@ class ChatCompletionRequest(_VllmChatCompletionRequest):
 
 
 AnyRequest = CompletionRequest | ChatCompletionRequest
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
 
 
 class Usage(BaseModel):

@@ -14,12 +14,18 @@ from server.openai.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from server.openai.serving import CompletionService
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+# vLLM's tokenizer endpoints, at the root as vLLM serves them (``vllm bench serve`` calls /tokenize)
+tokenizer_router = APIRouter(tags=["openai"])
 _ERRORS: dict[int | str, dict] = {
     400: {"model": ErrorResponse},
     404: {"model": ErrorResponse},
@@ -73,3 +79,13 @@ async def create_completion(body: CompletionRequest, request: Request):  # type:
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):  # type: ignore[no-untyped-def]
     return await _answer(body, request)
+
+
+@tokenizer_router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    return request.app.state.completions.tokenize(body)
+
+
+@tokenizer_router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    return request.app.state.completions.detokenize(body)

@@ -34,6 +34,11 @@ from server.openai.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
     _new_id,
 )
@@ -222,6 +227,12 @@ class CompletionService:
     def _chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
         """``messages`` through the chat template, tokenized as training tokenizes a chat prompt
         (special tokens added unless the request says otherwise)."""
+        text = self._chat_text(request)
+        special = request.add_special_tokens if "add_special_tokens" in request.model_fields_set else True
+        return self._check_length(self._truncate(self._encode(text, special), request), "messages")
+
+    def _chat_text(self, request: ChatCompletionRequest | TokenizeChatRequest) -> str:
+        """``messages`` rendered by the chat template (a 400 naming ``messages`` if it refuses)."""
         from jinja2 import TemplateError
 
         if not request.messages:
@@ -232,8 +243,9 @@ class CompletionService:
         }
         if request.tools and self.template_renders_tools:
             variables["tools"] = [tool.model_dump(exclude_none=True) for tool in request.tools]
-        if request.documents:
-            variables["documents"] = request.documents
+        documents = getattr(request, "documents", None)
+        if documents:
+            variables["documents"] = documents
         try:
             text = self.tokenizer.apply_chat_template(
                 conversation,  # type: ignore[arg-type]
@@ -246,8 +258,38 @@ class CompletionService:
             raise APIError(
                 400, f"the chat template refused the messages: {error}", param="messages"
             ) from error
-        special = request.add_special_tokens if "add_special_tokens" in request.model_fields_set else True
-        return self._check_length(self._truncate(self._encode(str(text), special), request), "messages")
+        return str(text)
+
+    # ----------------------------------------------------------------- tokenizer endpoints
+
+    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's ``POST /tokenize``: a prompt, or ``messages`` through the chat template, as the
+        token ids the engine would see (every served model shares the base's tokenizer; an
+        unknown ``model`` is a 404). ``vllm bench serve`` uses it to align its prompts."""
+        if request.model is not None:
+            self.registry.resolve(request.model)
+        if isinstance(request, TokenizeChatRequest):
+            ids = self._encode(self._chat_text(request), request.add_special_tokens)
+        else:
+            ids = self._encode(request.prompt, request.add_special_tokens)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+        return TokenizeResponse(
+            count=len(ids), max_model_len=self.settings.max_model_len, tokens=ids, token_strs=strs
+        )
+
+    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's ``POST /detokenize``: token ids back to text (ids outside the vocabulary: 400)."""
+        if request.model is not None:
+            self.registry.resolve(request.model)
+        vocabulary = len(self.tokenizer)
+        outside = [i for i in request.tokens if i >= vocabulary]
+        if outside:
+            raise APIError(
+                400,
+                f"tokens holds ids outside the vocabulary of {vocabulary}: {outside[:5]}.",
+                param="tokens",
+            )
+        return DetokenizeResponse(prompt=self.tokenizer.decode(request.tokens))
 
     # ----------------------------------------------------------------- preparing
 

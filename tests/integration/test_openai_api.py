@@ -519,3 +519,42 @@ def test_request_id_is_echoed_and_logged(client: openai.OpenAI, server: RunningS
         headers={"X-Request-Id": request_id + "-s"},
     ) as response:
         assert response.headers["x-request-id"] == request_id + "-s"
+
+
+def test_tokenize_and_detokenize_as_vllm_serves_them(server: RunningServer, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's /tokenize and /detokenize (``vllm bench serve`` aligns its prompts with them)."""
+    text = "The weather today is"
+    answer = httpx.post(
+        f"{server.url}/tokenize", json={"model": "continual", "prompt": text, "add_special_tokens": False}
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert body["tokens"] == ids and body["count"] == len(ids) and body["max_model_len"] > 0
+    back = httpx.post(f"{server.url}/detokenize", json={"model": "base", "tokens": ids})
+    assert back.status_code == 200 and back.json() == {"prompt": tokenizer.decode(ids)}
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["count"] == len(chat["tokens"]) > 1
+    unknown = httpx.post(f"{server.url}/tokenize", json={"model": "no-such-model", "prompt": text})
+    assert unknown.status_code == 404
+    outside = httpx.post(f"{server.url}/detokenize", json={"tokens": [len(tokenizer) + 5]})
+    assert outside.status_code == 400 and outside.json()["error"]["param"] == "tokens"
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_vllm_bench_serve_bodies_stream_every_token_and_usage(server: RunningServer, endpoint: str) -> None:
+    """The bodies ``vllm bench serve`` (0.32, openai / openai-chat backends, random dataset)
+    sends: every requested token arrives (``ignore_eos``) and the last event carries usage."""
+    body: dict[str, Any] = {"model": "continual", "stream": True, "stream_options": {"include_usage": True}}
+    body |= {"ignore_eos": True, "repetition_penalty": 1.0, "logprobs": None}
+    if endpoint == "completions":
+        body |= {"prompt": "The weather today is", "max_tokens": 16}
+    else:
+        body |= {"messages": [{"role": "user", "content": "Hello"}], "max_completion_tokens": 16}
+    with httpx.stream("POST", f"{server.url}/v1/{endpoint}", json=body, timeout=60) as answer:
+        assert answer.status_code == 200
+        events = [line.removeprefix("data: ") for line in answer.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert all(not chunk.get("usage") for chunk in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 16
