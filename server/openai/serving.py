@@ -524,7 +524,13 @@ def _template_message(index: int, message: Any) -> dict[str, Any]:
         text = content
     else:
         texts = []
-        for part in content:
+        for part in _content_parts(index, content):
+            if not isinstance(part, dict):  # a request model that lets any JSON through (/tokenize)
+                raise APIError(
+                    400,
+                    f"messages.{index}.content holds a part that is not an object: {part!r:.40}.",
+                    param=f"messages.{index}.content",
+                )
             kind = part.get("type", "text" if "text" in part else None)
             if kind not in ("text", "refusal"):
                 raise APIError(
@@ -540,6 +546,23 @@ def _template_message(index: int, message: Any) -> dict[str, Any]:
         if message.get(key):
             rendered[key] = message[key]
     return rendered
+
+
+def _content_parts(index: int, content: Any) -> list[Any]:
+    """A message's content parts, validated now: vLLM's request models keep an iterable of parts
+    as a lazy pydantic iterator, which raises a ValidationError on a bad part — or, for some
+    (``[[null, null]]`` in /tokenize, found by schemathesis), a pydantic-core panic, which is a
+    BaseException. Either is the client's bad ``content``: a 400, not a 500."""
+    try:
+        return list(content)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
+        raise APIError(
+            400,
+            f"messages.{index}.content is not a list of content parts.",
+            param=f"messages.{index}.content",
+        ) from error
 
 
 def _forced_tool_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
