@@ -139,7 +139,9 @@ def test_valid_request_while_loading_is_503_and_ready_says_so(client: TestClient
 
 
 def test_bodies_over_the_limit_are_413_before_being_read(base_model_dir: Path, tmp_path: Path) -> None:
-    settings = ServerSettings(model=base_model_dir, home=tmp_path, max_request_bytes=2048, max_examples=3)
+    settings = ServerSettings(
+        model=base_model_dir, home=tmp_path, max_request_bytes=2048, max_file_bytes=1024, max_examples=3
+    )
     with TestClient(create_app(settings, start_engine=False)) as small:
         response = small.post("/v1/completions", json={"model": "base", "prompt": "x" * 5000})
         assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
