@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import build_merge
 from adapters_store.store import AdapterStore, Publication
-from adapters_store.subspace import Subspace
+from adapters_store.subspace import Subspace, occupancy
 from trainer.config import ChatExample, Hyperparameters, MethodSpec, TrainingExample
 from trainer.loop import TrainResult, train_task
 from trainer.methods import PARAMETRIZATIONS
@@ -108,12 +108,10 @@ def _seed_subspace(
         hp.subspace_base_energy,
         min_free=BASE_MIN_FREE_TASKS * hp.r,
     )
-    shares = [k / d for k, d in zip(seed.dims().values(), seed.d_in().values(), strict=True)]
-    return seed, {
-        "subspace_base_reserved_mean": round(sum(shares) / len(shares), 4),
-        "subspace_base_reserved_max": round(max(shares), 4),
-        "subspace_base_seconds": round(time.perf_counter() - started, 3),
+    metrics = {
+        key.replace("subspace_", "subspace_base_", 1): value for key, value in subspace_metrics(seed).items()
     }
+    return seed, {**metrics, "subspace_base_seconds": round(time.perf_counter() - started, 3)}
 
 
 def publish_trained(
@@ -148,13 +146,13 @@ def publish_trained(
 
 
 def subspace_metrics(subspace: Subspace) -> dict[str, float | int]:
-    """How much of the input space the live tasks now reserve (inflora's capacity)."""
-    dims, d_in = subspace.dims(), subspace.d_in()
-    shares = [dims[name] / d_in[name] for name in dims]
+    """How much of the input space the live tasks now reserve (inflora's capacity): the admin
+    view's figures (:func:`adapters_store.subspace.occupancy`), as job metrics."""
+    view = occupancy(subspace.summary())
     return {
-        "subspace_reserved_mean": round(sum(shares) / len(shares), 4),
-        "subspace_reserved_max": round(max(shares), 4),
-        "subspace_free_min": min(d_in[name] - dims[name] for name in dims),
+        "subspace_reserved_mean": round(view["occupancy_mean"], 4),
+        "subspace_reserved_max": round(view["occupancy_max"], 4),
+        "subspace_free_min": view["free_min"],
     }
 
 

@@ -130,6 +130,6 @@ def _through_first_eos(sequences: torch.Tensor, eos_id: int | None) -> torch.Ten
     mask = torch.ones_like(sequences)
     if eos_id is None:
         return mask
-    ended = (sequences[:, 1:] == eos_id).long().cumsum(dim=1)  # (b, T-1): EOS seen at or before
-    mask[:, 1:] = (ended - (sequences[:, 1:] == eos_id).long() == 0).long()
+    is_eos = (sequences[:, 1:] == eos_id).long()  # (b, T-1)
+    mask[:, 1:] = (is_eos.cumsum(dim=1) - is_eos == 0).long()  # no EOS strictly before
     return mask
