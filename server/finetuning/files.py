@@ -47,8 +47,8 @@ class FileStore:
         record = FileObject(
             id=file_id, bytes=len(content), created_at=int(time.time()), filename=name, purpose=purpose
         )
-        _atomic_write(content_path, content)
-        _atomic_write(meta_path, record.model_dump_json().encode())
+        atomic_write(content_path, content)
+        atomic_write(meta_path, record.model_dump_json().encode())
         return record
 
     def get(self, file_id: str, param: str = "file_id") -> FileObject:
@@ -87,7 +87,8 @@ class FileStore:
         content_path.unlink(missing_ok=True)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """``data`` into a hidden sibling (flushed to disk), then renamed over ``path`` in one step."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as handle:

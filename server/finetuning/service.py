@@ -5,7 +5,6 @@ fine-tuning job is a Lamina task submitted through the same ``TrainingService`` 
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from server.errors import APIError
 from server.finetuning.events import ProgressLog, job_events
-from server.finetuning.files import FileStore
+from server.finetuning.files import FileStore, atomic_write
 from server.finetuning.mapping import lamina_job_id, openai_job_id, plan, to_openai, unix
 from server.finetuning.protocol import (
     Checkpoint,
@@ -124,7 +123,7 @@ class FineTuningService:
             metadata=request.metadata,
             hyperparameters=planned.requested,
         )
-        _write_record(self.records / f"{job.id}.json", record)
+        atomic_write(self.records / f"{job.id}.json", record.model_dump_json().encode())
         return to_openai(job, record, self.base_name)
 
     def retrieve(self, ftjob_id: str) -> FineTuningJob:
@@ -229,9 +228,3 @@ def _examples(files: FileStore, file_id: str, param: str) -> list[ExampleIn]:
             error.message = f"{param} {file_id}{error.message[4:]}"
         error.param = param
         raise
-
-
-def _write_record(path: Path, record: FineTuneRecord) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(record.model_dump_json())
-    tmp.replace(path)
