@@ -16,11 +16,16 @@ Why this shape:
 - A version only *counts* once the ledger names it. A crash after the rename but before the
   ledger append leaves an orphan directory that no reader looks at, and the next version
   number skips it.
+- The ledger entry that names a version also records the sha256 of each of its files
+  (:mod:`adapters_store.integrity`); a version whose files differ, or that names another base
+  model, is refused wherever it would be read (:meth:`AdapterStore.verify`).
 - The live task set is, by definition, the parents of the live merge (the last ``set_live``
   entry). Publishing, removing a task and rolling back are therefore all "write a merge, then
   append ``set_live``"; the ledger keeps the whole history and ``rollback`` is one entry.
 - Writers of one store serialize on an exclusive ``fcntl`` lock on ``.lock`` (the trainer also
   holds a Redis lock per store; this one protects against anything else). Readers take no lock.
+  A publisher that holds a lease elsewhere passes a :class:`Fence`, checked under this lock just
+  before the ledger append, so a publisher whose lease lapsed (a stalled worker) writes nothing.
 
 :class:`Store` is the interface the server and trainer should type against; :class:`AdapterStore`
 is the local implementation. An fsspec-backed one would keep the same ledger semantics
@@ -29,6 +34,7 @@ is the local implementation. An fsspec-backed one would keep the same ledger sem
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -38,23 +44,47 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
+from safetensors import safe_open
+
+from adapters_store.errors import CorruptVersion as CorruptVersion
+from adapters_store.errors import DiskFull as DiskFull
+from adapters_store.errors import FenceLost as FenceLost
+from adapters_store.errors import FingerprintMismatch as FingerprintMismatch
+from adapters_store.errors import InvalidTaskName as InvalidTaskName
+from adapters_store.errors import MergeNotFound as MergeNotFound
+from adapters_store.errors import StoreError as StoreError
+from adapters_store.errors import TaskExists as TaskExists
+from adapters_store.errors import TaskNotFound as TaskNotFound
+from adapters_store.errors import is_disk_full
+from adapters_store.integrity import verify_tree
+from adapters_store.interface import Fence as Fence
+from adapters_store.interface import Store as Store
+from adapters_store.ledger import Ledger
+from adapters_store.ledger import now as _now
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import DenseDelta, MergeResult, build_merge, get_merge
-from adapters_store.subspace import Subspace
+from adapters_store.subspace import SUBSPACE_FILE, Subspace
+from adapters_store.versions import AS_LEARNED_DIR as AS_LEARNED_DIR
+from adapters_store.versions import META_FILE as META_FILE
+from adapters_store.versions import MergeRecord as MergeRecord
+from adapters_store.versions import Publication as Publication
+from adapters_store.versions import StoreSnapshot as StoreSnapshot
+from adapters_store.versions import TaskRecord as TaskRecord
+from adapters_store.versions import (
+    next_number,
+    write_merge,
+    write_task,
+)
 
 log = logging.getLogger(__name__)
 
 STORE_FILE = "store.json"
 LEDGER_FILE = "ledger.jsonl"
 LOCK_FILE = ".lock"
-META_FILE = "meta.json"
 STORE_FORMAT = 1
-AS_LEARNED_DIR = "as_learned"  # inside a task version: base + its predecessors + it, as one LoRA
 
 # ASCII only (no look-alikes), no separators, no "." so never "..": a name is always one
 # plain path component under tasks/.
@@ -63,108 +93,11 @@ _TASK_ID = re.compile(r"(?P<name>[a-z0-9][a-z0-9_-]{0,63})/v(?P<version>[1-9][0-
 _MERGE_ID = re.compile(r"m[1-9][0-9]*", re.ASCII)
 
 
-class StoreError(Exception):
-    """Base class of the store's refusals."""
-
-
-class InvalidTaskName(StoreError, ValueError):
-    """Task names must match ``[a-z0-9][a-z0-9_-]{0,63}``."""
-
-
-class TaskExists(StoreError):
-    """A live task already has this name (remove it first)."""
-
-
-class TaskNotFound(StoreError, LookupError):
-    """No live task has this name."""
-
-
-class MergeNotFound(StoreError, LookupError):
-    """No merge version with this id was ever made live."""
-
-
-class FingerprintMismatch(StoreError):
-    """The store (or an adapter's meta) belongs to a different base model."""
-
-
-@dataclass(frozen=True)
-class TaskRecord:
-    """One immutable task version."""
-
-    name: str
-    version: int
-    path: Path  # directory in PEFT layout: load it with LoraAdapter.load_peft or vLLM
-    meta: dict[str, Any]
-
-    @property
-    def id(self) -> str:
-        return f"{self.name}/v{self.version}"
-
-    @property
-    def serving_path(self) -> Path:
-        """What ``model=<task>`` serves: the task's own adapter, or, for methods that train each
-        task on top of its predecessors, the model as it was when this task was learned."""
-        as_learned = self.path / AS_LEARNED_DIR
-        return as_learned if as_learned.is_dir() else self.path
-
-
-@dataclass(frozen=True)
-class MergeRecord:
-    """One immutable merge version: what the continual model serves when it is live."""
-
-    id: str  # "m<seq>"
-    kind: Literal["lora", "dense"]
-    method: str  # the registered merge, e.g. "concat"
-    path: Path  # PEFT layout; a dense merge also holds delta.safetensors, its PEFT files its SVD
-    parents: tuple[str, ...]  # task version ids, oldest first
-    meta: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Publication:
-    """What :meth:`AdapterStore.publish` made: the task version and the new live merge."""
-
-    task: TaskRecord
-    merge: MergeRecord
-
-
-class Store(Protocol):
-    """The store interface the server and the trainer use."""
-
-    fingerprint: str
-
-    def publish(
-        self,
-        name: str,
-        adapter: LoraAdapter,
-        meta: dict[str, Any],
-        merge: str,
-        weights: list[float] | None = None,
-        notes: list[dict[str, Any]] | None = None,
-        subspace: Subspace | None = None,
-        as_learned: bool = False,
-    ) -> Publication: ...
-    def tasks(self) -> list[TaskRecord]: ...
-    def task_adapter(self, name: str) -> LoraAdapter: ...
-    def history(self) -> list[LoraAdapter]: ...
-    def live(self) -> MergeRecord | None: ...
-    def subspace(self) -> Subspace | None: ...
-    def merge(self, merge_id: str) -> MergeRecord: ...
-    def load_merge(self, merge_id: str) -> MergeResult: ...
-    def ledger(self) -> list[dict[str, Any]]: ...
-    def rollback(self, merge_id: str) -> MergeRecord: ...
-    def remove_task(self, name: str) -> MergeRecord | None: ...
-
-
 def check_task_name(name: str) -> str:
     """Return ``name`` if it is a valid task name, else raise :class:`InvalidTaskName`."""
     if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
         raise InvalidTaskName(f"task name {name!r} must match [a-z0-9][a-z0-9_-]{{0,63}}")
     return name
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class AdapterStore:
@@ -181,6 +114,9 @@ class AdapterStore:
     ``dense_export_rank`` is the rank of the PEFT-layout SVD written beside every dense merge
     (:meth:`DenseDelta.to_lora_svd`), so that PEFT and vLLM load those versions too; servers
     whose ``max_lora_rank`` equals it serve that export as it is.
+
+    Writers take ``notes``: extra ledger entries written in the same append as the change (LoRAF
+    rank growth, the admin audit), so a change and its record land together or not at all.
     """
 
     def __init__(
@@ -199,7 +135,7 @@ class AdapterStore:
         self.base_model = base_model  # written into adapter_config.json for PEFT/vLLM
         self.dense_export_rank = dense_export_rank
         self._on_event = on_event
-        self._ledger = _Ledger(self.root / LEDGER_FILE)
+        self._ledger = Ledger(self.root / LEDGER_FILE)
         for sub in ("tasks", "merges"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._open_or_create()
@@ -216,6 +152,7 @@ class AdapterStore:
         notes: list[dict[str, Any]] | None = None,
         subspace: Subspace | None = None,
         as_learned: bool = False,
+        fence: Fence | None = None,
     ) -> Publication:
         """Add a task version and make the merge of all live tasks plus it live.
 
@@ -228,6 +165,10 @@ class AdapterStore:
         ``merge`` names a registered merge; ``weights`` (one per live task, oldest first,
         this task last) are recorded and apply to this merge only. The magnitude merge
         folds the new task into the live dense merge instead of rebuilding it.
+
+        ``fence`` (a worker's claim on its job) is checked under the writer lock before any
+        work and again just before the ledger append: :class:`FenceLost` when it no longer
+        holds. A full disk raises :class:`DiskFull`. Either way nothing is left behind.
         """
         check_task_name(name)
         method = get_merge(merge)
@@ -237,15 +178,18 @@ class AdapterStore:
             )
         json.dumps(meta)  # refuse unserializable meta before anything is written
         with self._writer_lock():
-            live, tasks = self._state()
+            self._check_fence(fence, name)
+            snapshot = self.snapshot()
+            live, tasks = snapshot.live, snapshot.tasks
             if any(t.name == name for t in tasks):
                 raise TaskExists(f"task {name!r} is live; remove it before publishing it again")
-            version = self._next_number(self.root / "tasks" / name, "v")
+            version = next_number(self.root / "tasks" / name, "v")
             task_id = f"{name}/v{version}"
             fold = method.incremental and live is not None and live.method == merge
             history = self._load_tasks(tasks) if as_learned or not fold else []
             if fold:
                 assert live is not None
+                self.verify(live)
                 result = build_merge(merge, [adapter], weights, DenseDelta.load(live.path))
                 based_on = live.id
             else:
@@ -265,48 +209,67 @@ class AdapterStore:
             written: list[Path] = []
             try:
                 task_dir = self.root / "tasks" / name / f"v{version}"
-                self._write_version(task_dir, lambda d: self._write_task(d, adapter, task_meta, prefix))
+                task_files = write_task(task_dir, adapter, task_meta, prefix, self.base_model)
                 written.append(task_dir)
-                merge_id, merge_dir = self._write_merge(result, merge, parents, weights, based_on, subspace)
+                merge_id, merge_dir, merge_files = self._write_merge(
+                    result, merge, parents, weights, based_on, subspace
+                )
                 written.append(merge_dir)
+                self._check_fence(fence, name)
+                add: dict[str, Any] = {"op": "add_task", "task": name, "version": version, "id": task_id}
+                if fence is not None:
+                    add["fence"] = fence.token
                 entries = self._ledger.append(
                     [
                         *(notes or []),
-                        {"op": "add_task", "task": name, "version": version, "id": task_id},
-                        {"op": "set_live", "merge": merge_id, "parents": parents, "cause": "add_task"},
+                        {**add, "files": task_files},
+                        {
+                            "op": "set_live",
+                            "merge": merge_id,
+                            "parents": parents,
+                            "cause": "add_task",
+                            "files": merge_files,
+                        },
                     ]
                 )
-            except BaseException:
+            except BaseException as error:
                 for path in written:
                     shutil.rmtree(path, ignore_errors=True)
+                _raise_disk_full(error, f"publishing {task_id}")
                 raise
         self._notify(entries[-1])
         return Publication(task=self._task_record(task_id), merge=self.merge(merge_id))
 
-    def rollback(self, merge_id: str) -> MergeRecord:
-        """Make an earlier live merge live again (its parents become the live tasks)."""
+    def rollback(self, merge_id: str, notes: list[dict[str, Any]] | None = None) -> MergeRecord:
+        """Make an earlier live merge live again (its parents become the live tasks). The merge
+        and its tasks are verified first: a damaged version is refused (:class:`CorruptVersion`)."""
         with self._writer_lock():
             record = self.merge(merge_id)
-            if record.meta.get("base_fingerprint") != self.fingerprint:
-                raise FingerprintMismatch(f"merge {merge_id} was built on another base model")
-            live, _ = self._state()
+            self.verify(record, *(self._task_record(task_id) for task_id in record.parents))
+            live = self.live()
             if live is not None and live.id == merge_id:
+                if notes:
+                    self._ledger.append(notes)
                 return record
-            entries = self._ledger.append(
-                [
-                    {"op": "rollback", "merge": merge_id, "from": live.id if live else None},
-                    {
-                        "op": "set_live",
-                        "merge": merge_id,
-                        "parents": list(record.parents),
-                        "cause": "rollback",
-                    },
-                ]
-            )
+            change: list[dict[str, Any]] = [
+                {"op": "rollback", "merge": merge_id, "from": live.id if live else None},
+                {
+                    "op": "set_live",
+                    "merge": merge_id,
+                    "parents": list(record.parents),
+                    "cause": "rollback",
+                    **({"files": record.files} if record.files is not None else {}),
+                },
+            ]
+            try:
+                entries = self._ledger.append([*(notes or []), *change])
+            except OSError as error:
+                _raise_disk_full(error, f"rolling back to {merge_id}")
+                raise
         self._notify(entries[-1])
         return record
 
-    def remove_task(self, name: str) -> MergeRecord | None:
+    def remove_task(self, name: str, notes: list[dict[str, Any]] | None = None) -> MergeRecord | None:
         """Rebuild the live merge without task ``name`` and make it live.
 
         Returns the new merge, or None when no task is left (the base model alone is live).
@@ -314,7 +277,8 @@ class AdapterStore:
         """
         check_task_name(name)
         with self._writer_lock():
-            live, tasks = self._state()
+            snapshot = self.snapshot()
+            live, tasks = snapshot.live, snapshot.tasks
             index = next((i for i, t in enumerate(tasks) if t.name == name), None)
             if index is None or live is None:
                 raise TaskNotFound(f"no live task {name!r}")
@@ -325,44 +289,63 @@ class AdapterStore:
             parents = [t.id for t in remaining]
             merge_id: str | None = None
             merge_dir: Path | None = None
+            set_live: dict[str, Any] = {"op": "set_live", "parents": parents, "cause": "remove_task"}
             try:
                 if remaining:
                     result = build_merge(live.method, self._load_tasks(remaining), weights)
                     # The removed task's directions stay reserved: the later tasks' inputs may
                     # lie in them too (they were never added twice), so only a superset is safe.
-                    kept = Subspace.load(live.path).unchanged() if Subspace.exists(live.path) else None
-                    merge_id, merge_dir = self._write_merge(result, live.method, parents, weights, None, kept)
+                    kept = self._load_subspace(live) if _has_subspace(live) else None
+                    kept = kept.unchanged() if kept is not None else None
+                    merge_id, merge_dir, files = self._write_merge(
+                        result, live.method, parents, weights, None, kept
+                    )
+                    set_live["files"] = files
                 entries = self._ledger.append(
                     [
+                        *(notes or []),
                         {"op": "remove_task", "task": name, "id": tasks[index].id},
-                        {"op": "set_live", "merge": merge_id, "parents": parents, "cause": "remove_task"},
+                        {**set_live, "merge": merge_id},
                     ]
                 )
-            except BaseException:
+            except BaseException as error:
                 if merge_dir is not None:
                     shutil.rmtree(merge_dir, ignore_errors=True)
+                _raise_disk_full(error, f"removing {name}")
                 raise
         self._notify(entries[-1])
         return self.merge(merge_id) if merge_id else None
 
     # --- readers -------------------------------------------------------------------------
 
+    def snapshot(self) -> StoreSnapshot:
+        """The live merge, the live tasks and the ledger's last ``seq``, from one ledger read."""
+        entries = self._ledger.read()
+        last = next((e for e in reversed(entries) if e["op"] == "set_live"), None)
+        seq = int(entries[-1]["seq"]) if entries else 0
+        if last is None:
+            return StoreSnapshot(None, [], seq)
+        tasks = [self._task_record(task_id, entries) for task_id in last["parents"]]
+        live = self._merge_record(last["merge"], entries) if last["merge"] else None
+        return StoreSnapshot(live, tasks, seq)
+
     def tasks(self) -> list[TaskRecord]:
         """Live tasks, oldest first."""
-        return self._state()[1]
+        return self.snapshot().tasks
 
     def task_adapter(self, name: str) -> LoraAdapter:
-        """The live version of task ``name``, masks included."""
+        """The live version of task ``name``, masks included (verified)."""
         for task in self.tasks():
             if task.name == name:
-                return LoraAdapter.load_peft(task.path)
+                return self._load_tasks([task])[0]
         raise TaskNotFound(f"no live task {name!r}")
 
     def task_versions(self, name: str) -> list[TaskRecord]:
         """Every version of ``name`` ever published, live or not, oldest first."""
         check_task_name(name)
-        ids = [e["id"] for e in self._ledger.read() if e["op"] == "add_task" and e["task"] == name]
-        return [self._task_record(task_id) for task_id in ids]
+        entries = self._ledger.read()
+        ids = [e["id"] for e in entries if e["op"] == "add_task" and e["task"] == name]
+        return [self._task_record(task_id, entries) for task_id in ids]
 
     def history(self) -> list[LoraAdapter]:
         """The live task adapters, oldest first: what the trainer needs for the next task."""
@@ -370,35 +353,51 @@ class AdapterStore:
 
     def live(self) -> MergeRecord | None:
         """The live merge, or None when no task is live (serve the base model)."""
-        return self._state()[0]
+        return self.snapshot().live
 
     def subspace(self) -> Subspace | None:
         """The live merge's protected input subspace (inflora), or None when it has none."""
         live = self.live()
-        return Subspace.load(live.path) if live is not None and Subspace.exists(live.path) else None
+        return self._load_subspace(live) if live is not None and _has_subspace(live) else None
 
     def merge(self, merge_id: str) -> MergeRecord:
         """A merge version that the ledger has made live at some point."""
-        if not isinstance(merge_id, str) or not _MERGE_ID.fullmatch(merge_id):
-            raise MergeNotFound(f"not a merge id: {merge_id!r}")
-        path = self.root / "merges" / merge_id
-        if not (path / META_FILE).is_file() or merge_id not in self._ledger_merge_ids():
-            raise MergeNotFound(f"no merge {merge_id} in the ledger")
-        meta = json.loads((path / META_FILE).read_text())
-        return MergeRecord(merge_id, meta["kind"], meta["merge"], path, tuple(meta["parents"]), meta)
+        return self._merge_record(merge_id, self._ledger.read())
 
     def merges(self) -> list[MergeRecord]:
         """Every merge that has been live, in the order it first became live."""
-        return [self.merge(merge_id) for merge_id in self._ledger_merge_ids()]
+        entries = self._ledger.read()
+        return [self._merge_record(merge_id, entries) for merge_id in _merge_ids(entries)]
 
     def load_merge(self, merge_id: str) -> MergeResult:
         record = self.merge(merge_id)
+        self.verify(record)
         if record.kind == "dense":
             return DenseDelta.load(record.path)
         return LoraAdapter.load_peft(record.path)
 
     def ledger(self) -> list[dict[str, Any]]:
         return self._ledger.read()
+
+    def verify(self, *records: TaskRecord | MergeRecord | None) -> None:
+        """Refuse versions that must not be read: written for another base model
+        (:class:`FingerprintMismatch`), or whose files differ from the digests their ledger
+        entry recorded (:class:`CorruptVersion`). Logs each refusal; None records are skipped.
+        Versions from before checksums were recorded pass unverified (logged once)."""
+        for record in records:
+            if record is None:
+                continue
+            try:
+                recorded = record.meta.get("base_fingerprint")
+                if recorded != self.fingerprint:
+                    raise FingerprintMismatch(
+                        f"{record.label} was written for base model {recorded}, "
+                        f"this store's base is {self.fingerprint}"
+                    )
+                verify_tree(record.path, record.files, record.label)
+            except (FingerprintMismatch, CorruptVersion) as error:
+                log.error("refusing %s in %s: %s", record.label, self.root, error)
+                raise
 
     # --- internals -----------------------------------------------------------------------
 
@@ -430,50 +429,66 @@ class AdapterStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _state(self) -> tuple[MergeRecord | None, list[TaskRecord]]:
-        """Replay the ledger: the last set_live names the live merge and the live tasks."""
-        last = None
-        for entry in self._ledger.read():
-            if entry["op"] == "set_live":
-                last = entry
-        if last is None:
-            return None, []
-        tasks = [self._task_record(task_id) for task_id in last["parents"]]
-        return (self.merge(last["merge"]) if last["merge"] else None), tasks
+    def _check_fence(self, fence: Fence | None, name: str) -> None:
+        if fence is not None and not fence.holds():
+            log.warning(
+                "refusing to publish %s: the publisher's claim (generation %d) lapsed", name, fence.token
+            )
+            raise FenceLost(
+                f"the claim (generation {fence.token}) under which {name!r} was trained has lapsed; "
+                "the store refused the publish and wrote nothing"
+            )
 
-    def _ledger_merge_ids(self) -> list[str]:
-        ids = [e["merge"] for e in self._ledger.read() if e["op"] == "set_live" and e["merge"]]
-        return list(dict.fromkeys(ids))
+    def _merge_record(self, merge_id: str, entries: list[dict[str, Any]]) -> MergeRecord:
+        if not isinstance(merge_id, str) or not _MERGE_ID.fullmatch(merge_id):
+            raise MergeNotFound(f"not a merge id: {merge_id!r}")
+        path = self.root / "merges" / merge_id
+        if not (path / META_FILE).is_file() or merge_id not in _merge_ids(entries):
+            raise MergeNotFound(f"no merge {merge_id} in the ledger")
+        meta = json.loads((path / META_FILE).read_text())
+        files = next(
+            (
+                e["files"]
+                for e in entries
+                if e["op"] == "set_live" and e["merge"] == merge_id and "files" in e
+            ),
+            None,
+        )
+        return MergeRecord(merge_id, meta["kind"], meta["merge"], path, tuple(meta["parents"]), meta, files)
 
-    def _task_record(self, task_id: str) -> TaskRecord:
+    def _task_record(self, task_id: str, entries: list[dict[str, Any]] | None = None) -> TaskRecord:
         match = _TASK_ID.fullmatch(task_id)
         if match is None:
             raise TaskNotFound(f"not a task version id: {task_id!r}")
         name, version = match["name"], int(match["version"])
         path = self.root / "tasks" / name / f"v{version}"
-        return TaskRecord(name, version, path, json.loads((path / META_FILE).read_text()))
+        if entries is None:
+            entries = self._ledger.read()
+        files = next(
+            (e.get("files") for e in reversed(entries) if e["op"] == "add_task" and e["id"] == task_id), None
+        )
+        try:
+            meta = json.loads((path / META_FILE).read_text())
+        except FileNotFoundError:
+            raise CorruptVersion(f"task {task_id}: {META_FILE} is missing from {path}") from None
+        except ValueError as error:
+            raise CorruptVersion(f"task {task_id}: {META_FILE} is not JSON ({error})") from None
+        return TaskRecord(name, version, path, meta, files)
 
-    @staticmethod
-    def _load_tasks(tasks: list[TaskRecord]) -> list[LoraAdapter]:
+    def _load_tasks(self, tasks: list[TaskRecord]) -> list[LoraAdapter]:
+        self.verify(*tasks)
         return [LoraAdapter.load_peft(t.path) for t in tasks]
 
-    @staticmethod
-    def _next_number(parent: Path, prefix: str) -> int:
-        """1 + the largest ``<prefix><k>`` in ``parent``, orphans included (never reuse a name)."""
-        taken = [
-            int(p.name[len(prefix) :]) for p in parent.glob(f"{prefix}*") if p.name[len(prefix) :].isdigit()
-        ]
-        return max(taken, default=0) + 1
-
-    def _write_task(
-        self, directory: Path, adapter: LoraAdapter, meta: dict[str, Any], as_learned: MergeResult | None
-    ) -> None:
-        adapter.save_peft(directory, base_model=self.base_model)
-        if isinstance(as_learned, LoraAdapter):
-            (directory / AS_LEARNED_DIR).mkdir()
-            as_learned.save_peft(directory / AS_LEARNED_DIR, base_model=self.base_model)
-            meta = {**meta, "as_learned_rank": as_learned.rank}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    def _load_subspace(self, merge: MergeRecord) -> Subspace:
+        """The merge's subspace, after verifying it and every merge whose basis it extends."""
+        entries = self._ledger.read()
+        step: MergeRecord | None = merge
+        while step is not None:
+            self.verify(step)
+            with safe_open(str(step.path / SUBSPACE_FILE), framework="pt") as handle:
+                parent = (handle.metadata() or {}).get("parent")
+            step = self._merge_record(parent, entries) if parent else None
+        return Subspace.load(merge.path)
 
     def _write_merge(
         self,
@@ -483,58 +498,18 @@ class AdapterStore:
         weights: list[float] | None,
         based_on: str | None,
         subspace: Subspace | None = None,
-    ) -> tuple[str, Path]:
+    ) -> tuple[str, Path, dict[str, str]]:
         """Write a merge version; ``based_on`` is the merge an incremental merge folded into."""
-        merge_id = f"m{self._next_number(self.root / 'merges', 'm')}"
-        meta: dict[str, Any] = {
-            "id": merge_id,
-            "kind": "dense" if isinstance(result, DenseDelta) else "lora",
+        meta = {
             "merge": method,
             "parents": parents,
             "weights": weights,
-            "rank": None if isinstance(result, DenseDelta) else result.rank,
             "based_on": based_on,
             "base_fingerprint": self.fingerprint,
-            "created_at": _now(),
         }
-        if subspace is not None:
-            meta["subspace"] = subspace.summary()
-        export: LoraAdapter | None = None
-        if isinstance(result, DenseDelta):
-            export, error = result.to_lora_svd(self.dense_export_rank)
-            meta["svd_rank"], meta["svd_relative_error"] = self.dense_export_rank, error
-
-        def write(directory: Path) -> None:
-            if isinstance(result, DenseDelta):
-                result.save(directory)
-                assert export is not None
-                export.save_peft(directory, base_model=self.base_model)
-            else:
-                result.save_peft(directory, base_model=self.base_model)
-            if subspace is not None:
-                subspace.save(directory)
-            (directory / META_FILE).write_text(json.dumps(meta, indent=2))
-
-        path = self.root / "merges" / merge_id
-        self._write_version(path, write)
-        return merge_id, path
-
-    @staticmethod
-    def _write_version(final: Path, write: Callable[[Path], None]) -> None:
-        """Write into a hidden sibling, fsync it, then rename it to ``final`` in one step."""
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex}")
-        tmp.mkdir()
-        try:
-            write(tmp)
-            for file in tmp.rglob("*"):
-                _fsync_path(file)
-            _fsync_path(tmp)
-            os.rename(tmp, final)  # fails if ``final`` exists with content: versions are never replaced
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_path(final.parent)
+        return write_merge(
+            self.root / "merges", result, meta, subspace, self.base_model, self.dense_export_rank
+        )
 
     def _notify(self, entry: dict[str, Any]) -> None:
         if self._on_event is None:
@@ -545,64 +520,22 @@ class AdapterStore:
             log.exception("store event for %s failed; servers will see the ledger change instead", self.root)
 
 
-class _Ledger:
-    """``ledger.jsonl``: one JSON object per line, each with ``seq`` and ``ts``.
-
-    Appends hold an exclusive ``flock`` on the file, write all of one operation's entries in
-    a single write and fsync, so an operation's entries appear together. A torn last line
-    (a crash mid-write) is ignored by readers and cut off by the next append.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def read(self) -> list[dict[str, Any]]:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return []
-        complete = data[: data.rfind(b"\n") + 1]
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
-
-    def append(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            data = _read_all(fd)
-            keep = data.rfind(b"\n") + 1
-            if keep != len(data):
-                log.warning("ledger %s: dropping a torn last line of %d bytes", self.path, len(data) - keep)
-                os.ftruncate(fd, keep)
-            lines = [line for line in data[:keep].splitlines() if line.strip()]
-            seq = json.loads(lines[-1])["seq"] if lines else 0
-            ts = _now()
-            stamped = [{"seq": seq + i, "ts": ts, **entry} for i, entry in enumerate(entries, start=1)]
-            payload = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in stamped)
-            try:
-                os.lseek(fd, keep, os.SEEK_SET)
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            except BaseException:
-                os.ftruncate(fd, keep)  # all of the operation or none of it
-                raise
-            return stamped
-        finally:
-            os.close(fd)  # also releases the lock
+def _has_subspace(merge: MergeRecord) -> bool:
+    """Whether the merge was written with a basis: its meta says so (a missing file is then
+    damage, not "no basis"); merges from before the meta recorded it have the file."""
+    return "subspace" in merge.meta or Subspace.exists(merge.path)
 
 
-def _read_all(fd: int) -> bytes:
-    os.lseek(fd, 0, os.SEEK_SET)
-    chunks = []
-    while chunk := os.read(fd, 1 << 16):
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _merge_ids(entries: list[dict[str, Any]]) -> list[str]:
+    """Merges in the order they first became live."""
+    return list(dict.fromkeys(e["merge"] for e in entries if e["op"] == "set_live" and e["merge"]))
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _raise_disk_full(error: BaseException, doing: str) -> None:
+    """Re-raise a write that failed for lack of space as :class:`DiskFull`; else return."""
+    if is_disk_full(error) and not isinstance(error, DiskFull):
+        raise DiskFull(
+            errno.ENOSPC,
+            f"the store's disk is full ({error}) while {doing}; nothing was written. "
+            "Free space in the store's directory and try again.",
+        ) from error

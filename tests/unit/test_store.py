@@ -12,7 +12,7 @@ import redis
 import torch
 from safetensors.torch import save_file
 
-from adapters_store import store as store_module
+from adapters_store import ledger as ledger_module
 from adapters_store.events import EventSubscriber, LedgerWatcher, publish_event, redis_notifier
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.lora import LoraAdapter, LoraModule
@@ -120,7 +120,7 @@ def test_crash_during_publish_leaves_nothing_visible(
 
     monkeypatch.setattr(LoraAdapter, "save_peft", failing_save)
     if fail_at == "ledger":
-        monkeypatch.setattr(store_module._Ledger, "append", failing_append)
+        monkeypatch.setattr(ledger_module.Ledger, "append", failing_append)
     with pytest.raises(OSError, match="disk full"):
         store.publish("beta", make_adapter(1), META, "concat")
 

@@ -1,0 +1,51 @@
+"""The store's interfaces: what the server and the trainer type against, and the fence a
+publisher hands the store. Kept apart so that neither side needs the local implementation."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from adapters_store.lora import LoraAdapter
+from adapters_store.merges import MergeResult
+from adapters_store.subspace import Subspace
+from adapters_store.versions import MergeRecord, Publication, StoreSnapshot, TaskRecord
+
+
+class Fence(Protocol):
+    """A publisher's claim, checked by the store under its writer lock just before the ledger
+    append (e.g. :class:`trainer.jobs.ClaimFence`): ``holds()`` False refuses the publish."""
+
+    token: int  # the claim's generation, recorded with the task it published
+
+    def holds(self) -> bool: ...
+
+
+class Store(Protocol):
+    """The store interface the server and the trainer use."""
+
+    fingerprint: str
+
+    def publish(
+        self,
+        name: str,
+        adapter: LoraAdapter,
+        meta: dict[str, Any],
+        merge: str,
+        weights: list[float] | None = None,
+        notes: list[dict[str, Any]] | None = None,
+        subspace: Subspace | None = None,
+        as_learned: bool = False,
+        fence: Fence | None = None,
+    ) -> Publication: ...
+    def snapshot(self) -> StoreSnapshot: ...
+    def tasks(self) -> list[TaskRecord]: ...
+    def task_adapter(self, name: str) -> LoraAdapter: ...
+    def history(self) -> list[LoraAdapter]: ...
+    def live(self) -> MergeRecord | None: ...
+    def subspace(self) -> Subspace | None: ...
+    def merge(self, merge_id: str) -> MergeRecord: ...
+    def load_merge(self, merge_id: str) -> MergeResult: ...
+    def ledger(self) -> list[dict[str, Any]]: ...
+    def verify(self, *records: TaskRecord | MergeRecord | None) -> None: ...
+    def rollback(self, merge_id: str, notes: list[dict[str, Any]] | None = None) -> MergeRecord: ...
+    def remove_task(self, name: str, notes: list[dict[str, Any]] | None = None) -> MergeRecord | None: ...

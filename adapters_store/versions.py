@@ -1,0 +1,179 @@
+"""What the store holds, as records, and how one version directory is written.
+
+A version is written under a hidden temporary sibling, fsynced and renamed into place, so a
+reader sees a whole version or none; the digests of its files come back from the write so the
+ledger entry that names the version can record them (:mod:`adapters_store.integrity`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from adapters_store.integrity import digest_tree
+from adapters_store.ledger import fsync_path
+from adapters_store.ledger import now as _now
+from adapters_store.lora import LoraAdapter
+from adapters_store.merges import DenseDelta, MergeResult
+from adapters_store.subspace import Subspace
+
+META_FILE = "meta.json"
+AS_LEARNED_DIR = "as_learned"  # inside a task version: base + its predecessors + it, as one LoRA
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One immutable task version."""
+
+    name: str
+    version: int
+    path: Path  # directory in PEFT layout: load it with LoraAdapter.load_peft or vLLM
+    meta: dict[str, Any]
+    # relative path -> sha256, as its ledger entry recorded; None for versions published before
+    files: dict[str, str] | None = field(default=None, compare=False)
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}/v{self.version}"
+
+    @property
+    def label(self) -> str:
+        return f"task {self.id}"
+
+    @property
+    def serving_path(self) -> Path:
+        """What ``model=<task>`` serves: the task's own adapter, or, for methods that train each
+        task on top of its predecessors, the model as it was when this task was learned."""
+        as_learned = self.path / AS_LEARNED_DIR
+        return as_learned if as_learned.is_dir() else self.path
+
+
+@dataclass(frozen=True)
+class MergeRecord:
+    """One immutable merge version: what the continual model serves when it is live."""
+
+    id: str  # "m<seq>"
+    kind: Literal["lora", "dense"]
+    method: str  # the registered merge, e.g. "concat"
+    path: Path  # PEFT layout; a dense merge also holds delta.safetensors, its PEFT files its SVD
+    parents: tuple[str, ...]  # task version ids, oldest first
+    meta: dict[str, Any]
+    files: dict[str, str] | None = field(default=None, compare=False)  # as for TaskRecord
+
+    @property
+    def label(self) -> str:
+        return f"merge {self.id}"
+
+
+@dataclass(frozen=True)
+class Publication:
+    """What :meth:`AdapterStore.publish` made: the task version and the new live merge."""
+
+    task: TaskRecord
+    merge: MergeRecord
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """The live merge and the live tasks as of one ledger read, and that read's last ``seq``:
+    a caller that needs both never pairs one version's tasks with another's merge."""
+
+    live: MergeRecord | None
+    tasks: list[TaskRecord]
+    seq: int
+
+
+def next_number(parent: Path, prefix: str) -> int:
+    """1 + the largest ``<prefix><k>`` in ``parent``, orphans included (never reuse a name)."""
+    taken = [int(p.name[len(prefix) :]) for p in parent.glob(f"{prefix}*") if p.name[len(prefix) :].isdigit()]
+    return max(taken, default=0) + 1
+
+
+def write_version(final: Path, write: Callable[[Path], None]) -> dict[str, str]:
+    """Write into a hidden sibling, fsync it, then rename it to ``final`` in one step; returns
+    the sha256 of every file written (relative path -> hex), taken before the rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for file in tmp.rglob("*"):
+            fsync_path(file)
+        fsync_path(tmp)
+        digests = digest_tree(tmp)
+        os.rename(tmp, final)  # fails if ``final`` exists with content: versions are never replaced
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(final.parent)
+    return digests
+
+
+def write_task(
+    directory: Path,
+    adapter: LoraAdapter,
+    meta: dict[str, Any],
+    as_learned: MergeResult | None,
+    base_model: str,
+) -> dict[str, str]:
+    """Write a task version to ``directory``: its adapter (masks included), the model as
+    learned when there is one, and its meta. Returns its files' digests."""
+
+    def write(tmp: Path) -> None:
+        adapter.save_peft(tmp, base_model=base_model)
+        task_meta = meta
+        if isinstance(as_learned, LoraAdapter):
+            (tmp / AS_LEARNED_DIR).mkdir()
+            as_learned.save_peft(tmp / AS_LEARNED_DIR, base_model=base_model)
+            task_meta = {**meta, "as_learned_rank": as_learned.rank}
+        (tmp / META_FILE).write_text(json.dumps(task_meta, indent=2))
+
+    return write_version(directory, write)
+
+
+def write_merge(
+    merges_dir: Path,
+    result: MergeResult,
+    meta: dict[str, Any],
+    subspace: Subspace | None,
+    base_model: str,
+    dense_export_rank: int,
+) -> tuple[str, Path, dict[str, str]]:
+    """Write the next merge version under ``merges_dir``; ``meta`` holds what the caller knows
+    (method, parents, weights, fingerprint), this adds the id, kind, rank and, for a dense merge,
+    its rank-``dense_export_rank`` SVD in PEFT layout and that SVD's error. Returns the merge's
+    id, its directory and its files' digests."""
+    merge_id = f"m{next_number(merges_dir, 'm')}"
+    meta = {
+        "id": merge_id,
+        "kind": "dense" if isinstance(result, DenseDelta) else "lora",
+        **meta,
+        "rank": None if isinstance(result, DenseDelta) else result.rank,
+        "created_at": _now(),
+    }
+    if subspace is not None:
+        meta["subspace"] = subspace.summary()
+    export: LoraAdapter | None = None
+    if isinstance(result, DenseDelta):
+        export, error = result.to_lora_svd(dense_export_rank)
+        meta["svd_rank"], meta["svd_relative_error"] = dense_export_rank, error
+
+    def write(directory: Path) -> None:
+        if isinstance(result, DenseDelta):
+            result.save(directory)
+            assert export is not None
+            export.save_peft(directory, base_model=base_model)
+        else:
+            result.save_peft(directory, base_model=base_model)
+        if subspace is not None:
+            subspace.save(directory)
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+    path = merges_dir / merge_id
+    return merge_id, path, write_version(path, write)
