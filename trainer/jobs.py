@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -82,11 +82,17 @@ class Job(BaseModel):
     lease_expires_at: float | None = Field(
         None, description="Unix time until which the worker's claim holds; renewed while it trains."
     )
+    generation: int | None = Field(
+        None,
+        description="The claim's fencing token: one more than any earlier claim on this board. "
+        "The store publishes only while the claim with this generation still holds.",
+    )
 
 
 # A job in one of these states belongs to the worker named in it, for as long as its lease holds.
 CLAIMED = (JobStatus.validating, JobStatus.running)
 WORKER_LOST = "worker_lost"
+DISK_FULL = "disk_full"
 
 
 def now() -> str:
@@ -234,6 +240,7 @@ class JobBoard:
                     "started_at": now(),
                     "worker": worker,
                     "lease_expires_at": time.time() + lease_s,
+                    "generation": 1 + max((j.generation or 0 for j in jobs), default=0),
                 }
             )
             self._write(job)
@@ -243,6 +250,22 @@ class JobBoard:
         """Extend ``worker``'s claim on the job; False once the claim is gone (the job finished
         or was failed as lapsed), which tells that worker to stop and publish nothing."""
         return self.update_claimed(job_id, worker, lease_expires_at=time.time() + lease_s) is not None
+
+    def holds(self, job_id: str, worker: str, generation: int, lease_s: float) -> bool:
+        """Whether ``worker``'s claim of ``generation`` on the job still holds; if it does, the
+        lease is renewed, so the publish that asked has a whole lease to append its ledger
+        lines. A lapsed lease fails the job here (as everywhere on the board) and answers False."""
+        with self._locked():
+            job = self._fail_lapsed([self.get(job_id)])[0]
+            if job.status not in CLAIMED or job.worker != worker or job.generation != generation:
+                return False
+            self._write(job.model_copy(update={"lease_expires_at": time.time() + lease_s}))
+            return True
+
+    def fence(self, job: Job, lease_s: float) -> ClaimFence:
+        """The fence a worker hands the store's publish for the job it claimed."""
+        assert job.worker is not None and job.generation is not None, "only a claimed job has a fence"
+        return ClaimFence(self, job.id, job.worker, job.generation, lease_s)
 
     def update_claimed(self, job_id: str, worker: str, **changes: Any) -> Job | None:
         """Apply ``changes`` to a job ``worker`` still holds (a terminal status also stamps
@@ -288,6 +311,23 @@ class JobBoard:
                 self._write(job)
             current.append(job)
         return current
+
+
+@dataclass(frozen=True)
+class ClaimFence:
+    """A worker's claim as the store's fence (:class:`adapters_store.interface.Fence`): the
+    store calls :meth:`holds` under its writer lock just before it appends the ledger lines, so
+    a worker that stalled past its lease (and whose job the board has failed or given to the
+    next claim) publishes nothing even if it wakes up in the middle of publishing."""
+
+    board: JobBoard
+    job_id: str
+    worker: str
+    token: int  # the claim's generation
+    lease_s: float
+
+    def holds(self) -> bool:
+        return self.board.holds(self.job_id, self.worker, self.token, self.lease_s)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from adapters_store.interface import Fence
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import build_merge
 from adapters_store.store import AdapterStore, Publication
@@ -124,9 +125,13 @@ def publish_trained(
     *,
     extra_meta: dict[str, Any] | None = None,
     notes: list[dict[str, Any]] | None = None,
+    fence: Fence | None = None,
 ) -> Publication:
     """Publish a trained task: its version, the new live merge (with the subspace, if any) and,
-    for methods that train on top of the earlier tasks, the model as learned for ``model=<task>``."""
+    for methods that train on top of the earlier tasks, the model as learned for ``model=<task>``.
+
+    ``fence`` (the worker's claim) makes the store refuse the publish once the claim has lapsed
+    (:class:`adapters_store.errors.FenceLost`)."""
     meta = {
         "method": method.name,
         "hyperparameters": trained.hyperparameters.model_dump(mode="json"),
@@ -142,6 +147,7 @@ def publish_trained(
         notes=notes,
         subspace=trained.subspace,
         as_learned=method.stack_history,
+        fence=fence,
     )
 
 

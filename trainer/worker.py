@@ -26,13 +26,14 @@ from typing import Any
 import redis
 from celery.signals import worker_ready
 
+from adapters_store.errors import DiskFull, FenceLost
 from adapters_store.events import redis_notifier
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
 from trainer.admission import AdmissionError, admit
 from trainer.celery_app import TRAIN_TASK, make_celery
 from trainer.config import Hyperparameters, resolve_method
-from trainer.jobs import Job, JobBoard, JobError, JobStatus, Progress
+from trainer.jobs import DISK_FULL, Job, JobBoard, JobError, JobStatus, Progress
 from trainer.logs import log_context
 from trainer.settings import LaminaSettings
 
@@ -156,6 +157,7 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
                 hp,
                 trained,
                 extra_meta={"requested_rank": requested_rank, "job_id": job.id},
+                fence=board.fence(job, settings.job_lease_s),
                 notes=_growth_notes(method.parametrization, trained.history, hp.r),
             )
             board.update_claimed(
@@ -183,6 +185,13 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
             board.update_claimed(job.id, me, status=JobStatus.cancelled)
         except ClaimLost:
             log.warning("job %s: claim lapsed; stopped without publishing", job.id)
+        except FenceLost as error:
+            log.warning("job %s: claim lapsed while publishing; the store refused it: %s", job.id, error)
+        except DiskFull as error:
+            log.error("job %s: %s", job.id, error)
+            board.update_claimed(
+                job.id, me, status=JobStatus.failed, error=JobError(message=str(error), code=DISK_FULL)
+            )
         except AdmissionError as error:
             board.update_claimed(
                 job.id,

@@ -1,0 +1,90 @@
+"""The claim fence between the job board and the store: a worker publishes only while the claim
+it trained under still holds, checked under the store's writer lock."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from adapters_store.errors import FenceLost
+from adapters_store.store import AdapterStore
+from tests.unit.test_store import FP, META, make_adapter, visible_versions
+from trainer.config import Example
+from trainer.jobs import WORKER_LOST, JobBoard, JobStatus
+
+
+@pytest.fixture
+def board(tmp_path: Path) -> JobBoard:
+    return JobBoard(tmp_path)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AdapterStore:
+    return AdapterStore(tmp_path, FP)
+
+
+def queue(board: JobBoard, *names: str) -> list[str]:
+    return [board.create(name, "lori-d", {}, [Example("p", "c")]).id for name in names]
+
+
+def test_each_claim_gets_the_next_generation(board: JobBoard) -> None:
+    first, second = queue(board, "a", "b")
+    one = board.claim_next("w1", lease_s=30)
+    assert one is not None and one.generation == 1
+    board.update_claimed(first, "w1", status=JobStatus.succeeded)
+    two = board.claim_next("w1", lease_s=30)
+    assert two is not None and two.id == second and two.generation == 2
+    assert board.get(first).generation == 1  # a finished job keeps the generation it ran under
+
+
+def test_a_held_claim_fences_a_publish_and_renews_its_lease(board: JobBoard, store: AdapterStore) -> None:
+    (job_id,) = queue(board, "a")
+    job = board.claim_next("w1", lease_s=0.5)
+    assert job is not None
+    time.sleep(0.3)
+    fence = board.fence(job, lease_s=30)
+    publication = store.publish("a", make_adapter(0), META, "concat", fence=fence)
+    assert publication.task.id == "a/v1" and store.ledger()[0]["fence"] == job.generation
+    lease = board.get(job_id).lease_expires_at
+    assert lease is not None and lease > time.time() + 20  # renewed by the fence, not lapsing
+
+
+def test_a_stalled_worker_cannot_publish_after_the_next_claim(board: JobBoard, store: AdapterStore) -> None:
+    stalled_job, next_job = queue(board, "stalled", "next")
+    stalled = board.claim_next("w1", lease_s=0.05)
+    assert stalled is not None
+    fence = board.fence(stalled, lease_s=0.05)
+    time.sleep(0.1)  # w1 stops (SIGSTOP, a GC pause, a swap storm) past its lease
+    following = board.claim_next("w2", lease_s=30)
+    assert following is not None and following.id == next_job
+    store.publish("next", make_adapter(1), META, "concat", fence=board.fence(following, lease_s=30))
+    ledger, files = store.ledger(), visible_versions(store.root)
+
+    with pytest.raises(FenceLost, match=f"generation {stalled.generation}"):
+        store.publish("stalled", make_adapter(0), META, "concat", fence=fence)  # w1 wakes up
+    assert store.ledger() == ledger and visible_versions(store.root) == files
+    assert [t.name for t in store.tasks()] == ["next"]
+    failed = board.get(stalled_job)
+    assert failed.status == JobStatus.failed and failed.error is not None and failed.error.code == WORKER_LOST
+
+
+def test_a_lapsed_lease_alone_refuses_the_publish(board: JobBoard, store: AdapterStore) -> None:
+    """No other worker came: the fence itself notices the lapse and fails the job."""
+    (job_id,) = queue(board, "a")
+    job = board.claim_next("w1", lease_s=0.05)
+    assert job is not None
+    time.sleep(0.1)
+    with pytest.raises(FenceLost):
+        store.publish("a", make_adapter(0), META, "concat", fence=board.fence(job, lease_s=30))
+    assert store.ledger() == [] and board.get(job_id).status == JobStatus.failed
+
+
+def test_another_generation_of_the_same_worker_does_not_hold(board: JobBoard) -> None:
+    (job_id,) = queue(board, "a")
+    job = board.claim_next("w1", lease_s=30)
+    assert job is not None and job.generation is not None
+    assert board.holds(job_id, "w1", job.generation, lease_s=30)
+    assert not board.holds(job_id, "w1", job.generation + 1, lease_s=30)
+    assert not board.holds(job_id, "w2", job.generation, lease_s=30)
