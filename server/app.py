@@ -17,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from adapters_store.events import redis_notifier
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
 from server.admin.auth import require_admin, require_user
@@ -80,6 +81,8 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         fingerprint_model(settings.model),
         base_model=settings.model_name,
         dense_export_rank=settings.max_lora_rank,
+        # an admin rollback, removal or import on this replica wakes the others at once
+        on_event=redis_notifier(settings.events_url, settings.store_dir) if settings.events_url else None,
     )
     training = TrainingService(
         settings,
@@ -101,6 +104,7 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         cache_dir=settings.home / "cache",
         max_lora_rank=settings.max_lora_rank,
         events_url=settings.events_url,
+        poll_interval_s=settings.ledger_poll_s,
         dense_serving=settings.dense_merge_serving,
         base_model_dir=settings.model,
         metrics=metrics,

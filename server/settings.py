@@ -37,6 +37,14 @@ class ServerSettings(LaminaSettings):
         "adapter (base and tasks stay available); `weights` = W0 + ΔW written into the engine (exact; "
         "only `continual` is served while it is live).",
     )
+    ledger_poll_s: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="Seconds between the server's looks at the store's ledger. Without Redis this is how "
+        "fast a replica follows a publish or rollback; with Redis, events swap at once and the poll only "
+        "catches what an event missed.",
+    )
     default_method: str = Field(
         "inflora",
         description="Method of a POST /tasks that names none: inflora forgets least on the benchmark "
