@@ -15,7 +15,10 @@ class Fence(Protocol):
     """A publisher's claim, checked by the store under its writer lock just before the ledger
     append (e.g. :class:`trainer.jobs.ClaimFence`): ``holds()`` False refuses the publish."""
 
-    token: int  # the claim's generation, recorded with the task it published
+    @property
+    def token(self) -> int:
+        """The claim's generation, recorded with the task it published."""
+        ...
 
     def holds(self) -> bool: ...
 

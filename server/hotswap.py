@@ -117,6 +117,7 @@ class AdapterSync:
     async def _sync(self) -> None:
         tasks = self.store.tasks()
         live = self.store.live()
+        await asyncio.to_thread(self.store.verify, live, *tasks)  # nothing damaged goes live
         if live is not None and live.kind == "dense" and self.dense_serving == "weights":
             await self._serve_in_weights(live)
             self._served(live, tasks)

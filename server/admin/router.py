@@ -1,7 +1,8 @@
 """Admin endpoints (admin key required): what the store holds, its statistics as JSON and as
 a picture, rollback to an earlier merge, removing a task, and importing a LoRA trained elsewhere
 as a task. These only write the store's ledger; every server follows it and hot-swaps as for a
-publish."""
+publish. Each change is written with an ``audit`` entry in the same ledger append (the action,
+its target, the time and the admin key's fingerprint), listed by ``GET /admin/adapters``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from adapters_store.errors import CorruptVersion, DiskFull, FingerprintMismatch, StoreError
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import MergeError
 from adapters_store.store import (
@@ -24,7 +26,7 @@ from adapters_store.store import (
     TaskRecord,
     check_task_name,
 )
-from server.admin.auth import require_admin
+from server.admin.auth import key_fingerprint, require_admin
 from server.admin.imports import base_linear_shapes, parse_peft_lora, refuse
 from server.errors import APIError
 from server.hotswap import CONTINUAL
@@ -38,6 +40,20 @@ class RollbackRequest(BaseModel):
 
 def _store(request: Request) -> AdapterStore:
     return request.app.state.store
+
+
+def _audit(request: Request, action: str, target: str) -> list[dict[str, Any]]:
+    """The ledger note that records an admin action (the ledger adds seq and time)."""
+    return [{"op": "audit", "action": action, "target": target, "key": key_fingerprint(request)}]
+
+
+def _store_refusal(error: StoreError, param: str) -> APIError:
+    """A store refusal as HTTP: a damaged version or another base's is 409, a full disk 507."""
+    if isinstance(error, DiskFull):
+        return APIError(507, str(error), param=None, code="disk_full")
+    if isinstance(error, CorruptVersion | FingerprintMismatch):
+        return APIError(409, str(error), param=param, code="corrupt_version")
+    raise error
 
 
 def _merge_view(merge: MergeRecord, live_id: str | None) -> dict[str, Any]:
@@ -72,11 +88,13 @@ async def adapters(request: Request) -> dict[str, Any]:
         for t in store.tasks()
     ]
     merges = [_merge_view(m, live_id) for m in store.merges()]
+    ledger = store.ledger()
     return {
         "live_merge": live_id,
         "tasks": tasks,
         "merges": merges,
-        "growth": [e for e in store.ledger() if e.get("op") == "grow"],  # LoRAF rank growth, oldest first
+        "growth": [e for e in ledger if e.get("op") == "grow"],  # LoRAF rank growth, oldest first
+        "audit": [e for e in ledger if e.get("op") == "audit"],  # admin actions, oldest first
         "served": request.app.state.sync.status.__dict__,
     }
 
@@ -108,7 +126,13 @@ async def import_adapter(
     )
     store = _store(request)
     record = await run_in_threadpool(
-        _publish_import, store, name, adapter, peft_config, settings.max_lora_rank
+        _publish_import,
+        store,
+        name,
+        adapter,
+        peft_config,
+        settings.max_lora_rank,
+        _audit(request, "import", name),
     )
     await request.app.state.sync.sync()  # this replica swaps now; others follow the ledger
     live = store.live()
@@ -122,7 +146,12 @@ async def import_adapter(
 
 
 def _publish_import(
-    store: AdapterStore, name: str, adapter: LoraAdapter, peft_config: dict[str, Any], max_lora_rank: int
+    store: AdapterStore,
+    name: str,
+    adapter: LoraAdapter,
+    peft_config: dict[str, Any],
+    max_lora_rank: int,
+    audit: list[dict[str, Any]],
 ) -> TaskRecord:
     """Publish through the store's one atomic path, with the live merge's method; what cannot
     join it (other target modules, a concat rank beyond the engine's) is a 409."""
@@ -168,6 +197,7 @@ def _publish_import(
             meta,
             merge,
             subspace=live_subspace.unchanged() if live_subspace is not None else None,
+            notes=audit,
         )
     except TaskExists as error:
         raise refuse(str(error), "name", code="task_exists", status=409) from None
@@ -175,17 +205,23 @@ def _publish_import(
         raise refuse(
             f"cannot join the live {merge} merge: {error}", "weights", code="merge_failed", status=409
         ) from None
+    except StoreError as error:
+        raise _store_refusal(error, "name") from None
     return publication.task
 
 
 @router.post("/rollback")
 async def rollback(body: RollbackRequest, request: Request) -> dict[str, Any]:
     try:
-        record = _store(request).rollback(body.merge_id)
+        record = await run_in_threadpool(
+            _store(request).rollback, body.merge_id, _audit(request, "rollback", body.merge_id)
+        )
     except (MergeNotFound, ValueError):
         raise APIError(
             404, f"no merge version {body.merge_id!r}", param="merge_id", code="merge_not_found"
         ) from None
+    except StoreError as error:
+        raise _store_refusal(error, "merge_id") from None
     await request.app.state.sync.sync()  # this replica swaps now; others follow the ledger
     return _merge_view(record, record.id)
 
@@ -193,9 +229,13 @@ async def rollback(body: RollbackRequest, request: Request) -> dict[str, Any]:
 @router.delete("/tasks/{name}")
 async def remove_task(name: str, request: Request) -> dict[str, Any]:
     try:
-        record = _store(request).remove_task(name)
+        record = await run_in_threadpool(
+            _store(request).remove_task, name, _audit(request, "remove_task", name)
+        )
     except (TaskNotFound, ValueError):
         raise APIError(404, f"no live task {name!r}", param="name", code="task_not_found") from None
+    except StoreError as error:
+        raise _store_refusal(error, "name") from None
     await request.app.state.sync.sync()
     return {"removed": name, "live_merge": _merge_view(record, record.id) if record else None}
 

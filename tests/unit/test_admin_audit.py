@@ -1,0 +1,110 @@
+"""Every admin change (import, task removal, rollback) is written to the store's ledger with its
+time and the admin key's fingerprint, never the key, and listed by GET /admin/adapters; refused
+actions (unknown target, damaged version) change nothing and record nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from adapters_store.lora import LoraAdapter, LoraModule
+from server.admin.imports import base_linear_shapes
+from server.app import create_app
+from server.settings import ServerSettings
+
+ADMIN = "audit-admin-key-which-must-never-be-written"
+HEADERS = {"Authorization": f"Bearer {ADMIN}"}
+FINGERPRINT = hashlib.sha256(ADMIN.encode()).hexdigest()[:12]
+
+
+@pytest.fixture
+def client(base_model_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
+    settings = ServerSettings(model=base_model_dir, home=tmp_path, admin_key=ADMIN, max_lora_rank=8)
+    with TestClient(create_app(settings, start_engine=False)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def peft_files(base_model_dir: Path, tmp_path: Path) -> dict:
+    """A rank-2 LoRA on the base's q_proj layers, in PEFT's layout, as an admin would upload it."""
+    shapes = {
+        name: shape for name, shape in base_linear_shapes(base_model_dir).items() if name.endswith("q_proj")
+    }
+    g = torch.Generator().manual_seed(0)
+    adapter = LoraAdapter(
+        {
+            name: LoraModule(
+                A=torch.randn(2, d_in, generator=g), B=torch.randn(d_out, 2, generator=g), scale=1.0
+            )
+            for name, (d_out, d_in) in shapes.items()
+        }
+    )
+    directory = tmp_path / "upload"
+    directory.mkdir()
+    adapter.save_peft(directory, base_model="embedded")
+    return {
+        "config": ("adapter_config.json", (directory / "adapter_config.json").read_bytes()),
+        "weights": ("adapter_model.safetensors", (directory / "adapter_model.safetensors").read_bytes()),
+    }
+
+
+def ledger(client: TestClient) -> list[dict]:
+    path = client.app.state.store.root / "ledger.jsonl"  # type: ignore[attr-defined]
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_admin_actions_are_audited_with_a_key_fingerprint(client: TestClient, peft_files: dict) -> None:
+    for name in ("first", "second"):
+        response = client.post("/admin/adapters", data={"name": name}, files=peft_files, headers=HEADERS)
+        assert response.status_code == 201, response.text
+    assert client.delete("/admin/tasks/first", headers=HEADERS).status_code == 200
+    assert client.post("/admin/rollback", json={"merge_id": "m2"}, headers=HEADERS).status_code == 200
+    # refused actions change nothing and are not recorded
+    assert client.delete("/admin/tasks/ghost", headers=HEADERS).status_code == 404
+    assert client.post("/admin/rollback", json={"merge_id": "m99"}, headers=HEADERS).status_code == 404
+
+    listed = client.get("/admin/adapters", headers=HEADERS).json()
+    audit = listed["audit"]
+    assert [(e["action"], e["target"]) for e in audit] == [
+        ("import", "first"),
+        ("import", "second"),
+        ("remove_task", "first"),
+        ("rollback", "m2"),
+    ]
+    assert {e["key"] for e in audit} == {FINGERPRINT}
+    assert all(e["ts"] and e["seq"] for e in audit)
+    assert listed["live_merge"] == "m2" and [t["name"] for t in listed["tasks"]] == ["first", "second"]
+
+    # each audit entry sits in the same append as the change it records, just before it
+    entries = ledger(client)
+    for entry in audit:
+        following = entries[entries.index(entry) + 1]
+        assert following["ts"] == entry["ts"]
+        assert following["op"] in {"add_task", "remove_task", "rollback"}
+    store_text = "".join(
+        p.read_text(errors="ignore") for p in client.app.state.store.root.rglob("*") if p.is_file()
+    )  # type: ignore[attr-defined]
+    assert ADMIN not in store_text
+
+
+def test_a_rollback_to_a_damaged_version_is_a_409_and_not_audited(
+    client: TestClient, peft_files: dict
+) -> None:
+    for name in ("first", "second"):
+        client.post("/admin/adapters", data={"name": name}, files=peft_files, headers=HEADERS)
+    weights = client.app.state.store.root / "merges/m1/adapter_model.safetensors"  # type: ignore[attr-defined]
+    weights.write_bytes(weights.read_bytes()[:-8])
+    before = ledger(client)
+
+    response = client.post("/admin/rollback", json={"merge_id": "m1"}, headers=HEADERS)
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "corrupt_version" and error["param"] == "merge_id"
+    assert "merge m1: adapter_model.safetensors" in error["message"]
+    assert ledger(client) == before
