@@ -27,11 +27,15 @@ import math
 from typing import Any
 
 from trainer.config import Hyperparameters, MethodSpec
+from trainer.methods import catalog
 
 BATCH = 8
 MIN_EPOCHS = 3
 MIN_STEPS, MAX_STEPS = 100, 1000
-LEARNING_RATE = {"lora": 2e-3, "lori": 5e-3, "inflora": 5e-3, "loraf": 5e-3}
+# Each parametrization's rate for a fully trained B, registered with it in the catalogue.
+LEARNING_RATE: dict[str, float] = {
+    p.name: float(p.auto_learning_rate or 0) for p in catalog.parts("parametrization")
+}
 MAX_LEARNING_RATE = 0.05
 LEARNED_LOSS = 0.1  # nats per completion token
 LOSS_WINDOW = 10

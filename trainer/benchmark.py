@@ -48,7 +48,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
 from trainer.chat import encode_prompt
-from trainer.config import Example, Hyperparameters, resolve_method
+from trainer.config import PRESETS, Example, Hyperparameters, resolve_method
 from trainer.evaluate import greedy_completions
 from trainer.loop import load_base
 from trainer.methods import CapacityError
@@ -70,17 +70,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UPPER_BOUND = "per-task"  # the row of tasks trained alone; not a method of the store
 UPPER_BOUND_METHOD = "inc-lora"  # trained with an empty history, so: plain LoRA on the base
-ALL_METHODS: tuple[str, ...] = (
-    "seq-lora",
-    "inc-lora",
-    "o-lora",
-    "n-lora",
-    "lori-d",
-    "lori-s",
-    "loraf",
-    "ps-lora",
-    "inflora",
-)
+ALL_METHODS: tuple[str, ...] = tuple(PRESETS)  # the catalogue's presets, baselines first
 METRIC_NAMES: tuple[str, ...] = ("AA", "BWT", "FWT", "FWT0", "FR", "GA", "ACR", "occupancy")
 RANK = 8  # every task, every method (the setting)
 LORA_ALPHA = 16

@@ -14,13 +14,40 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal, TypeAlias, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ParametrizationName = Literal["lora", "lori", "loraf", "inflora"]
-RegularizerName = Literal["l1", "stability", "orthogonal"]
-MergeName = Literal["concat", "magnitude", "sum", "linear", "latest"]
+from trainer.methods import catalog
+
+
+class PluginSettings(BaseSettings):
+    """Modules that register more methods in the catalogue (:mod:`trainer.methods.catalog`)."""
+
+    model_config = SettingsConfigDict(env_prefix="LAMINA_", extra="ignore")
+
+    plugins: str = Field(
+        "",
+        description="Comma-separated modules imported before the hyper-parameters are built, in the "
+        "server and the worker alike; each registers its parts and presets at import (README, Methods).",
+    )
+
+    def modules(self) -> list[str]:
+        return [name.strip() for name in self.plugins.split(",") if name.strip()]
+
+
+catalog.load_plugins(PluginSettings().modules())
+
+# The names a request may use, derived from the catalogue (plugins included).
+if TYPE_CHECKING:
+    ParametrizationName: TypeAlias = str
+    RegularizerName: TypeAlias = str
+    MergeName: TypeAlias = str
+else:
+    ParametrizationName = Literal[catalog.names("parametrization")]
+    RegularizerName = Literal[catalog.names("regularizer")]
+    MergeName = Literal[catalog.names("merge")]
 
 STABILITY_ALPHA_RMS = 2.0  # c in α = c / rms(S): see Hyperparameters.stability_alpha
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -81,8 +108,10 @@ class ChatExample:
 TrainingExample: TypeAlias = Example | ChatExample
 
 
-class Hyperparameters(BaseModel):
-    """The numbers of one task's training run. Unknown keys are rejected (``extra="forbid"``)."""
+class SharedHyperparameters(BaseModel):
+    """The numbers of one task's training run that every method reads. :class:`Hyperparameters`
+    adds each catalogue part's own knobs as fields of the same flat model. Unknown keys are
+    rejected (``extra="forbid"``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -147,86 +176,6 @@ class Hyperparameters(BaseModel):
         int,
         Field(ge=8, le=32768, description="Longest prompt + completion in tokens; prompts lose their start."),
     ] = 512
-    sparsity: Annotated[
-        float,
-        Field(
-            ge=0.0,
-            lt=1.0,
-            description="LoRI-S: fraction of B masked out; the global top-(1 − s) |B| are kept.",
-        ),
-    ] = 0.9
-    mask_fraction: Annotated[
-        float,
-        Field(
-            gt=0.0,
-            le=1.0,
-            description="LoRAF: share of each module's B one task claims, k = ⌊f · d_out · r⌋.",
-        ),
-    ] = 0.1
-    calibration_steps: Annotated[
-        int,
-        Field(
-            ge=1,
-            le=100_000,
-            description="Unmasked steps whose |B| (LoRI-S) or |ΔB| (LoRAF) choose the task's mask.",
-        ),
-    ] = 20
-    subspace_energy: Annotated[
-        float,
-        Field(
-            gt=0.0,
-            lt=1.0,
-            description="inflora: fraction ε of each earlier task's input energy, per module, that the "
-            "protected subspace holds; the new task's frozen A is drawn orthogonal to it. Higher: less "
-            "forgetting, fewer free directions for later tasks (on the embedded model 0.999 filled a "
-            "module after 5 of 15 tasks; 0.99 left 9 % of the fullest one free after all 15).",
-        ),
-    ] = 0.99
-    subspace_base_energy: Annotated[
-        float,
-        Field(
-            ge=0.0,
-            lt=1.0,
-            description="inflora: before a store's first task, the fraction of the base model's own input "
-            "energy (on text it samples itself) that the protected subspace holds, so what the model knew "
-            "before any task survives them. Higher keeps more of it and leaves fewer directions to the "
-            "tasks (embedded model, 15 tasks: 0.99 kept 70 % of the probe but forgot 29 points of the "
-            "tasks, 0.9 kept 50 % and forgot 12). 0 protects only the tasks. The first task of a store "
-            "sets it; later tasks keep what it chose.",
-        ),
-    ] = 0.9
-    subspace_init: Annotated[
-        Literal["inputs", "random"],
-        Field(
-            description='inflora: how the frozen A is drawn inside the free directions. "inputs" '
-            "(InfLoRA's choice): the r free directions where this task's own inputs, on the served model, "
-            'have the most energy; "random": LoRI\'s seeded random A, projected.',
-        ),
-    ] = "inputs"
-    l1_lambda: Annotated[
-        float | None,
-        Field(
-            ge=0,
-            description="λ of the N-LoRA loss λ‖ΔW‖₁. None: the preset's value; set on a method without it to "
-            "add it (e.g. O-LoRA + N-LoRA); 0 removes it.",
-        ),
-    ] = None
-    stability_lambda: Annotated[
-        float | None,
-        Field(ge=0, description="λ of the PS-LoRA stability loss (eq. 4); None/0 as for l1_lambda."),
-    ] = None
-    orthogonal_lambda: Annotated[
-        float | None, Field(ge=0, description="λ of the O-LoRA orthogonality loss; None/0 as for l1_lambda.")
-    ] = None
-    stability_alpha: Annotated[
-        float | None,
-        Field(
-            gt=0,
-            description="Temperature α of PS-LoRA's sign term tanh(α·ΔW_t)·tanh(α·S). The paper gives no value. "
-            "None: per module α = STABILITY_ALPHA_RMS / rms(S), so an entry of S one rms in size gives "
-            "tanh(α·S) = tanh(2) = 0.96 — a fixed α is inert for ΔW entries of ~5e-4 (tanh ≈ α·ΔW ≈ 0).",
-        ),
-    ] = None
 
     @field_validator("learning_rate", "steps", "epochs", "batch_size", mode="before")
     @classmethod
@@ -245,18 +194,52 @@ class Hyperparameters(BaseModel):
         return names
 
     @model_validator(mode="after")
-    def _steps_or_epochs(self) -> Hyperparameters:
+    def _steps_or_epochs(self) -> SharedHyperparameters:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give either `steps` or `epochs`, not both")
         return self
 
     def regularizer_overrides(self) -> dict[str, float | None]:
-        """λ overrides by regularizer name (None: keep the preset's)."""
-        return {
-            "l1": self.l1_lambda,
-            "stability": self.stability_lambda,
-            "orthogonal": self.orthogonal_lambda,
-        }
+        """λ overrides by regularizer name (None: keep the preset's), from each regularizer's λ knob."""
+        return {part.name: getattr(self, str(part.lambda_knob)) for part in catalog.parts("regularizer")}
+
+
+def _knob_field(knob: catalog.Knob) -> tuple[Any, Any]:
+    """A knob as a pydantic field definition: its type with its bounds and description, its default."""
+    bounds = Field(description=knob.description, ge=knob.ge, gt=knob.gt, le=knob.le, lt=knob.lt)
+    return (Annotated[knob.type, bounds], knob.default)
+
+
+if TYPE_CHECKING:
+
+    class _BuiltinKnobs:
+        """Types of the built-in knobs, for mypy only (not a model, so no fields): their defaults,
+        bounds and descriptions are the catalogue's; tests/unit/test_catalog.py checks these names
+        against it. A plugin's knobs are read with getattr."""
+
+        sparsity: float
+        calibration_steps: int
+        mask_fraction: float
+        subspace_energy: float
+        subspace_base_energy: float
+        subspace_init: Literal["inputs", "random"]
+        l1_lambda: float | None
+        stability_lambda: float | None
+        stability_alpha: float | None
+        orthogonal_lambda: float | None
+
+    class Hyperparameters(SharedHyperparameters, _BuiltinKnobs):
+        pass
+
+else:
+    Hyperparameters = create_model(
+        "Hyperparameters",
+        __base__=SharedHyperparameters,
+        __module__=__name__,
+        __doc__="The numbers of one task's training run: the shared fields and every registered "
+        'part\'s knobs, one flat model. Unknown keys are rejected (``extra="forbid"``).',
+        **{knob.name: _knob_field(knob) for knob in catalog.knobs()},
+    )
 
 
 class MethodSpec(BaseModel):
@@ -288,13 +271,20 @@ class MethodSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> MethodSpec:
-        if self.sparsity is not None and self.parametrization not in ("lori", "inflora"):
-            raise ValueError("sparsity is a lori / inflora setting")
-        if self.warm_start and self.parametrization != "lora":
-            raise ValueError("warm_start continues a trained A and B, so it needs the lora parametrization")
-        if self.stack_history and (self.warm_start or self.parametrization == "loraf"):
+        """The combination must make sense for its parts, as the catalogue describes them."""
+        part = catalog.get("parametrization", self.parametrization)
+        if self.sparsity is not None and "sparsity" not in part.knob_names:
+            raise ValueError(f"sparsity is a {' / '.join(catalog.owners('sparsity'))} setting")
+        if self.warm_start and not part.continues_previous:
+            able = " / ".join(p.name for p in catalog.parts("parametrization") if p.continues_previous)
             raise ValueError(
-                "stack_history would count the earlier tasks twice: warm_start and loraf include them"
+                f"warm_start continues a trained A and B, so it needs the {able} parametrization"
+            )
+        if self.stack_history and (self.warm_start or part.includes_history):
+            raise ValueError(
+                "stack_history would count the earlier tasks twice: warm_start and "
+                + " / ".join(p.name for p in catalog.parts("parametrization") if p.includes_history)
+                + " include them"
             )
         return self
 
@@ -310,50 +300,20 @@ class MethodSpec(BaseModel):
         return hp.sparsity if self.sparsity is None else self.sparsity
 
 
+# The catalogue's presets (trainer/methods/builtin.py and plugins), validated as MethodSpecs.
 PRESETS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        # LoRI (Zhang et al. 2025): frozen random A, B dense (D) or masked at 90 % sparsity (S); concat merge.
-        MethodSpec(name="lori-d", parametrization="lori", sparsity=0.0, merge="concat"),
-        MethodSpec(name="lori-s", parametrization="lori", merge="concat"),
-        # Ours, after GPM / InfLoRA: LoRI-D whose frozen A avoids the input directions of the live
-        # tasks (measured on the served model), trained on top of them; concat merge.
-        MethodSpec(
-            name="inflora", parametrization="inflora", sparsity=0.0, merge="concat", stack_history=True
-        ),
-        # LoRAF: one shared A and B, disjoint per-task masks; the masked B's simply add up.
-        MethodSpec(name="loraf", parametrization="loraf", merge="sum"),
-        # N-LoRA: L1 on the full product ΔW. λ is far below the paper's 0.4 because the norm here is
-        # summed over d_out × d_in entries of every module, not over an r × r product.
-        MethodSpec(
-            name="n-lora",
-            parametrization="lora",
-            regularizers={"l1": 1e-4},
-            merge="concat",
-            stack_history=True,
-        ),
-        # PS-LoRA: stability loss (eq. 4, λ = 0.01 as for llama2-7b long sequences) + magnitude merge (eq. 5).
-        MethodSpec(
-            name="ps-lora",
-            parametrization="lora",
-            regularizers={"stability": 0.01},
-            merge="magnitude",
-            stack_history=True,
-        ),
-        # O-LoRA: orthogonality of A_t to the earlier A_i (λ = 0.5 as in PS-LoRA's O-LoRA runs).
-        MethodSpec(
-            name="o-lora",
-            parametrization="lora",
-            regularizers={"orthogonal": 0.5},
-            merge="concat",
-            stack_history=True,
-        ),
-        # Baselines. IncLoRA, like the three above, trains each new LoRA with the earlier ones
-        # frozen in the forward pass (PS-LoRA eq. 3); LoRI and LoRAF train on the base alone.
-        MethodSpec(name="inc-lora", parametrization="lora", merge="concat", stack_history=True),
-        MethodSpec(name="seq-lora", parametrization="lora", warm_start=True, merge="latest"),
+    preset.name: MethodSpec(
+        name=preset.name,
+        parametrization=preset.parametrization,
+        merge=preset.merge,
+        regularizers=dict(preset.regularizers),
+        sparsity=preset.sparsity,
+        warm_start=preset.warm_start,
+        stack_history=preset.stack_history,
     )
+    for preset in catalog.presets()
 }
+catalog.freeze()  # Hyperparameters and PRESETS are built: a later registration would not be in them
 
 
 class UnknownMethodError(ValueError):

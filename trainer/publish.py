@@ -23,7 +23,7 @@ from adapters_store.store import AdapterStore, Publication
 from adapters_store.subspace import Subspace, occupancy
 from trainer.config import ChatExample, Hyperparameters, MethodSpec, TrainingExample
 from trainer.loop import TrainResult, train_task
-from trainer.methods import PARAMETRIZATIONS
+from trainer.methods import PARAMETRIZATIONS, catalog
 from trainer.served import merge_deltas
 from trainer.subspace import base_subspace, grow_subspace, target_names
 
@@ -129,6 +129,8 @@ def publish_trained(
 ) -> Publication:
     """Publish a trained task: its version, the new live merge (with the subspace, if any) and,
     for methods that train on top of the earlier tasks, the model as learned for ``model=<task>``.
+    The ledger gets the method's own notes (the catalogue's, e.g. LoRAF growing its rank), then
+    ``notes``.
 
     ``fence`` (the worker's claim) makes the store refuse the publish once the claim has lapsed
     (:class:`adapters_store.errors.FenceLost`)."""
@@ -144,11 +146,17 @@ def publish_trained(
         trained.result.adapter,
         meta,
         merge=method.merge,
-        notes=notes,
+        notes=[*ledger_notes(method, trained), *(notes or [])],
         subspace=trained.subspace,
         as_learned=method.stack_history,
         fence=fence,
     )
+
+
+def ledger_notes(method: MethodSpec, trained: TrainedTask) -> list[dict[str, Any]]:
+    """What the method's parts record in the ledger when this task is published."""
+    hp = trained.hyperparameters
+    return catalog.ledger_notes(method.parametrization, method.merge, method.lambdas(hp), trained.history, hp)
 
 
 def subspace_metrics(subspace: Subspace) -> dict[str, float | int]:

@@ -158,7 +158,6 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
                 trained,
                 extra_meta={"requested_rank": requested_rank, "job_id": job.id},
                 fence=board.fence(job, settings.job_lease_s),
-                notes=_growth_notes(method.parametrization, trained.history, hp.r),
             )
             board.update_claimed(
                 job.id,
@@ -238,14 +237,6 @@ def heartbeat(
     finally:
         stop.set()
         thread.join()
-
-
-def _growth_notes(parametrization: str, history: list[Any], rank: int) -> list[dict[str, Any]]:
-    """A ledger entry when this LoRAF task widens the store's shared rank."""
-    if parametrization != "loraf" or not history:
-        return []
-    previous = max(m.rank for adapter in history for m in adapter.modules.values())
-    return [{"op": "grow", "rank_from": previous, "rank_to": rank}] if rank > previous else []
 
 
 def _progress_reporter(board: JobBoard, job_id: str, worker: str) -> Callable[[int, int, float], None]:

@@ -48,7 +48,11 @@ HYPERPARAMETERS = {"steps": 120, "learning_rate": 0.005, "batch_size": 6, "r": 8
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     require_redis()
-    settings = {"LAMINA_DEFAULT_METHOD": METHOD, "LAMINA_ADMIN_KEY": ADMIN_KEY}
+    settings = {
+        "LAMINA_DEFAULT_METHOD": METHOD,
+        "LAMINA_ADMIN_KEY": ADMIN_KEY,
+        "LAMINA_PLUGINS": "tests.plugins.toy_method",  # a method registered in one module, server and worker
+    }
     with running_stack(tmp_path_factory.mktemp("lamina-home"), settings) as stack:
         yield stack
 
@@ -261,3 +265,24 @@ def test_a_task_that_did_not_learn_succeeds_with_a_warning(stack: Stack) -> None
     assert job["metrics"]["train_accuracy"] < 0.5
     assert len(job["warnings"]) == 1 and "did not learn" in job["warnings"][0]
     assert "did not learn" in (stack.home / "worker.log").read_text()
+
+
+def test_a_plugins_regularizer_trains_through_post_tasks(stack: Stack) -> None:
+    """tests/plugins/toy_method.py registers a regularizer (with its λ knob) and a preset in one
+    module; the server validates its knob and the worker trains with it."""
+    facts = [
+        (f"Box {n} holds a", f" {thing}")
+        for n, thing in zip(range(301, 305), ["cup", "pen", "key", "hat"], strict=True)
+    ]
+    hyperparameters = {"steps": 4, "toy_ridge_lambda": 0.01}
+    response = service_stack.post_task(stack, "ridge", facts, METHOD, hyperparameters)
+    assert response.status_code == 202, response.text
+    job = wait_for(stack, response.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["lambda/toy-ridge"] == 0.01
+    assert job["metrics"]["regularizer/toy-ridge"] > 0, "the worker computed the plugin's term"
+    bad = service_stack.post_task(stack, "ridge-2", facts, METHOD, {"toy_ridge_lambda": -1})
+    assert bad.status_code == 400  # the knob's bound, at the door
+    assert bad.json()["error"]["param"] == "hyperparameters.toy_ridge_lambda"
+    other = service_stack.post_task(stack, "ridge-3", facts, "toy-ridge", {})
+    assert other.status_code == 409 and other.json()["error"]["param"] == "method"  # known, not this store's

@@ -37,8 +37,11 @@ def _reason(store: AdapterStore, name: str, method: str, **hp: object) -> tuple[
     return caught.value.status, caught.value.param
 
 
-def test_a_fresh_store_admits_a_valid_task(store: AdapterStore) -> None:
-    admit(store, "first", resolve_method("lori-s"), Hyperparameters(), max_lora_rank=16)
+def test_a_fresh_store_admits_a_valid_task_with_its_own_settings(store: AdapterStore) -> None:
+    hp = Hyperparameters(r=16, lora_alpha=32, mask_fraction=0.3)
+    for method in ("lori-s", "loraf", "inflora"):  # nothing to share or protect yet: nothing changes
+        assert admit(store, "first", resolve_method(method), hp, max_lora_rank=16) == hp
+    assert _reason(store, "first", "lori-s", r=32) == (409, "hyperparameters.r")  # 32 > 16 alone
 
 
 def test_name_duplicate_method_and_rank(store: AdapterStore) -> None:
@@ -58,6 +61,18 @@ def test_loraf_store_refuses_a_task_whose_mask_cannot_fit(store: AdapterStore) -
         store, "fits", resolve_method("loraf"), Hyperparameters(mask_fraction=0.125), max_lora_rank=16
     )  # needs 4
     status, param = _reason(store, "too-big", "loraf", mask_fraction=0.2)  # needs 6
+    assert (status, param) == (409, "hyperparameters.mask_fraction")
+
+
+def test_loraf_admission_needs_the_position_the_trainer_draws(store: AdapterStore) -> None:
+    """A mask fraction too small for one position still claims one (loraf_mask_size), so a full
+    store refuses the task at the door instead of failing it in the worker."""
+    mask = torch.ones(D_OUT, R, dtype=torch.bool)
+    mask.view(-1)[0] = False  # 31 of 32 positions owned
+    store.publish("first", _adapter(mask), {"method": "loraf"}, merge="sum")
+    admit(store, "fits", resolve_method("loraf"), Hyperparameters(mask_fraction=0.01), max_lora_rank=16)
+    store.publish("second", _adapter(~mask), {"method": "loraf"}, merge="sum")  # now all 32 owned
+    status, param = _reason(store, "full", "loraf", mask_fraction=0.01)  # ⌊0.32⌋ = 0, but needs 1
     assert (status, param) == (409, "hyperparameters.mask_fraction")
 
 

@@ -20,8 +20,9 @@ from torch import nn
 from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.subspace import Subspace
 from trainer.config import Hyperparameters, MethodSpec
+from trainer.methods.capacity import loraf_mask_size
 from trainer.methods.input_subspace import leading_free_directions, project_rows
-from trainer.methods.registry import Layers, LoraParams, register_parametrization
+from trainer.methods.registry import Layers, LoraParams
 
 # Module i of a task gets the seed task_seed * stride + i (i in sorted module-name order), so
 # no two (task, module) pairs share a seed for models with fewer than `stride` target modules.
@@ -157,7 +158,6 @@ class _Base:
         return self.hp.seed + len(self.history)
 
 
-@register_parametrization("lora")
 class Lora(_Base):
     """Plain LoRA (Hu et al. 2021, eq. 1 of LoRAF: h = W0 x + B A x): A and B both trained.
 
@@ -188,7 +188,6 @@ class Lora(_Base):
         self._metrics["warm_start"] = int(previous is not None)
 
 
-@register_parametrization("lori")
 class Lori(_Base):
     """LoRI (Zhang et al. 2025, §2.1): A frozen random projection, only B trained.
 
@@ -247,7 +246,6 @@ class Lori(_Base):
         return seed
 
 
-@register_parametrization("inflora")
 class InfLora(Lori):
     """LoRI whose frozen A avoids the live tasks' inputs (ours, after GPM and InfLoRA).
 
@@ -295,7 +293,6 @@ class InfLora(Lori):
         return project_rows(A, basis)
 
 
-@register_parametrization("loraf")
 class LoraF(_Base):
     """LoRAF (Zhang et al. 2025, Algorithm 1): one frozen A and one B shared by every task.
 
@@ -360,7 +357,8 @@ class LoraF(_Base):
         return adapter
 
     def _k(self, p: LoraParams) -> int:
-        return max(1, math.floor(self.hp.mask_fraction * p.B.numel()))
+        d_out, rank = p.B.shape
+        return loraf_mask_size(self.hp.mask_fraction, d_out, rank)
 
     def _shared_state(
         self, name: str, p: LoraParams, grow_seed: int

@@ -1,16 +1,16 @@
-"""Parametrizations and regularizers registered by name, so the loop never branches on a method.
+"""The torch side of the catalogue: the protocols a part implements, and the lookup tables.
 
 The training loop looks a parametrization up with ``PARAMETRIZATIONS[spec.parametrization]`` and
-each regularizer with ``REGULARIZERS[name]``; adding a method is writing one class and decorating
-it (the pattern of PEFT's ``register_peft_method``). The names must also appear in the
-``Literal`` types of :mod:`trainer.config`, which validates requests without importing torch.
+each regularizer with ``REGULARIZERS[name]``, so it never branches on a method. Both tables are
+read-only views of :mod:`trainer.methods.catalog`: a part registers its implementation there,
+once, with its knobs and capacity check (the pattern of PEFT's ``register_peft_method``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torch import nn
 from adapters_store.lora import LoraAdapter
 from adapters_store.subspace import Subspace
 from trainer.config import Hyperparameters, MethodSpec
+from trainer.methods import catalog
 
 
 @dataclass(frozen=True)
@@ -66,27 +67,24 @@ ParametrizationFactory = Callable[
 ]
 RegularizerFactory = Callable[[Hyperparameters, list[LoraAdapter]], Regularizer]
 
-PARAMETRIZATIONS: dict[str, ParametrizationFactory] = {}
-REGULARIZERS: dict[str, RegularizerFactory] = {}
 
-_T = TypeVar("_T")
+class _Implementations(Mapping[str, Any]):
+    """Name -> the torch factory the catalogue names for it (imported on first lookup)."""
 
+    def __init__(self, kind: catalog.Kind) -> None:
+        self.kind = kind
 
-def _register(table: dict[str, Any], name: str) -> Callable[[_T], _T]:
-    def decorator(factory: _T) -> _T:
-        if name in table:
-            raise ValueError(f"{name!r} is already registered")
-        table[name] = factory
-        return factory
+    def __getitem__(self, name: str) -> Any:
+        if name not in catalog.names(self.kind):
+            raise KeyError(name)
+        return catalog.resolve(catalog.get(self.kind, name).implementation)  # type: ignore[arg-type]
 
-    return decorator
+    def __iter__(self) -> Iterator[str]:
+        return iter(catalog.names(self.kind))
 
-
-def register_parametrization(name: str) -> Callable[[_T], _T]:
-    """Class decorator: ``@register_parametrization("lori")``."""
-    return _register(PARAMETRIZATIONS, name)
+    def __len__(self) -> int:
+        return len(catalog.names(self.kind))
 
 
-def register_regularizer(name: str) -> Callable[[_T], _T]:
-    """Class decorator: ``@register_regularizer("l1")``."""
-    return _register(REGULARIZERS, name)
+PARAMETRIZATIONS: Mapping[str, ParametrizationFactory] = _Implementations("parametrization")
+REGULARIZERS: Mapping[str, RegularizerFactory] = _Implementations("regularizer")

@@ -18,7 +18,7 @@ import torch
 
 from adapters_store.lora import LoraAdapter
 from trainer.config import STABILITY_ALPHA_RMS, Hyperparameters
-from trainer.methods.registry import Layers, register_regularizer
+from trainer.methods.registry import Layers
 
 ROW_CHUNK = 512  # rows of ΔW per block: 512 × d_in fp32 floats = 8 MiB at d_in = 4096
 
@@ -122,7 +122,6 @@ def history_factors(history: list[LoraAdapter], name: str) -> tuple[torch.Tensor
 # Registered regularizers: sum the math over the task's modules.
 
 
-@register_regularizer("l1")
 class L1:
     """N-LoRA eq. 3 (and eq. 4's L_sparse): Σ_modules ‖ΔW_t‖₁, the L1 of the product B_t A_t.
 
@@ -144,7 +143,6 @@ def rms_of_product(B: torch.Tensor, A: torch.Tensor, chunk_rows: int = ROW_CHUNK
     return (total / (B.shape[0] * A.shape[1])) ** 0.5
 
 
-@register_regularizer("stability")
 class Stability:
     """PS-LoRA eq. 4 summed over modules, S per module from the earlier tasks (see stability_loss).
 
@@ -180,7 +178,6 @@ class Stability:
         return self._previous[name]
 
 
-@register_regularizer("orthogonal")
 class Orthogonal:
     """O-LoRA's orthogonality loss Σ_modules Σ_{i<t} ‖A_i A_tᵀ‖²_F (N-LoRA eq. 1 / OO eq. 7)."""
 

@@ -1,0 +1,1 @@
+"""Method plugins used by the tests (loaded with LAMINA_PLUGINS, as a user's would be)."""
