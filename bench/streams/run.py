@@ -1,0 +1,285 @@
+"""Streams across swaps, at load: many streaming clients on ``continual`` while versions are
+published and one is rolled back. The goals: 0 failed requests and 0 mixed-version answers.
+
+    .venv/bin/python bench/streams/run.py                    # 64 clients, 10 publishes, 1 rollback
+    .venv/bin/python bench/streams/run.py --clients 8 --publishes 2   # a quick look
+
+A real ``python -m server serve`` (``bench/lamina_process.py``) on a synthetic LoRI-D store, with
+Redis events when Redis answers (else the server polls the ledger). ``--clients`` clients stream
+``model=continual`` completions back to back (sampled, ``ignore_eos``, ``--max-tokens`` long).
+Meanwhile this process publishes ``--publishes`` synthetic tasks ``--interval`` s apart through
+``AdapterStore.publish`` (each makes a new concat merge live, as a worker's publish does), then
+rolls back to the version before the last one through ``POST /admin/rollback``. Every stream
+chunk names the engine version that served it (``system_fingerprint``, e.g. ``continual@m7``):
+
+- **failed**: requests that got an error or a stream without ``[DONE]`` (goal 0);
+- **mixed**: requests whose chunks name two versions (goal 0: a stream keeps one version);
+- **unnamed**: requests with no ``system_fingerprint`` at all (goal 0: the check above needs it);
+- **stale**: requests sent after the current version had answered someone, yet served by an
+  older one (goal 0);
+- **change → first answer**: from a publish returning (the ledger names the new merge), or a
+  rollback request being sent, to the first token from that version;
+- **in flight**: streams open across each change (the swaps happen under streams, not between);
+- ITL near a change (gaps ending within ``--stall-window`` s after it) against the rest.
+
+Prints a table and writes ``bench/results/streams.{json,md}``. Not a test: the CI version is
+``tests/integration/test_replicas.py`` (8 clients on two replicas, 2 publishes, 1 rollback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench import lamina_process as lp  # noqa: E402
+from bench.report import RESULTS, envelope, markdown_table, write_result  # noqa: E402
+from bench.serve.client import (  # noqa: E402
+    PROMPTS,
+    RequestResult,
+    completion_body,
+    http_client,
+    loop_until,
+    percentiles,
+)
+from bench.swap.run import Publisher, gaps_near, longest_gap, redis_reachable  # noqa: E402
+
+CONTINUAL = "continual"
+ADMIN_KEY = "bench-streams-admin"
+
+
+@dataclass
+class Change:
+    """One change of the live version: a publish or a rollback, in ``time.perf_counter()`` s."""
+
+    kind: str  # "publish" | "rollback"
+    merge: str
+    fingerprint: str  # what answers from it carry
+    started: float  # the publish call or the rollback request began
+    effective: float  # publish: the call returned (ledger written); rollback: = started
+
+
+async def run_streams(args: argparse.Namespace, work: Path, redis_url: str | None) -> dict[str, Any]:
+    """Start the server, stream with ``args.clients`` clients, publish and roll back under them."""
+    model_dir = lp.base_model_dir()
+    publisher = Publisher(work / "store", model_dir, args.task_rank, redis_url)
+    for _ in range(args.initial_tasks):
+        publisher.publish_one()
+    total_rank = args.task_rank * (args.initial_tasks + args.publishes)
+    settings: dict[str, Any] = {
+        **args.settings,
+        "max_lora_rank": lp.lora_slot(total_rank),
+        "admin_key": ADMIN_KEY,
+    }
+    if redis_url:
+        settings["redis_url"] = redis_url
+    env = lp.lamina_env(work, work / "store", **settings)
+    print(f"== starting server ({settings}) ...", flush=True)
+    server = await asyncio.to_thread(lp.start_lamina, "streams", env, work / "server.log")
+    results: list[RequestResult] = []
+    changes: list[Change] = []
+    stop = asyncio.Event()
+
+    def body(i: int) -> dict[str, Any]:
+        return completion_body(CONTINUAL, PROMPTS[i % len(PROMPTS)], args.max_tokens, seed=i)
+
+    with lp.running(server):
+        async with http_client(args.clients) as client:
+            loops = [
+                asyncio.create_task(loop_until(client, server.url, body, stop, results))
+                for _ in range(args.clients)
+            ]
+            await asyncio.sleep(args.warmup)
+            hot_start = time.perf_counter()
+            for _ in range(args.publishes):
+                published = await asyncio.to_thread(publisher.publish_one)
+                changes.append(
+                    Change(
+                        "publish",
+                        published.merge,
+                        published.fingerprint,
+                        published.started,
+                        published.published,
+                    )
+                )
+                print(f"  published {published.merge}", flush=True)
+                await asyncio.sleep(args.interval)
+            if args.publishes >= 2:
+                target = changes[-2].merge
+                started = time.perf_counter()
+                response = await client.post(
+                    f"{server.url}/admin/rollback",
+                    json={"merge_id": target},
+                    headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                )
+                response.raise_for_status()
+                changes.append(Change("rollback", target, f"{CONTINUAL}@{target}", started, started))
+                print(f"  rolled back to {target}", flush=True)
+                await asyncio.sleep(args.interval)
+            hot_end = time.perf_counter()
+            stop.set()
+            await asyncio.gather(*loops)
+    return {"results": results, "changes": changes, "hot": (hot_start, hot_end), "start_s": server.started_s}
+
+
+# --- analysis --------------------------------------------------------------------------------------
+
+
+def first_after(results: list[RequestResult], fingerprint: str, since: float) -> float | None:
+    """The first token from ``fingerprint`` that reached a client after ``since``."""
+    return min(
+        (
+            r.first
+            for r in results
+            if r.ok and r.first is not None and r.fingerprint == fingerprint and r.first >= since
+        ),
+        default=None,
+    )
+
+
+def analyse(run: dict[str, Any], window: float) -> dict[str, Any]:
+    results: list[RequestResult] = run["results"]
+    changes: list[Change] = run["changes"]
+    hot_start, hot_end = run["hot"]
+    during = [r for r in results if hot_start <= r.done and r.sent <= hot_end]  # open during the changes
+    firsts = [first_after(results, c.fingerprint, c.started) for c in changes]
+    stale = 0
+    for i, (change, first) in enumerate(zip(changes, firsts, strict=True)):
+        until = changes[i + 1].started if i + 1 < len(changes) else hot_end
+        if first is None:
+            continue
+        stale += sum(
+            1 for r in results if r.ok and first < r.sent < until and r.fingerprint != change.fingerprint
+        )
+    delays = {
+        kind: [
+            f - c.effective for c, f in zip(changes, firsts, strict=True) if f is not None and c.kind == kind
+        ]
+        for kind in ("publish", "rollback")
+    }
+    near, far = gaps_near(during, [c.effective for c in changes], window)
+    return {
+        "requests": len(during),
+        "requests_total": len(results),
+        "failed": sum(not r.ok for r in results),
+        "errors": sorted({(r.error or "")[:160] for r in results if r.error})[:5],
+        "mixed_versions": sum(r.mixed for r in results),
+        "unnamed": sum(r.ok and not r.fingerprints for r in results),
+        "stale_answers": stale,
+        "changes": len(changes),
+        "never_answered": sum(f is None for f in firsts),
+        "in_flight_at_change": [sum(r.sent < c.effective < r.done for r in results) for c in changes],
+        "publish_to_first_answer_s": percentiles(delays["publish"], (50, 95, 100), scale=1.0),
+        "rollback_to_first_answer_s": delays["rollback"],
+        "publish_call_s": percentiles(
+            [c.effective - c.started for c in changes if c.kind == "publish"], (50, 95, 100), scale=1.0
+        ),
+        "longest_no_answer_s": longest_gap(sorted(r.first for r in during if r.ok and r.first is not None)),
+        "output_tokens": sum(r.output_tokens for r in results if r.ok),
+        "hot_s": hot_end - hot_start,
+        "itl_ms_near_change": {**percentiles(near, (50, 99, 100)), "n": len(near)},
+        "itl_ms_elsewhere": {**percentiles(far, (50, 99, 100)), "n": len(far)},
+        "versions_served": sorted({r.fingerprint for r in results if r.fingerprint}),
+    }
+
+
+# --- reporting ---------------------------------------------------------------------------------------
+
+
+def _s(figures: dict[str, float | None]) -> str:
+    return " / ".join("-" if v is None else f"{v:.2f}" for v in figures.values())
+
+
+def _ms(figures: dict[str, Any]) -> str:
+    return " / ".join("-" if figures[k] is None else f"{figures[k]:.0f}" for k in ("p50", "p99", "p100"))
+
+
+def table(result: dict[str, Any]) -> str:
+    a, c = result["streams"], result["config"]
+    headers = [
+        "clients", "mode", "publishes + rollbacks", "requests", "failed", "mixed", "unnamed", "stale",
+        "in flight per change min/max", "publish → first answer s p50/p95/max", "rollback → first answer s",
+        "longest no-answer s", "ITL ms p50/p99/max near change", "elsewhere",
+    ]  # fmt: skip
+    rollback = " ".join(f"{v:.2f}" for v in a["rollback_to_first_answer_s"]) or "-"
+    flight = a["in_flight_at_change"]
+    row = [
+        c["clients"], result["mode"], f"{c['publishes']} + {a['changes'] - c['publishes']}", a["requests"],
+        a["failed"], a["mixed_versions"], a["unnamed"], a["stale_answers"],
+        f"{min(flight, default=0)}/{max(flight, default=0)}", _s(a["publish_to_first_answer_s"]), rollback,
+        a["longest_no_answer_s"], _ms(a["itl_ms_near_change"]), _ms(a["itl_ms_elsewhere"]),
+    ]  # fmt: skip
+    return markdown_table(headers, [row])
+
+
+def markdown(result: dict[str, Any]) -> str:
+    c = result["config"]
+    lines = [
+        "# bench/streams",
+        "",
+        f"Machine: {lp.machine_line(result)}",
+        "",
+        f"{c['clients']} clients streaming `model=continual` (max_tokens {c['max_tokens']}, ignore_eos) back to "
+        f"back; {c['publishes']} publishes {c['interval']} s apart, then a rollback to the version before the "
+        f"last, through POST /admin/rollback. `requests` = those open during the changes; `failed`, `mixed`, "
+        "`unnamed` count every request of the run. `stale` = answers from another version to requests sent "
+        "after the current one had answered. ITL 'near change' = gaps ending within "
+        f"{c['stall_window']} s after a change.",
+        "",
+        table(result),
+    ]
+    if result.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(result["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=64, help="concurrent streaming clients")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--publishes", type=int, default=10, help="new versions published under the streams")
+    parser.add_argument("--interval", type=float, default=3.0, help="seconds between changes")
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--initial-tasks", type=int, default=1)
+    parser.add_argument("--task-rank", type=int, default=4, help="rank of each published task")
+    parser.add_argument("--mode", choices=["redis", "poll"], default="redis", help="how the server follows")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--stall-window", type=float, default=2.0)
+    lp.add_server_arguments(parser)
+    parser.add_argument("--out", type=Path, default=RESULTS / "streams.json")
+    args = lp.parse_server_arguments(parser)
+    result = run(args)
+    print(table(result))
+    write_result(result, args.out, markdown(result))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    result = envelope("streams", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    result["skipped"] = []
+    redis_url = args.redis_url if args.mode == "redis" else None
+    if redis_url and not redis_reachable(redis_url):
+        result["skipped"].append(f"redis mode: no Redis at {redis_url}; the server polled the ledger")
+        redis_url = None
+    result["mode"] = "redis" if redis_url else "poll"
+    with tempfile.TemporaryDirectory(prefix="lamina-streams-bench-") as tmp:
+        work = args.work or Path(tmp)
+        session = asyncio.run(run_streams(args, work, redis_url))
+    result["streams"] = analyse(session, args.stall_window)
+    result["server_start_s"] = session["start_s"]
+    result["changes"] = [asdict(c) for c in session["changes"]]
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    print(f"  {result['streams']}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
