@@ -42,6 +42,16 @@ from server.training.service import TrainingService
 log = logging.getLogger(__name__)
 
 
+def _start_in_own_group(engine: Engine) -> None:
+    """Start the engine with its processes outside the server's process group, so that a
+    Ctrl-C to the group stops only the server, which drains its streams before it shuts the
+    engine down (server/engine_process.py)."""
+    from server.engine_process import engine_core_in_own_group
+
+    with engine_core_in_own_group():
+        engine.start()
+
+
 def create_app(settings: ServerSettings | None = None, *, start_engine: bool = True) -> FastAPI:
     """Build the app. ``start_engine=False`` gives an app whose engine never loads (for tests
     of the code around the engine: validation, error shapes, routing)."""
@@ -53,7 +63,7 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         sync: AdapterSync = app.state.sync
 
         async def boot() -> None:
-            await asyncio.to_thread(engine.start)
+            await asyncio.to_thread(_start_in_own_group, engine)
             app.state.following = asyncio.create_task(sync.follow())
 
         loading = asyncio.create_task(boot()) if start_engine else None
@@ -68,6 +78,11 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
             if following is not None:
                 following.cancel()
                 await asyncio.gather(following, return_exceptions=True)
+            log.info("requests drained; shutting the engine down")
+            if start_engine:
+                from server.engine_process import stop_engine_groups
+
+                stop_engine_groups()
             engine.shutdown()
 
     app = FastAPI(title="Lamina", version="0.1.0", lifespan=lifespan)

@@ -136,7 +136,8 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to bind (LAMINA_PORT).")] = None,
     model: Annotated[Path | None, typer.Option(help="Base model directory (LAMINA_MODEL).")] = None,
 ) -> None:
-    """Run the OpenAI-compatible server on the vLLM engine until Ctrl-C."""
+    """Run the OpenAI-compatible server on the vLLM engine until Ctrl-C or SIGTERM, which drain
+    the requests in flight (up to LAMINA_DRAIN_TIMEOUT_S) before the engine stops."""
     import uvicorn
 
     from server.app import create_app
@@ -152,6 +153,8 @@ def serve(
         port=settings.port,
         log_level="info",
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+        # SIGTERM / Ctrl-C: no new connections, then in-flight requests get this long to finish
+        timeout_graceful_shutdown=settings.drain_timeout_s,
     )
 
 

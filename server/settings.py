@@ -18,6 +18,13 @@ class ServerSettings(LaminaSettings):
     )
     host: str = Field("127.0.0.1", description="Interface uvicorn binds to.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port uvicorn binds to (0 = any free port).")
+    drain_timeout_s: int = Field(
+        30,
+        ge=0,
+        description="On SIGTERM or Ctrl-C the server stops accepting connections and lets requests in "
+        "flight (streams included) finish for up to this many seconds; then it cuts what is left and "
+        "shuts the engine down.",
+    )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="Engine dtype. float32 is exact on any CPU; use bfloat16 on GPUs."
     )
