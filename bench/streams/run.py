@@ -20,6 +20,8 @@ chunk names the engine version that served it (``system_fingerprint``, e.g. ``co
 - **change → first answer**: from a publish returning (the ledger names the new merge), or a
   rollback request being sent, to the first token from that version;
 - **in flight**: streams open across each change (the swaps happen under streams, not between);
+- **never answered**: versions replaced before any request reached them (not an error: under
+  enough load a version can be live for less time than it takes a new request to be admitted);
 - ITL near a change (gaps ending within ``--stall-window`` s after it) against the rest.
 
 Prints a table and writes ``bench/results/streams.{json,md}``. Not a test: the CI version is
@@ -134,13 +136,18 @@ async def run_streams(args: argparse.Namespace, work: Path, redis_url: str | Non
 # --- analysis --------------------------------------------------------------------------------------
 
 
-def first_after(results: list[RequestResult], fingerprint: str, since: float) -> float | None:
-    """The first token from ``fingerprint`` that reached a client after ``since``."""
+def first_answer(results: list[RequestResult], change: Change) -> float | None:
+    """The first token from the version ``change`` made live. A published version is new, so any
+    answer carrying it counts; a rollback's version answered before, so only requests sent after
+    the rollback began count (an old request of that version can still be streaming)."""
     return min(
         (
             r.first
             for r in results
-            if r.ok and r.first is not None and r.fingerprint == fingerprint and r.first >= since
+            if r.ok
+            and r.first is not None
+            and r.fingerprint == change.fingerprint
+            and (r.first >= change.started if change.kind == "publish" else r.sent >= change.started)
         ),
         default=None,
     )
@@ -151,15 +158,17 @@ def analyse(run: dict[str, Any], window: float) -> dict[str, Any]:
     changes: list[Change] = run["changes"]
     hot_start, hot_end = run["hot"]
     during = [r for r in results if hot_start <= r.done and r.sent <= hot_end]  # open during the changes
-    firsts = [first_after(results, c.fingerprint, c.started) for c in changes]
-    stale = 0
+    firsts = [first_answer(results, c) for c in changes]
+    stale: list[dict[str, Any]] = []
     for i, (change, first) in enumerate(zip(changes, firsts, strict=True)):
         until = changes[i + 1].started if i + 1 < len(changes) else hot_end
         if first is None:
             continue
-        stale += sum(
-            1 for r in results if r.ok and first < r.sent < until and r.fingerprint != change.fingerprint
-        )
+        stale += [
+            {"live": change.fingerprint, "served": r.fingerprint, "sent_after_first_s": r.sent - first}
+            for r in results
+            if r.ok and first < r.sent < until and r.fingerprint != change.fingerprint
+        ]
     delays = {
         kind: [
             f - c.effective for c, f in zip(changes, firsts, strict=True) if f is not None and c.kind == kind
@@ -174,7 +183,8 @@ def analyse(run: dict[str, Any], window: float) -> dict[str, Any]:
         "errors": sorted({(r.error or "")[:160] for r in results if r.error})[:5],
         "mixed_versions": sum(r.mixed for r in results),
         "unnamed": sum(r.ok and not r.fingerprints for r in results),
-        "stale_answers": stale,
+        "stale_answers": len(stale),
+        "stale_examples": stale[:10],
         "changes": len(changes),
         "never_answered": sum(f is None for f in firsts),
         "in_flight_at_change": [sum(r.sent < c.effective < r.done for r in results) for c in changes],
@@ -207,7 +217,7 @@ def table(result: dict[str, Any]) -> str:
     a, c = result["streams"], result["config"]
     headers = [
         "clients", "mode", "publishes + rollbacks", "requests", "failed", "mixed", "unnamed", "stale",
-        "in flight per change min/max", "publish → first answer s p50/p95/max", "rollback → first answer s",
+        "in flight per change min/max", "versions never answered", "publish → first answer s p50/p95/max", "rollback → first answer s",
         "longest no-answer s", "ITL ms p50/p99/max near change", "elsewhere",
     ]  # fmt: skip
     rollback = " ".join(f"{v:.2f}" for v in a["rollback_to_first_answer_s"]) or "-"
@@ -215,7 +225,7 @@ def table(result: dict[str, Any]) -> str:
     row = [
         c["clients"], result["mode"], f"{c['publishes']} + {a['changes'] - c['publishes']}", a["requests"],
         a["failed"], a["mixed_versions"], a["unnamed"], a["stale_answers"],
-        f"{min(flight, default=0)}/{max(flight, default=0)}", _s(a["publish_to_first_answer_s"]), rollback,
+        f"{min(flight, default=0)}/{max(flight, default=0)}", a["never_answered"], _s(a["publish_to_first_answer_s"]), rollback,
         a["longest_no_answer_s"], _ms(a["itl_ms_near_change"]), _ms(a["itl_ms_elsewhere"]),
     ]  # fmt: skip
     return markdown_table(headers, [row])
@@ -232,7 +242,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"back; {c['publishes']} publishes {c['interval']} s apart, then a rollback to the version before the "
         f"last, through POST /admin/rollback. `requests` = those open during the changes; `failed`, `mixed`, "
         "`unnamed` count every request of the run. `stale` = answers from another version to requests sent "
-        "after the current one had answered. ITL 'near change' = gaps ending within "
+        "after the current one had answered. `versions never answered` = versions replaced before any "
+        "request reached them. ITL 'near change' = gaps ending within "
         f"{c['stall_window']} s after a change.",
         "",
         table(result),
