@@ -1,47 +1,23 @@
 """What every benchmark records next to its numbers: the machine, the commit, the date.
 
 A number without the machine it came from is not a result; each ``bench/*/run.py`` builds its
-JSON with :func:`envelope` and writes it with :func:`write_result`.
+JSON with :func:`envelope` and writes it with :func:`write_result`. The machine and commit come
+from :mod:`bench.provenance`, which the continual benchmark uses too: one header, one set of keys.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.provenance import commit, machine
+
+__all__ = ["RESULTS", "commit", "envelope", "machine", "markdown_table", "write_result"]
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, library versions, load at start, and the GPU when torch sees one."""
-    import torch
-
-    from trainer.benchmark import cpu_model
-
-    info: dict[str, Any] = {
-        "cpu_model": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_at_start": list(os.getloadavg()),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def commit() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
 
 
 def envelope(benchmark: str, config: dict[str, Any]) -> dict[str, Any]:

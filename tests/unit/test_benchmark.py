@@ -1,9 +1,12 @@
-"""The continual benchmark: metrics from a known matrix, an end-to-end run on the embedded model
-(2 tasks, 2 methods, few steps), the weight restore around evaluation, the writers and the CLI."""
+"""The continual benchmark (bench/continual): metrics from a known matrix, an end-to-end run on the
+embedded model (2 tasks, 2 methods, few steps), the weight restore around evaluation, the writers
+and the CLI as the main CLI mounts it."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -13,21 +16,25 @@ import typer
 from typer.testing import CliRunner
 
 from adapters_store.fingerprint import fingerprint_model
+from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.store import AdapterStore
-from trainer.benchmark import (
-    BenchmarkConfig,
-    BenchmarkResult,
+from bench.continual.config import MAX_LORA_RANK, BenchmarkConfig
+from bench.continual.results import BenchmarkResult, matrix_metrics
+from bench.continual.runner import (
+    NoCapacity,
+    _Context,
+    _Silent,
     evaluate_task,
     live_deltas,
-    load_result,
     load_suite,
-    matrix_metrics,
-    merged_into,
     run_benchmark,
-    write_all,
+    train_and_publish,
 )
+from bench.continual.writers import load_result, write_all
+from bench.report import envelope
 from trainer.benchmark_cli import bench_app
 from trainer.loop import load_base
+from trainer.served import merged_into
 from trainer.suite import get_order
 
 # acc[i][j]: task j after training task i. Row 0 also holds task 1 before it is trained, row 1
@@ -143,7 +150,10 @@ def test_writers_produce_valid_json_markdown_and_png(small_run: BenchmarkResult,
     assert {p.name for p in paths.values()} == {f"continual-order1.{ext}" for ext in ("md", "json", "png")}
 
     document = json.loads(paths["json"].read_text())
-    assert document["machine"]["cores"] >= 1 and document["machine"]["cpu"]
+    assert document["machine"]["cores"] >= 1 and document["machine"]["cpu_model"]
+    # one provenance module: the continual header has every key the other benchmarks' has
+    assert set(envelope("x", {})["machine"]) - {"gpu"} <= set(document["machine"])
+    assert len(document["machine"]["load_average_at_start"]) == 3
     assert "git_commit" in document and document["config"]["methods"] == ["seq-lora", "lori-s"]
     assert document["runs"][0]["accuracy"] == small_run.runs[0].accuracy
     assert set(document["summary"]) == {"seq-lora", "lori-s"}
@@ -182,3 +192,45 @@ def test_cli_refuses_an_unknown_method(tmp_path: Path) -> None:
     )
     assert result.exit_code != 0
     assert "nope" in result.output
+
+
+def test_a_task_the_store_has_no_room_for_is_refused_by_admission(tmp_path: Path) -> None:
+    """The benchmark admits each task as the worker does: a concat merge already at the engine's
+    rank limit refuses the next task before any training (no model is needed to see it)."""
+    config = BenchmarkConfig(methods=("inc-lora",), n_tasks=1, n_test=4, upper_bound=False, probe=False)
+    store = AdapterStore(tmp_path / "store", "fp")
+    A, B = torch.zeros(MAX_LORA_RANK, 4), torch.zeros(4, MAX_LORA_RANK)
+    store.publish(
+        "full", LoraAdapter({"m": LoraModule(A=A, B=B, scale=1.0)}), {"method": "inc-lora"}, "concat"
+    )
+    ctx = _Context(config, None, None, "fp", load_suite(config), tmp_path, _Silent())  # type: ignore[arg-type]
+    with pytest.raises(NoCapacity, match="max_lora_rank"):
+        train_and_publish(ctx, store, "inc-lora", 0, seed=0, label="refused")
+    assert [t.name for t in store.tasks()] == ["full"]
+
+
+SHIM_WITHOUT_BENCH = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class NoBench(MetaPathFinder):  # an install without the bench package (the Docker images)
+    def find_spec(self, name, path=None, target=None):
+        if name == "bench" or name.startswith("bench."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoBench())
+import typer
+from typer.testing import CliRunner
+from trainer.benchmark_cli import bench_app
+
+app = typer.Typer()
+app.add_typer(bench_app, name="bench")
+result = CliRunner().invoke(app, ["bench", "continual"])
+assert result.exit_code != 0 and "source checkout" in result.output, result.output
+"""
+
+
+def test_without_the_bench_package_the_cli_starts_and_says_where_the_benchmarks_are() -> None:
+    done = subprocess.run([sys.executable, "-c", SHIM_WITHOUT_BENCH], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

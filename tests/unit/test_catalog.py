@@ -147,7 +147,7 @@ assert "torch" not in sys.modules, "the plugin and the catalogue import no torch
 from trainer.methods import REGULARIZERS
 from tests.plugins.toy_method import Ridge
 assert REGULARIZERS["toy-ridge"] is Ridge
-from trainer.benchmark import ALL_METHODS
+from bench.continual.config import ALL_METHODS
 assert "toy-ridge" in ALL_METHODS
 try:
     Hyperparameters(toy_ridge_lambda=-1)

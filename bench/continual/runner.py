@@ -1,0 +1,365 @@
+"""The continual benchmark's runner: train methods task after task and measure what they forget.
+
+For each method (a preset of :mod:`trainer.config`) and seed, the runner walks one task order of
+the suite (:mod:`trainer.suite`) exactly as the service does (below). After each task it loads the
+store's *live merge* (what ``model="continual"`` serves), adds its ΔW to the base model's
+weights and scores every task seen so far on its test split by greedy decoding. That fills the
+accuracy matrix ``acc[i][j]`` (task ``j`` after training task ``i``, the convention of
+:mod:`trainer.suite.metrics`), from which AA, BWT, FWT and FR follow.
+
+Two references are measured once per run:
+
+- *zero-shot*: the base model alone on every task (no adapter);
+- *per-task upper bound*: every task trained alone on the base (``inc-lora``, empty history)
+  and scored on its own test split — what a task can reach when nothing else shares the
+  adapter. It is also FWT's "trained from scratch" accuracy (PS-LoRA A.2).
+
+Nothing here trains or merges by itself: a method that the service runs differently would be
+measured wrongly, so every number goes through the service's own code path.
+
+Tasks train and publish through the worker's path: admission (:func:`trainer.admission.admit`,
+whose capacity refusals are the service's 409s), then :func:`trainer.publish.train_for_store` and
+:func:`trainer.publish.publish_trained` (data hash, the method's ledger notes, inflora's subspace).
+:mod:`bench.continual.writers` turns the result into markdown, JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from adapters_store.fingerprint import fingerprint_model
+from adapters_store.store import AdapterStore
+from bench import provenance
+from bench.continual.config import MAX_LORA_RANK, UPPER_BOUND, UPPER_BOUND_METHOD, BenchmarkConfig
+from bench.continual.results import BenchmarkResult, MethodRun, matrix_metrics
+from trainer.admission import AdmissionError, admit
+from trainer.chat import encode_prompt
+from trainer.config import Example, resolve_method
+from trainer.evaluate import greedy_completions
+from trainer.loop import load_base
+from trainer.methods import CapacityError
+from trainer.publish import publish_trained, train_for_store
+from trainer.served import merge_deltas, merged_into
+from trainer.suite import Task, accuracy, get_task
+from trainer.suite.probe import build_probe, probe_accuracy
+
+log = logging.getLogger(__name__)
+CAPACITY_CODES = ("capacity_exceeded", "rank_exceeded")  # admission's refusals for a full store
+
+
+class NoCapacity(Exception):
+    """Admission refused the task: the store has no room left for it (the service's 409)."""
+
+
+class Progress(Protocol):
+    """What the runner reports while it works (the CLI draws tqdm bars from it)."""
+
+    def stage(self, done: int, total: int, label: str) -> None:
+        """A training run starts; ``done`` of ``total`` trainings are finished."""
+
+    def step(self, step: int, total: int, loss: float) -> None:
+        """The current training reached ``step`` of ``total`` with this task loss."""
+
+
+class _Silent:
+    """The default :class:`Progress`: library callers and tests want no output."""
+
+    def stage(self, done: int, total: int, label: str) -> None:
+        pass
+
+    def step(self, step: int, total: int, loss: float) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: greedy decoding on W0 + ΔW.
+
+
+def evaluate_task(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    test: Sequence[Example],
+    batch_size: int,
+) -> float:
+    """Exact-match accuracy of greedy decoding on one task's test split (the suite's ``score``)."""
+    prompts = [encode_prompt(tokenizer, e.prompt) for e in test]
+    predictions = greedy_completions(model, tokenizer, prompts, task.max_new_tokens, batch_size)
+    return accuracy(predictions, test)
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner.
+
+
+@dataclass
+class _Suite:
+    """The order's tasks with their fixed splits, converted for the trainer once."""
+
+    tasks: list[Task]
+    train: list[list[Example]]
+    test: list[list[Example]]
+
+
+def load_suite(config: BenchmarkConfig) -> _Suite:
+    """The order's tasks and their deterministic splits."""
+    tasks = [get_task(name) for name in config.task_names()]
+    train, test = [], []
+    for task in tasks:
+        task_train, task_test = task.split(
+            seed=config.data_seed, n_train=config.n_train, n_test=config.n_test
+        )
+        train.append(task_train)
+        test.append(task_test)
+    return _Suite(tasks, train, test)
+
+
+@dataclass
+class _Context:
+    """What every stage needs: the loaded model, the suite, where stores go, how to report."""
+
+    config: BenchmarkConfig
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+    suite: _Suite
+    stores: Path
+    progress: Progress
+    probe: list[Example] = field(default_factory=list)  # what the base model knows (trainer.suite.probe)
+    trainings_done: int = 0
+    trainings_total: int = 0
+
+    def evaluate(self, task_index: int) -> float:
+        return evaluate_task(
+            self.model,
+            self.tokenizer,
+            self.suite.tasks[task_index],
+            self.suite.test[task_index],
+            self.config.eval_batch_size,
+        )
+
+    def new_store(self, label: str) -> AdapterStore:
+        root = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.stores))
+        return AdapterStore(root, self.fingerprint, base_model=str(self.config.model_dir))
+
+
+def train_and_publish(
+    ctx: _Context, store: AdapterStore, method_name: str, task_index: int, seed: int, label: str
+) -> tuple[float, dict[str, Any]]:
+    """Admit one task to the store, train it on the store's live state and publish it: the
+    worker's own path (:func:`trainer.admission.admit`, then :mod:`trainer.publish`).
+
+    Returns (seconds spent, the training's metrics); raises :class:`NoCapacity` when admission
+    refuses the task for want of room (the service's 409).
+    """
+    method = resolve_method(method_name)
+    task = ctx.suite.tasks[task_index]
+    ctx.progress.stage(ctx.trainings_done, ctx.trainings_total, label)
+    try:
+        hp = admit(store, task.name, method, ctx.config.hyperparameters(task.name, seed), MAX_LORA_RANK)
+    except AdmissionError as error:
+        if error.code in CAPACITY_CODES:
+            raise NoCapacity(error.message) from error
+        raise
+    started = time.perf_counter()
+    examples = ctx.suite.train[task_index]
+    trained = train_for_store(
+        ctx.model, ctx.tokenizer, store, examples, method, hp, progress=ctx.progress.step
+    )
+    extra = {"benchmark": {"order": ctx.config.order, "seed": seed}}
+    publish_trained(store, task.name, examples, method, hp, trained, extra_meta=extra)
+    ctx.trainings_done += 1
+    return time.perf_counter() - started, trained.result.metrics
+
+
+def live_deltas(store: AdapterStore) -> dict[str, torch.Tensor]:
+    """ΔW of what the store serves as ``continual`` right now."""
+    live = store.live()
+    return merge_deltas(store.load_merge(live.id) if live is not None else None)
+
+
+def run_method(
+    ctx: _Context, method: str, seed: int, scratch: list[float] | None, zero_shot: list[float]
+) -> MethodRun:
+    """Train the order's tasks one after another with ``method``; evaluate after each.
+
+    After task i: every seen task j <= i (the matrix's lower triangle) and the next task i + 1
+    (for FWT0) are scored on the live merge. A task the store has no capacity for (LoRAF's B,
+    inflora's input directions) is refused, as the service refuses it with 409: the live merge
+    stays as it was and the task is scored on it all the same.
+    """
+    size = len(ctx.suite.tasks)
+    acc: list[list[float | None]] = [[None] * size for _ in range(size)]
+    store = ctx.new_store(f"{method}-seed{seed}")
+    train_seconds = eval_seconds = 0.0
+    losses: list[float] = []
+    probe: list[float | None] = []
+    reserved: list[float] = []
+    refused: list[int] = []
+    for i, task in enumerate(ctx.suite.tasks):
+        try:
+            seconds, trained = train_and_publish(
+                ctx, store, method, i, seed, f"{method} s{seed} {i + 1}/{size} {task.name}"
+            )
+        except (NoCapacity, CapacityError) as error:
+            log.warning("%s seed %d: task %d (%s) refused: %s", method, seed, i, task.name, error)
+            refused.append(i)
+            ctx.trainings_done += 1
+        else:
+            train_seconds += seconds
+            losses.append(float(trained["final_loss"]))
+            if "subspace_reserved_max" in trained:  # inflora: how full the fullest module is now
+                reserved.append(float(trained["subspace_reserved_max"]))
+        started = time.perf_counter()
+        with merged_into(ctx.model, live_deltas(store)):
+            for j in range(min(i + 2, size)):
+                acc[i][j] = ctx.evaluate(j)
+            if ctx.probe:
+                probe.append(probe_accuracy(ctx.model, ctx.tokenizer, ctx.probe))
+        eval_seconds += time.perf_counter() - started
+    metrics = matrix_metrics(acc, scratch, zero_shot)
+    metrics["GA"] = probe[-1] if probe else None
+    store_stats, stats_error = store_statistics(store)
+    metrics.update(store_stats)
+    return MethodRun(
+        method,
+        seed,
+        acc,
+        metrics,
+        round(train_seconds, 2),
+        round(eval_seconds, 2),
+        losses,
+        stats_error,
+        probe,
+        reserved,
+        refused,
+    )
+
+
+def run_upper_bound(ctx: _Context, seed: int) -> list[float]:
+    """Each task trained alone on the base (``inc-lora`` into an empty store) and scored on itself."""
+    scores = []
+    for i, task in enumerate(ctx.suite.tasks):
+        store = ctx.new_store(f"{UPPER_BOUND}-{task.name}-seed{seed}")
+        train_and_publish(ctx, store, UPPER_BOUND_METHOD, i, seed, f"{UPPER_BOUND} s{seed} {task.name}")
+        with merged_into(ctx.model, live_deltas(store)):
+            scores.append(ctx.evaluate(i))
+    return scores
+
+
+def store_statistics(store: AdapterStore) -> tuple[dict[str, float | None], str | None]:
+    """ACR (N-LoRA eq. 10, in ΔW space) and occupancy of the store's live task adapters, from
+    ``adapters_store.stats`` — the admin view's numbers, not a second implementation of them.
+
+    Returns the two values (None when the stats module is missing or fails) and the reason they
+    are missing, so a long run still ends with its accuracies and says why a column is empty.
+    """
+    missing: dict[str, float | None] = {"ACR": None, "occupancy": None}
+    try:
+        from adapters_store.stats import compute_stats
+    except ImportError as error:
+        return missing, f"adapters_store.stats unavailable: {error}"
+    try:
+        report = compute_stats(store.history(), [t.id for t in store.tasks()]).to_dict()["aggregate"]
+    except Exception as error:  # a stats bug must not throw away a finished run's accuracies
+        log.warning("stats of %s failed: %s", store.root, error)
+        return missing, f"adapters_store.stats failed: {type(error).__name__}: {error}"
+    return {"ACR": report.get("acr_dw"), "occupancy": report.get("occupancy")}, None
+
+
+def run_benchmark(config: BenchmarkConfig, progress: Progress | None = None) -> BenchmarkResult:
+    """Run ``config``: zero-shot, the per-task upper bound, then every method × seed."""
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    started = time.perf_counter()
+    load_at_start = provenance.load_average()
+    commit = provenance.commit_label()  # the code that runs is the code at the start
+    device = _device(config.device)
+    model, tokenizer = load_base(config.model_dir)
+    cast(nn.Module, model).to(device)
+    suite = load_suite(config)
+    size = len(suite.tasks)
+    per_seed = len(config.methods) * size + (size if config.upper_bound else 0)
+
+    fingerprint = fingerprint_model(config.model_dir)
+    with _torch_threads(config.threads), _stores_dir(config.work_dir) as stores:
+        ctx = _Context(
+            config=config,
+            model=model,
+            tokenizer=tokenizer,
+            fingerprint=fingerprint,
+            suite=suite,
+            stores=stores,
+            progress=progress or _Silent(),
+            trainings_total=per_seed * len(config.seeds),
+        )
+        zero_shot = [ctx.evaluate(i) for i in range(size)]
+        if config.probe:
+            ctx.probe = build_probe(ctx.model, ctx.tokenizer)
+        upper: dict[int, list[float]] = {}
+        runs: list[MethodRun] = []
+        for seed in config.seeds:
+            if config.upper_bound:
+                upper[seed] = run_upper_bound(ctx, seed)
+            for method in config.methods:
+                runs.append(run_method(ctx, method, seed, upper.get(seed), zero_shot))
+        machine = provenance.machine(str(device))  # inside the block: the threads the run used
+        machine["load_average_at_start"] = load_at_start
+
+    machine["load_average_at_end"] = provenance.load_average()
+    return BenchmarkResult(
+        config=config,
+        tasks=[t.name for t in suite.tasks],
+        test_sizes=[len(t) for t in suite.test],
+        zero_shot=zero_shot,
+        upper_bound=upper,
+        runs=runs,
+        machine=machine,
+        started_at=started_at,
+        wall_seconds=round(time.perf_counter() - started, 1),
+        git_commit=commit,
+        base_fingerprint=fingerprint,
+        probe_size=len(ctx.probe),
+    )
+
+
+def _device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one (the full configuration), else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Use ``threads`` CPU threads inside the block and restore torch's setting after it: the
+    process-wide setting is the caller's (a test session, a worker), not the benchmark's."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def _stores_dir(work_dir: Path | None) -> Iterator[Path]:
+    """``work_dir`` (kept, for inspection) or a temporary directory (deleted afterwards)."""
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        yield work_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="lamina-bench-") as tmp:
+        yield Path(tmp)
