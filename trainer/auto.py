@@ -86,8 +86,9 @@ def keep_going(losses: list[float], planned: int) -> bool:
 
 def trained_share(hp: Hyperparameters, method: MethodSpec) -> float:
     """The share of B's entries a task trains: its mask's density (LoRI-S, LoRAF), else 1."""
-    if method.parametrization == "loraf":
+    knobs = catalog.get("parametrization", method.parametrization).knob_names
+    if "mask_fraction" in knobs:  # LoRAF: each task owns that share of B
         return hp.mask_fraction
-    if method.parametrization in ("lori", "inflora"):
+    if "sparsity" in knobs:  # LoRI-S (and inflora, at sparsity 0): the kept share of B
         return 1.0 - method.effective_sparsity(hp)
     return 1.0

@@ -80,6 +80,7 @@ from trainer.loop import (  # noqa: E402
     tokenize,
     train_step,
 )
+from trainer.methods.capacity import loraf_mask_size  # noqa: E402
 from trainer.methods.parametrizations import kaiming_uniform  # noqa: E402
 
 BASELINE = "lora"
@@ -242,14 +243,14 @@ def synthetic_history(
 
     Values do not matter for timing, only shapes and structure: A ~ N(0, 1/d_in) and
     B ~ N(0, 0.01²) per task; for LoRAF one shared kaiming A per module and disjoint random masks
-    of ⌊mask_fraction · d_out · r⌋ positions each, as ``LoraF.setup`` requires of its store.
+    of ``loraf_mask_size`` positions each, as ``LoraF.setup`` requires of its store.
     """
     g = torch.Generator().manual_seed(1234)
     scale = hp.lora_alpha / hp.r
     history = [LoraAdapter(modules={}) for _ in range(tasks)]
     for index, (name, (d_out, d_in)) in enumerate(sorted(shapes.items())):
         if method.parametrization == "loraf":
-            k = int(hp.mask_fraction * d_out * hp.r)
+            k = loraf_mask_size(hp.mask_fraction, d_out, hp.r)
             if (tasks + 1) * k > d_out * hp.r:
                 raise ValueError(f"loraf: {tasks} earlier tasks leave no room; lower --history")
             shared_A = kaiming_uniform((hp.r, d_in), seed=10_000 + index)
