@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
@@ -103,6 +103,53 @@ class EventSubscriber:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+EventsMode = Literal["redis", "polling"]
+
+
+class EventFollower:
+    """Follows a store's events from a thread for as long as the server runs, whether or not
+    Redis is there: subscribed, each event calls ``on_event``; while Redis cannot be reached it
+    retries every ``retry_s`` and the server relies on its ledger poll alone.
+
+    :attr:`mode` says which of the two holds now (``/ready`` shows it), and each change of mode
+    is logged once, not every retry.
+    """
+
+    def __init__(
+        self, redis_url: str, store_root: str | Path, on_event: Callable[[], object], retry_s: float = 2.0
+    ) -> None:
+        self.redis_url, self.store_root = redis_url, store_root
+        self.on_event = on_event
+        self.retry_s = retry_s
+        self.mode: EventsMode = "polling"
+        self._warned = False
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        """Run until ``stop`` is set, in a daemon thread (returned, for joining)."""
+        thread = threading.Thread(target=self.run, args=(stop,), name="store-events", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                with EventSubscriber(self.redis_url, self.store_root) as subscriber:
+                    self._set_mode("redis")
+                    for _ in subscriber.events(stop, poll_s=0.5):
+                        self.on_event()
+            except Exception as error:  # Redis down or gone: the ledger poll still works
+                self._set_mode("polling", error)
+                stop.wait(self.retry_s)
+
+    def _set_mode(self, mode: EventsMode, error: BaseException | None = None) -> None:
+        if mode == "redis" and self.mode != "redis":
+            log.info("following store events on Redis")
+        elif mode == "polling" and (self.mode == "redis" or not self._warned):
+            log.warning("store events unavailable (%s); following the ledger by polling", error)
+            self._warned = True
+        self.mode = mode
 
 
 class LedgerWatcher:

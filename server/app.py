@@ -152,14 +152,21 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
 
     @app.get("/ready", tags=["ops"])
     async def ready(request: Request) -> JSONResponse:
-        """200 once the engine can serve requests, 503 before (and if it failed to load)."""
+        """200 once the engine can serve requests, 503 before (and if it failed to load). ``events``
+        is ``redis`` while store events arrive, ``polling`` while the server follows the ledger
+        alone (no Redis configured, or Redis unreachable): it serves either way."""
         loading = getattr(request.app.state, "engine_loading", None)
         if loading is not None and loading.done() and loading.exception() is not None:
             detail = f"engine failed to start: {loading.exception()}"
             return JSONResponse(status_code=503, content={"status": "failed", "detail": detail})
-        if request.app.state.engine.ready and request.app.state.sync.status.syncs > 0:
-            status = request.app.state.sync.status
-            return JSONResponse({"status": "ready", "live_merge": status.live_merge, "tasks": status.tasks})
+        sync: AdapterSync = request.app.state.sync
+        if request.app.state.engine.ready and sync.status.syncs > 0:
+            status = sync.status
+            # how store changes reach this server: Redis events, or (Redis unset or away) the ledger poll
+            events = sync.events.mode if sync.events is not None else "polling"
+            return JSONResponse(
+                {"status": "ready", "live_merge": status.live_merge, "tasks": status.tasks, "events": events}
+            )
         return JSONResponse(status_code=503, content={"status": "loading"})
 
     @app.get(

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapters_store.events import EventSubscriber, LedgerWatcher
+from adapters_store.events import EventFollower, LedgerWatcher
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import DenseDelta
 from adapters_store.store import AdapterStore, MergeRecord, TaskRecord
@@ -253,24 +253,15 @@ class AdapterSync:
             if listener is not None:
                 listener.join(timeout=5)
 
+    events: EventFollower | None = None  # None: no Redis configured, the ledger poll alone
+
     def _listen_for_events(self, nudged: asyncio.Event, stop: threading.Event) -> threading.Thread:
         loop = asyncio.get_running_loop()
-        url = self.events_url
-        assert url is not None
-
-        def listen() -> None:
-            while not stop.is_set():
-                try:
-                    with EventSubscriber(url, self.store.root) as subscriber:
-                        for _ in subscriber.events(stop, poll_s=0.5):
-                            loop.call_soon_threadsafe(nudged.set)
-                except Exception as error:  # Redis down: the ledger poll still works
-                    log.warning("store events unavailable (%s); relying on the ledger poll", error)
-                    stop.wait(2.0)
-
-        thread = threading.Thread(target=listen, name="store-events", daemon=True)
-        thread.start()
-        return thread
+        assert self.events_url is not None
+        self.events = EventFollower(
+            self.events_url, self.store.root, lambda: loop.call_soon_threadsafe(nudged.set)
+        )
+        return self.events.start(stop)
 
 
 def _svd_error(exported: Path) -> float:

@@ -208,6 +208,20 @@ class JobBoard:
             self._write(job)
             return job
 
+    def discard(self, job_id: str) -> bool:
+        """Remove a job whose queue message could not be sent, so that the board holds no job
+        that waits for a message no worker receives. Under the lock and only while the job is
+        still queued: False when a worker draining the board claimed it meanwhile (it trains)."""
+        with self._locked():
+            try:
+                if self.get(job_id).status != JobStatus.queued:
+                    return False
+            except JobNotFound:
+                return True
+            self._path(job_id).unlink(missing_ok=True)
+            self._examples_path(job_id).unlink(missing_ok=True)
+            return True
+
     def request_cancel(self, job_id: str) -> Job:
         """Queued jobs are cancelled at once; running ones are asked to stop at the next step
         (the worker then marks them cancelled). Finished jobs are returned unchanged."""

@@ -15,7 +15,7 @@ from server.training.protocol import ExampleIn, TaskCreate
 from trainer.admission import AdmissionError, admit
 from trainer.celery_app import TRAIN_TASK, make_celery
 from trainer.config import Hyperparameters, UnknownMethodError, resolve_method
-from trainer.jobs import Job, JobBoard, JobNotFound, JobRefused, JobStatus, now
+from trainer.jobs import Job, JobBoard, JobNotFound, JobRefused
 from trainer.settings import LaminaSettings
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class TrainingService:
         except AdmissionError as error:
             raise APIError(error.status, error.message, param=error.param, code=error.code) from None
         examples = [e.to_example() for e in request.examples]
+        self._require_queue()
         try:
             job = self.board.create(
                 request.name,
@@ -102,18 +103,23 @@ class TrainingService:
             ) from None
         try:
             self.celery.send_task(TRAIN_TASK, args=[job.id])
-        except Exception as error:  # broker down: the job must not stay "queued" forever
+        except Exception:  # the queue went away since the check: take the job back
             log.exception("could not enqueue %s", job.id)
-            self.board.update(
-                job.id,
-                status=JobStatus.failed,
-                finished_at=now(),
-                error={"message": f"could not reach the task queue: {error}"},
-            )
-            raise APIError(
-                503, "the task queue is unavailable; nothing was queued.", type="server_error"
-            ) from None
+            if self.board.discard(job.id):
+                raise _queue_unavailable() from None
+            log.info("%s was claimed by a worker draining the board; it trains without its message", job.id)
         return job
+
+    def _require_queue(self) -> None:
+        """Refuse before anything is written when the task queue cannot be reached (one quick
+        connection attempt, no retries): the server keeps serving, and POST /tasks works again
+        as soon as the broker is back."""
+        try:
+            with self.celery.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=0)
+        except Exception as error:
+            log.warning("the task queue cannot be reached (%s); refusing a task", error)
+            raise _queue_unavailable() from None
 
     def get(self, job_id: str) -> Job:
         try:
@@ -127,6 +133,16 @@ class TrainingService:
     def cancel(self, job_id: str) -> Job:
         self.get(job_id)
         return self.board.request_cancel(job_id)
+
+
+def _queue_unavailable() -> APIError:
+    return APIError(
+        503,
+        "the task queue cannot be reached (is the broker, LAMINA_BROKER_URL, up?); nothing was queued "
+        "and no job was recorded. Inference still works; retry the task later.",
+        code="queue_unavailable",
+        type="server_error",
+    )
 
 
 def parse_jsonl(content: bytes) -> list[ExampleIn]:
