@@ -16,7 +16,7 @@ chunk names the engine version that served it (``system_fingerprint``, e.g. ``co
 - **mixed**: requests whose chunks name two versions (goal 0: a stream keeps one version);
 - **unnamed**: requests with no ``system_fingerprint`` at all (goal 0: the check above needs it);
 - **stale**: requests sent after the current version had answered someone, yet served by an
-  older one (goal 0);
+  older one (goal 0); one sent just before the next change may rightly get that newer version;
 - **change → first answer**: from a publish returning (the ledger names the new merge), or a
   rollback request being sent, to the first token from that version;
 - **in flight**: streams open across each change (the swaps happen under streams, not between);
@@ -164,10 +164,12 @@ def analyse(run: dict[str, Any], window: float) -> dict[str, Any]:
         until = changes[i + 1].started if i + 1 < len(changes) else hot_end
         if first is None:
             continue
+        # a request the server admitted after the next change began rightly got a newer version
+        newer = {c.fingerprint for c in changes[i:]}
         stale += [
             {"live": change.fingerprint, "served": r.fingerprint, "sent_after_first_s": r.sent - first}
             for r in results
-            if r.ok and first < r.sent < until and r.fingerprint != change.fingerprint
+            if r.ok and first < r.sent < until and r.fingerprint not in newer
         ]
     delays = {
         kind: [
