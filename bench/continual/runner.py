@@ -48,7 +48,7 @@ from trainer.admission import AdmissionError, admit
 from trainer.chat import encode_prompt
 from trainer.config import Example, resolve_method
 from trainer.evaluate import greedy_completions
-from trainer.loop import load_base
+from trainer.loop import load_base, select_device
 from trainer.methods import CapacityError
 from trainer.publish import publish_trained, train_for_store
 from trainer.served import merge_deltas, merged_into
@@ -285,7 +285,7 @@ def run_benchmark(config: BenchmarkConfig, progress: Progress | None = None) -> 
     started = time.perf_counter()
     load_at_start = provenance.load_average()
     commit = provenance.commit_label()  # the code that runs is the code at the start
-    device = _device(config.device)
+    device = select_device(config.device)  # the worker's rule: auto is CUDA when torch sees one
     model, tokenizer = load_base(config.model_dir)
     cast(nn.Module, model).to(device)
     suite = load_suite(config)
@@ -332,13 +332,6 @@ def run_benchmark(config: BenchmarkConfig, progress: Progress | None = None) -> 
         base_fingerprint=fingerprint,
         probe_size=len(ctx.probe),
     )
-
-
-def _device(name: str) -> torch.device:
-    """``auto``: the GPU when there is one (the full configuration), else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @contextmanager
