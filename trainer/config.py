@@ -232,6 +232,9 @@ if TYPE_CHECKING:
         pass
 
 else:
+    _clash = sorted({knob.name for knob in catalog.knobs()} & set(SharedHyperparameters.model_fields))
+    if _clash:
+        raise ValueError(f"knobs {_clash} would replace hyper-parameters every method shares; rename them")
     Hyperparameters = create_model(
         "Hyperparameters",
         __base__=SharedHyperparameters,

@@ -172,3 +172,9 @@ def test_a_plugin_that_cannot_be_imported_is_named() -> None:
     done = _python("import trainer.config", "tests.plugins.no_such_module")
     assert done.returncode != 0
     assert "LAMINA_PLUGINS names 'tests.plugins.no_such_module'" in done.stderr
+
+
+def test_a_plugin_knob_cannot_replace_a_shared_hyperparameter() -> None:
+    done = _python("import trainer.config", "tests.plugins.clashing_knob")
+    assert done.returncode != 0
+    assert "knobs ['r'] would replace hyper-parameters every method shares" in done.stderr

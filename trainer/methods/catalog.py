@@ -86,9 +86,8 @@ class Part:
     name: str
     description: str
     knobs: tuple[Knob, ...] = ()
-    implementation: Ref | None = (
-        None  # parametrization: (hp, method, history, subspace); regularizer: (hp, history)
-    )
+    # The torch factory: parametrization(hp, method, history, subspace); regularizer(hp, history).
+    implementation: Ref | None = None
     capacity: Ref | None = None
     notes: Ref | None = None
     lambda_knob: str | None = None  # regularizer: the knob whose value overrides the preset's λ
