@@ -1,7 +1,10 @@
-"""Serve a dense merge (PS-LoRA's magnitude merge) by writing W0 + ΔW into the running engine.
+"""Serve the live merge by writing W0 + ΔW into the running engine's weights.
 
-A :class:`~adapters_store.merges.DenseDelta` is not low-rank, so it cannot be served as a LoRA
-adapter: the base weights themselves must change. vLLM runs the model in a worker process, so
+Any merge can be served this way: a dense one (PS-LoRA's magnitude merge, a
+:class:`~adapters_store.merges.DenseDelta`, which is not low-rank and cannot be an exact LoRA)
+and a LoRA one (concat, sum: exact sums W0 + Σ wₜΔWₜ, whose rank grows with every task and
+whose per-token LoRA cost grows with it). The continual model then costs what the base model
+costs per token; server/corrections.py serves the other models relative to these weights. vLLM runs the model in a worker process, so
 the work happens there, in :class:`DenseWeightsExtension`, which vLLM mixes into its worker
 class when the engine is built with ``worker_extension_cls=WORKER_EXTENSION``. The server calls
 it by name through ``collective_rpc`` with two file paths; nothing is pickled and no tensor
@@ -52,15 +55,18 @@ _TOUCHED_ATTR = "_lamina_dense_modules"  # set on the worker instance, not the c
 Shard = tuple[str, str | int | None]  # (HF module name, vLLM shard id; None when not fused)
 
 
-async def apply_dense_delta(engine: Engine, base_model_dir: Path, delta_path: Path | None) -> None:
-    """Make the running engine serve W0 + ΔW, or exactly W0 again when ``delta_path`` is None.
+async def apply_dense_delta(engine: Engine, base_model_dir: Path, delta_path: Path | None) -> float:
+    """Make the running engine serve W0 + ΔW, or exactly W0 again when ``delta_path`` is None;
+    returns the seconds it took.
 
     ``base_model_dir`` is the directory the engine loaded (W0 is read from its safetensors);
-    ``delta_path`` is a ``delta.safetensors`` written by ``DenseDelta.save``. Every module changed
+    ``delta_path`` is a ``delta.safetensors`` written by ``DenseDelta.save``, or a LoRA merge's
+    directory in PEFT layout (ΔW = scale · B @ A, formed in the worker). Every module changed
     by an earlier call and absent from this delta goes back to W0, so the engine always serves
     W0 + (the latest ΔW). The delta is checked against the model (names, shapes) before any
-    weight is written. Requests still running are preempted and recomputed with the new weights,
-    and the prefix cache is emptied, since cached KV blocks were computed with the old ones.
+    weight is written. Requests still running are preempted and recomputed with the new weights
+    (the hot-swap drains them first, server/hotswap.py), and the prefix cache is emptied, since
+    cached KV blocks were computed with the old ones.
     """
     extension = engine.llm.vllm_config.parallel_config.worker_extension_cls
     if extension != WORKER_EXTENSION:
@@ -76,13 +82,10 @@ async def apply_dense_delta(engine: Engine, base_model_dir: Path, delta_path: Pa
     written = await engine.llm.collective_rpc(_APPLY_METHOD, args=args)
     if not await engine.llm.reset_prefix_cache(reset_running_requests=True):
         raise RuntimeError("vLLM could not reset its prefix cache after a weight change")
-    what = f"dense delta {delta_path}" if delta_path else "base weights (rollback)"
-    log.info(
-        "engine now serves %s: %d modules written in %.3f s",
-        what,
-        len(written[0]),
-        time.perf_counter() - started,
-    )
+    what = f"W0 + ΔW of {delta_path}" if delta_path else "base weights (rollback)"
+    seconds = time.perf_counter() - started
+    log.info("engine now serves %s: %d modules written in %.3f s", what, len(written[0]), seconds)
+    return seconds
 
 
 async def probe_linear(engine: Engine, module: str, probe: list[float]) -> list[float]:
@@ -103,10 +106,9 @@ class DenseWeightsExtension:
     def lamina_apply_dense_delta(self, base_model_dir: str, delta_path: str | None) -> list[str]:
         """Write W0 + ΔW (or W0) into every targeted linear layer; return the vLLM modules written."""
         import torch
-        from safetensors.torch import load_file
 
         model = self.get_model()  # type: ignore[attr-defined]
-        deltas = load_file(delta_path) if delta_path else {}
+        deltas = _Deltas.open(delta_path)
         plan = _plan(model, deltas)
         checkpoint = _Checkpoint(Path(base_model_dir))
         _validate(model, plan, deltas, checkpoint)
@@ -138,7 +140,7 @@ class DenseWeightsExtension:
         return [float(v) for v in y[0].float().cpu()]
 
 
-def _plan(model: Any, deltas: dict[str, torch.Tensor]) -> dict[str, list[Shard]]:
+def _plan(model: Any, deltas: _Deltas) -> dict[str, list[Shard]]:
     """Group the delta's HF module names by the vLLM module that holds them.
 
     Returns vLLM module name -> all of its shards in row order, so a fused layer is always
@@ -181,6 +183,55 @@ def _base_layer(model: Any, vllm_name: str) -> Any:
     return layer
 
 
+class _Deltas:
+    """ΔW per HF module name, from a dense ``delta.safetensors`` or from a LoRA merge in PEFT
+    layout (a directory), where ΔW = scale · B @ A is formed one module at a time when written,
+    so a whole model's ΔW never lives in memory at once (and never goes through a file)."""
+
+    def __init__(self, dense: dict[str, torch.Tensor], factors: dict[str, Any]) -> None:
+        self._dense, self._factors = dense, factors
+
+    @classmethod
+    def open(cls, path: str | None) -> _Deltas:
+        if path is None:
+            return cls({}, {})
+        if Path(path).is_dir():
+            from adapters_store.lora import LoraAdapter
+
+            return cls({}, LoraAdapter.load_peft(Path(path)).modules)
+        from safetensors.torch import load_file
+
+        return cls(load_file(path), {})
+
+    def __iter__(self) -> Any:
+        return iter([*self._dense, *self._factors])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._dense or name in self._factors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._dense:
+            return tuple(self._dense[name].shape)
+        module = self._factors[name]
+        return (int(module.B.shape[0]), int(module.A.shape[1]))
+
+    def finite(self, name: str) -> bool:
+        import torch
+
+        if name in self._dense:
+            return bool(torch.isfinite(self._dense[name]).all())
+        module = self._factors[name]
+        return bool(torch.isfinite(module.A).all() and torch.isfinite(module.B).all())
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """ΔW in fp32, or None when this delta does not touch ``name``."""
+        if name in self._dense:
+            return self._dense[name].float()
+        if name in self._factors:
+            return self._factors[name].delta()  # (d_out, d_in), fp32
+        return None
+
+
 class _Checkpoint:
     """Reads single tensors from the base model's safetensors files (headers only until asked)."""
 
@@ -214,20 +265,16 @@ class _Checkpoint:
             return handle.get_tensor(key)
 
 
-def _validate(
-    model: Any, plan: dict[str, list[Shard]], deltas: dict[str, torch.Tensor], checkpoint: _Checkpoint
-) -> None:
+def _validate(model: Any, plan: dict[str, list[Shard]], deltas: _Deltas, checkpoint: _Checkpoint) -> None:
     """Fail before writing anything: every delta names a shard of the model and matches W0's shape."""
-    import torch
-
     covered = {hf for shards in plan.values() for hf, _ in shards}
-    for hf_name, delta in deltas.items():
+    for hf_name in deltas:
         if hf_name not in covered:
             raise ValueError(f"delta module {hf_name} is not a linear layer of the engine's model")
         expected = checkpoint.shape(hf_name + ".weight")
-        if tuple(delta.shape) != expected:
-            raise ValueError(f"delta {hf_name} has shape {tuple(delta.shape)}, the base weight {expected}")
-        if not torch.isfinite(delta).all():
+        if deltas.shape(hf_name) != expected:
+            raise ValueError(f"delta {hf_name} has shape {deltas.shape(hf_name)}, the base weight {expected}")
+        if not deltas.finite(hf_name):
             raise ValueError(f"delta {hf_name} holds NaN or Inf")
     for name, shards in plan.items():
         _base_layer(model, name)

@@ -6,15 +6,16 @@ any version the engine does not have yet under a fresh name and id, flips the al
 unloads versions that no alias points at and no request still holds.
 
 A version that fails to load leaves the aliases as they were: the live model never changes
-half-way. Dense merges (PS-LoRA's magnitude merge) are served one of two ways:
+half-way. The live merge (``continual``) is served one of two ways (``LAMINA_CONTINUAL_SERVING``):
 
-- ``lora`` (default): as their best rank-R approximation at the engine's max_lora_rank (the
-  relative error is logged and reported); ``base`` and every task keep their own weights. The
+- ``weights`` (default): W0 + ΔW is written into the engine's weights, for every merge kind
+  (exact, and no LoRA cost per token); ``base`` and every task are served as correction
+  adapters relative to those weights (server/weights_sync.py). A swap drains running requests
+  first, so each request runs on the weights it started with.
+- ``lora``: the merge as a LoRA adapter; a dense (magnitude) merge as its best rank-R
+  approximation at the engine's max_lora_rank (the relative error is logged and reported). The
   store writes that export beside the merge when its rank matches; otherwise it is computed
-  here once, into the cache.
-- ``weights``: W0 + ΔW is written into the engine's weights (exact, and no LoRA cost per
-  token). The engine's weights then no longer are the base model's, so while such a merge is
-  live only ``continual`` is served; W0 comes back from disk when it stops being live.
+  here once, into the cache. ``base`` and every task keep their own weights.
 """
 
 from __future__ import annotations
@@ -30,15 +31,16 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from adapters_store.events import EventFollower, LedgerWatcher
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import DenseDelta
 from adapters_store.store import AdapterStore, MergeRecord, TaskRecord
-from server.dense_weights import apply_dense_delta
 from server.engine import AdapterHandle, Engine
 from server.metrics import LaminaMetrics
 from server.models import ModelRegistry, Route
+from server.weights_sync import WeightsServing
 
 log = logging.getLogger(__name__)
 CONTINUAL = "continual"
@@ -53,6 +55,9 @@ class SyncStatus:
     last_error: str | None = None
     svd_relative_error: float | None = None
     syncs: int = 0
+    serving: str = "lora"  # LAMINA_CONTINUAL_SERVING
+    weights: dict[str, Any] | None = None  # weights serving: the merge in the weights, swap times
+    corrections: dict[str, dict[str, Any]] | None = None  # weights serving: model -> rank, error
 
 
 class AdapterSync:
@@ -70,17 +75,23 @@ class AdapterSync:
         dense_serving: str = "lora",
         base_model_dir: Path | None = None,
         metrics: LaminaMetrics | None = None,
+        drain_s: float = 60.0,
     ) -> None:
         self.engine, self.registry, self.store = engine, registry, store
         self.metrics = metrics or LaminaMetrics()
         self.cache_dir = cache_dir
         self.dense_serving = dense_serving
         self.base_model_dir = base_model_dir
-        self._weights_merge: str | None = None  # the dense merge written into the engine, if any
+        self.weights: WeightsServing | None = None
+        if dense_serving == "weights":
+            assert base_model_dir is not None, "weights serving needs the base model directory"
+            self.weights = WeightsServing(
+                engine, registry, base_model_dir, cache_dir, max_lora_rank, drain_s, store.base_model
+            )
         self.max_lora_rank = max_lora_rank
         self.events_url = events_url
         self.poll_interval_s = poll_interval_s
-        self.status = SyncStatus()
+        self.status = SyncStatus(serving=dense_serving)
         self._loaded: dict[str, AdapterHandle] = {}  # engine adapter name -> handle
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
@@ -115,18 +126,17 @@ class AdapterSync:
         return None
 
     async def _sync(self) -> None:
-        tasks = self.store.tasks()
-        live = self.store.live()
+        snapshot = self.store.snapshot()  # live merge and tasks from one ledger read
+        tasks, live = snapshot.tasks, snapshot.live
         await asyncio.to_thread(self.store.verify, live, *tasks)  # nothing damaged goes live
-        if live is not None and live.kind == "dense" and self.dense_serving == "weights":
-            await self._serve_in_weights(live)
+        if self.weights is not None:
+            await self.weights.serve(live, tasks, self._load)
+            self.status.weights = {
+                k: v for k, v in self.weights.status.__dict__.items() if k != "corrections"
+            }
+            self.status.corrections = self.weights.status.corrections
             self._served(live, tasks)
             return
-        if self._weights_merge is not None:  # back to W0 before anything else is served
-            assert self.base_model_dir is not None
-            await apply_dense_delta(self.engine, self.base_model_dir, None)
-            self._weights_merge = None
-            self.registry.set_route(Route(self.registry.base_name, None, "base"))
         routes: list[Route] = []
         for task in tasks:  # load everything first, flip aliases only when all loaded
             routes.append(Route(task.name, await self._load_task(task), "task"))
@@ -147,18 +157,6 @@ class AdapterSync:
         self.status.tasks = [t.id for t in tasks]
         self._serving = (self.status.live_merge, tuple(self.status.tasks))
         self.metrics.serving(live)
-
-    async def _serve_in_weights(self, live: MergeRecord) -> None:
-        """Write W0 + ΔW into the engine and serve only ``continual`` from it."""
-        assert self.base_model_dir is not None, "weights serving needs the base model directory"
-        if self._weights_merge != live.id:
-            await apply_dense_delta(self.engine, self.base_model_dir, live.path / "delta.safetensors")
-            self._weights_merge = live.id
-            log.info("dense merge %s written into the engine's weights", live.id)
-        self.registry.set_route(Route(CONTINUAL, None, CONTINUAL, in_weights=f"{CONTINUAL}@{live.id}"))
-        for route in self.registry.routes():
-            if route.kind in ("task", "base"):
-                self.registry.drop_route(route.name)
 
     async def _load(self, name: str, path: Path) -> AdapterHandle:
         if name not in self._loaded:

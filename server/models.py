@@ -4,17 +4,28 @@ One resolver serves every endpoint: ``base`` (no adapter), a task name (that tas
 adapter) and ``continual`` (the live merge). Public names are aliases onto engine adapter
 handles; a hot-swap points an alias at a new handle, and a handle that no alias points at
 and no request holds any more can be unloaded from the engine.
+
+When the live merge is written into the engine's weights, every route depends on those
+weights (``base`` and tasks are corrections relative to them), so a weights swap is exclusive:
+:meth:`ModelRegistry.exclusive` holds new requests back, waits for the running ones to finish,
+and only then lets the swap write the weights and flip the routes. A request therefore runs
+start to end on the weights and the adapter it resolved.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 from server.engine import AdapterHandle
+
+log = logging.getLogger(__name__)
+_DRAIN_POLL_S = 0.005
 
 
 class ModelNotFound(LookupError):
@@ -43,6 +54,8 @@ class ModelRegistry:
         self.base_name = base_name
         self._routes: dict[str, Route] = {base_name: Route(base_name, None, "base")}
         self._in_flight: Counter[int] = Counter()
+        self._running = 0  # leases held now, whatever they resolved to
+        self._open: asyncio.Event | None = None  # created on first use, in the serving loop
 
     def routes(self) -> list[Route]:
         return list(self._routes.values())
@@ -71,13 +84,54 @@ class ModelRegistry:
         lora_id = route.adapter.lora_id if route.adapter else None
         if lora_id is not None:
             self._in_flight[lora_id] += 1
+        self._running += 1
         try:
             yield route
         finally:
+            self._running -= 1
             if lora_id is not None:
                 self._in_flight[lora_id] -= 1
                 if self._in_flight[lora_id] <= 0:
                     del self._in_flight[lora_id]
+
+    @asynccontextmanager
+    async def request(self, name: str) -> AsyncIterator[Route]:
+        """:meth:`lease` for a request: first waits while a weights swap is under way, so the
+        route it resolves belongs to the weights it will run on."""
+        open_ = self._gate()
+        while not open_.is_set():
+            await open_.wait()
+        with self.lease(name) as route:
+            yield route
+
+    @asynccontextmanager
+    async def exclusive(self, drain_s: float) -> AsyncIterator[int]:
+        """Hold new requests back and wait (at most ``drain_s``) until none is running; yields
+        how many still are when the wait gave up (0 normally). Requests are let in again when
+        the block ends, whether the swap inside succeeded or not."""
+        open_ = self._gate()
+        open_.clear()
+        try:
+            deadline = time.monotonic() + drain_s
+            while self._running and time.monotonic() < deadline:
+                await asyncio.sleep(_DRAIN_POLL_S)
+            if self._running:
+                log.warning(
+                    "%d requests still running after %.1f s; swapping under them", self._running, drain_s
+                )
+            yield self._running
+        finally:
+            open_.set()
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def _gate(self) -> asyncio.Event:
+        if self._open is None:
+            self._open = asyncio.Event()
+            self._open.set()
+        return self._open
 
     def in_use(self, adapter: AdapterHandle) -> bool:
         """True while an alias points at ``adapter`` or a request still holds it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from trainer.settings import LaminaSettings
@@ -38,11 +38,24 @@ class ServerSettings(LaminaSettings):
     enforce_eager: bool = Field(True, description="Skip graph compilation (faster start, right for CPU).")
     max_loras: int = Field(8, ge=1, description="Adapters that can be active in one batch.")
     max_cpu_loras: int = Field(64, ge=1, description="Adapters the engine keeps loaded in host memory.")
-    dense_merge_serving: Literal["lora", "weights"] = Field(
-        "lora",
-        description="How a dense (magnitude) merge is served: `lora` = its rank-max_lora_rank SVD as an "
-        "adapter (base and tasks stay available); `weights` = W0 + ΔW written into the engine (exact; "
-        "only `continual` is served while it is live).",
+    continual_serving: Literal["weights", "lora"] = Field(
+        "weights",
+        validation_alias=AliasChoices(
+            "continual_serving", "LAMINA_CONTINUAL_SERVING", "LAMINA_DENSE_MERGE_SERVING"
+        ),
+        description="How the live merge (`continual`) is served. `weights` (default): W0 + ΔW written into "
+        "the engine's weights, for every merge (exact, base speed per token); `base` and each task are "
+        "then LoRA corrections relative to those weights, exact when their rank fits max_lora_rank, "
+        "else truncated SVDs whose error /admin/adapters reports. `lora`: the merge as a LoRA adapter "
+        "(its rank grows with each concat task; a dense merge as its rank-max_lora_rank SVD), base and "
+        "tasks as themselves. LAMINA_DENSE_MERGE_SERVING is the old name of this variable.",
+    )
+    weights_swap_drain_s: float = Field(
+        60.0,
+        ge=0,
+        description="A weights swap holds new requests back and waits up to this long for running ones "
+        "to finish, so each request runs on the weights it started with; a request still running after "
+        "it is preempted and finishes on the new weights.",
     )
     ledger_poll_s: float = Field(
         0.5,

@@ -12,9 +12,10 @@ closed-loop streaming client (``bench/serve/client.py``):
   server whose ``max_lora_rank`` is the smallest vLLM slot that holds it, as an operator would
   configure it;
 - the dense magnitude merge (PS-LoRA store) written into the weights
-  (``LAMINA_DENSE_MERGE_SERVING=weights``): ``continual`` rounds make the merge live (publish,
+  (``LAMINA_CONTINUAL_SERVING=weights``): ``continual`` rounds make the merge live (publish,
   later rollback) so the server writes W0 + ΔW; ``base`` rounds remove the tasks so it writes W0
-  back — while such a merge is live the server serves nothing but ``continual``;
+  back (while a merge is live, ``base`` is a correction adapter: bench/serve/weights.py measures
+  that, and every merge kind in the weights);
 - a mix of 8 task adapters: adjacent requests name different tasks, so batches mix adapters;
 - the baseline a user would write by hand: transformers ``generate`` + PEFT, one request at a
   time (``bench/serve/hf_server.py``), for base, a rank-8 task adapter and the rank-64 concat.
@@ -107,7 +108,8 @@ def concat_plans(args: argparse.Namespace, work: Path, model_dir: Path) -> list[
         store = work / f"concat-r{rank}" / "store"
         publications = lp.build_concat_store(store, model_dir, tasks, task_rank)
         served_rank = int(publications[-1].merge.meta["rank"])
-        settings = {**args.settings, "max_lora_rank": lp.lora_slot(served_rank)}
+        # served as a LoRA (the weights default is bench/serve/weights.py's subject)
+        settings = {**args.settings, "max_lora_rank": lp.lora_slot(served_rank), "continual_serving": "lora"}
         scenarios = [Scenario("base", ["base"]), Scenario(f"continual concat r{served_rank}", ["continual"])]
         if tasks == args.mix_tasks and not has_mix:
             has_mix = True
@@ -130,7 +132,11 @@ def mix_plan(args: argparse.Namespace, work: Path, model_dir: Path) -> ServerPla
     """A server just for the mix, when no concat rank had ``--mix-tasks`` tasks."""
     store = work / "mix" / "store"
     publications = lp.build_concat_store(store, model_dir, args.mix_tasks, args.task_rank)
-    settings = {**args.settings, "max_lora_rank": lp.lora_slot(args.mix_tasks * args.task_rank)}
+    settings = {
+        **args.settings,
+        "max_lora_rank": lp.lora_slot(args.mix_tasks * args.task_rank),
+        "continual_serving": "lora",
+    }
     names = [p.task.name for p in publications]
     scenarios = [
         Scenario("base", ["base"]),
@@ -148,7 +154,7 @@ def weights_plan(args: argparse.Namespace, work: Path, model_dir: Path) -> Serve
     it writes W0 back and serves ``base`` again (it does not while a weights merge is live)."""
     store_root = work / "dense" / "store"
     store = lp.open_store(store_root, model_dir)
-    settings = {**args.settings, "dense_merge_serving": "weights"}
+    settings = {**args.settings, "continual_serving": "weights"}
     merged: dict[str, str] = {}
 
     def merge_live(server: lp.ServerProcess) -> dict[str, Any]:

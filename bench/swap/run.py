@@ -21,7 +21,11 @@ version that served it in ``system_fingerprint`` (``continual@m7``), so the clie
 
 Modes: ``poll`` (the server follows the ledger file, every 0.5 s: the no-Redis default) and
 ``redis`` (the store announces each change on Redis and the server swaps on the event), when
-Redis answers at ``--redis-url``. The comparison: publish, then restart the server (Ctrl-C,
+Redis answers at ``--redis-url``; both serve ``continual`` from the engine's weights (the default,
+``LAMINA_CONTINUAL_SERVING=weights``: a swap drains running requests, writes W0 + ΔW and loads
+the corrections), and ``redis-lora`` is ``redis`` with the merge served as a LoRA adapter instead
+(a swap loads one adapter beside the running ones). The server logs each weights swap's drain and
+write times, which the report collects (``weights_swaps``). The comparison: publish, then restart the server (Ctrl-C,
 start a new one on the same port and store), with the clients still running — time from the
 publish to the first answer from the new version, and the requests that failed in between.
 Prints a table and writes ``bench/results/swap.{json,md}``. Not a test.
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 import tempfile
 import time
@@ -114,13 +119,14 @@ def client_body(max_tokens: int):  # type: ignore[no-untyped-def]
 async def run_session(args: argparse.Namespace, mode: str, work: Path, restarts: int) -> Session:
     """Start a server for ``mode``, load it, publish under load, then (optionally) restart."""
     model_dir = lp.base_model_dir()
-    redis_url = args.redis_url if mode == "redis" else None
+    redis_url = args.redis_url if mode.startswith("redis") else None
     home = work / mode
     publisher = Publisher(home / "store", model_dir, args.task_rank, redis_url)
     for _ in range(args.initial_tasks):
         publisher.publish_one()
     total_rank = args.task_rank * (args.initial_tasks + args.publishes + restarts)
     settings: dict[str, Any] = {**args.settings, "max_lora_rank": lp.lora_slot(total_rank)}
+    settings["continual_serving"] = "lora" if mode.endswith("-lora") else "weights"
     if redis_url:
         settings["redis_url"] = redis_url
     env = lp.lamina_env(home, home / "store", **settings)
@@ -316,9 +322,39 @@ def markdown(result: dict[str, Any]) -> str:
             f"no answers for {restart['unavailable_s']:.1f} s; {restart['failed']} requests failed "
             f"({restart['failed_in_flight_at_stop']} of them in flight at the Ctrl-C; clients retry after 0.1 s).",
         ]
+    for mode, session in result.get("sessions", {}).items():
+        swaps = session.get("weights_swaps") or []
+        if swaps:
+            write = percentiles([w["write_s"] for w in swaps], (50, 100), scale=1.0)
+            total = percentiles([w["swap_s"] for w in swaps], (50, 100), scale=1.0)
+            drain = percentiles([w["drain_s"] for w in swaps], (50, 100), scale=1.0)
+            lines += [
+                "",
+                f"Weights swaps ({mode}, {len(swaps)}, server log): write W0 + ΔW p50/max {_s(write)} s, "
+                f"drain {_s(drain)} s, whole swap {_s(total)} s; requests still running at a write: "
+                f"{sum(w['still_running'] for w in swaps)}.",
+            ]
     if result.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(result["skipped"])]
     return "\n".join(lines) + "\n"
+
+
+_SWAP_LINE = re.compile(
+    r"weights now hold (\S+): swap ([\d.]+) s \(drain ([\d.]+) s, write ([\d.]+) s, (\d+) requests"
+)
+
+
+def weights_swaps(home: Path) -> list[dict[str, Any]]:
+    """The weights swaps the servers under ``home`` logged (server/weights_sync.py), in order."""
+    swaps = []
+    for log in sorted(home.glob("server-*.log")):
+        for match in _SWAP_LINE.finditer(log.read_text(errors="replace")):
+            merge, total, drain, write, running = match.groups()
+            swaps.append(
+                {"merge": merge, "swap_s": float(total), "drain_s": float(drain), "write_s": float(write),
+                 "still_running": int(running)}
+            )  # fmt: skip
+    return swaps
 
 
 def redis_reachable(url: str) -> bool:
@@ -338,7 +374,9 @@ def main() -> None:
     parser.add_argument("--initial-tasks", type=int, default=1)
     parser.add_argument("--task-rank", type=int, default=4, help="rank of each published task")
     parser.add_argument("--restarts", type=int, default=1, help="restart comparisons (on the last mode)")
-    parser.add_argument("--modes", nargs="+", default=["poll", "redis"], choices=["poll", "redis"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["poll", "redis", "redis-lora"], choices=["poll", "redis", "redis-lora"]
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--stall-window", type=float, default=2.0)
     lp.add_server_arguments(parser)
@@ -353,9 +391,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = envelope("swap", {k: v for k, v in vars(args).items() if k not in ("out", "work")})
     modes = list(args.modes)
     skipped = []
-    if "redis" in modes and not redis_reachable(args.redis_url):
-        modes.remove("redis")
-        skipped.append(f"redis mode: no Redis at {args.redis_url}")
+    if any(m.startswith("redis") for m in modes) and not redis_reachable(args.redis_url):
+        skipped += [f"{m} mode: no Redis at {args.redis_url}" for m in modes if m.startswith("redis")]
+        modes = [m for m in modes if not m.startswith("redis")]
     result["hot_swap"], result["restarts"], result["sessions"] = {}, [], {}
     with tempfile.TemporaryDirectory(prefix="lamina-swap-bench-") as tmp:
         work = args.work or Path(tmp)
@@ -366,6 +404,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["restarts"] += [{"mode": mode, **r} for r in analyse_restarts(session)]
             result["sessions"][mode] = {
                 "server_start_s": session.start_s,
+                "weights_swaps": weights_swaps(work / mode),
                 "publishes": [asdict(p) for p in session.publishes],
                 "requests": len(session.results),
             }

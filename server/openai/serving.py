@@ -422,7 +422,7 @@ class CompletionService:
         form = self._format(request, prepared)
         response_id, n = _new_id(form.id_prefix), request.n or 1
         choices: dict[int, Choice] = {}
-        with self.registry.lease(self.model_name(request)) as route:
+        async with self.registry.request(self.model_name(request)) as route:
             set_log_context(model=self.model_name(request), version=self.fingerprint(route))
             async for piece in self._pieces(route, prepared, n, response_id, request.cache_salt):
                 choices.setdefault(piece.index, form.new_choice(piece.index)).add(piece)
@@ -447,7 +447,7 @@ class CompletionService:
         async def events() -> AsyncIterator[str]:
             completion_tokens = 0
             try:
-                with self.registry.lease(self.model_name(request)) as route:
+                async with self.registry.request(self.model_name(request)) as route:
                     fingerprint = self.fingerprint(route)
                     set_log_context(model=self.model_name(request), version=fingerprint)
 

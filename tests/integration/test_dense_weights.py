@@ -1,4 +1,5 @@
-"""Dense merges served from the running engine: W0 + ΔW goes in, W0 comes back exactly.
+"""Merges served from the running engine's weights: W0 + ΔW goes in, W0 comes back exactly; with a
+concat merge in the weights, base and the tasks are served as corrections and answer as before.
 
 One real vLLM engine (CPU) for the whole module. The reference for W0 + ΔW is ``transformers``
 in float32 with ΔW added to its ``nn.Linear`` weights, so the fused qkv / gate_up slicing on the
@@ -8,6 +9,7 @@ vLLM side is checked against a model that has no fusion at all.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,9 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adapters_store.fingerprint import fingerprint_model
+from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.merges import DenseDelta
+from adapters_store.store import AdapterStore
 from server.dense_weights import apply_dense_delta, probe_linear
 from server.engine import Engine
+from server.hotswap import AdapterSync
+from server.models import ModelNotFound, ModelRegistry
 from server.settings import ServerSettings
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
@@ -181,4 +188,107 @@ def test_a_bad_delta_is_refused_before_any_weight_changes(live: Live, tmp_path: 
     bad = DenseDelta({**good, "model.layers.0.self_attn.q_proj": torch.zeros(2, 2)})
     with pytest.raises(Exception, match="shape"):
         live.apply(bad.save(tmp_path))
+    assert live.greedy() == live.base_tokens
+
+
+# --- the live merge of every kind in the weights, the other models as corrections -------------
+
+
+def _concat_task(w0: dict[str, torch.Tensor], seed: int, rank: int = 8) -> LoraAdapter:
+    """A task on every projection whose ΔW is about as large as the weights (greedy outputs move)."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for key, weight in sorted(w0.items()):
+        name = key.removesuffix(".weight")
+        if weight.ndim != 2 or name.rsplit(".", 1)[-1] not in {p.rsplit(".", 1)[-1] for p in ALL_PROJECTIONS}:
+            continue
+        d_out, d_in = weight.shape
+        A = torch.randn(rank, d_in, generator=generator) / d_in**0.5  # (r, d_in)
+        B = torch.randn(d_out, rank, generator=generator) * weight.float().std() * (d_in / rank) ** 0.5
+        modules[name] = LoraModule(A=A, B=B, scale=1.0)
+    return LoraAdapter(modules=modules)
+
+
+async def _route_greedy(engine: Engine, registry: ModelRegistry, model: str) -> list[list[int]]:
+    """Greedy tokens of ``model`` as the server resolves it (its route's adapter, if any)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    tokens = []
+    for ids in PROMPTS:
+        async with registry.request(model) as route:
+            final = None
+            prompt = TokensPrompt(prompt_token_ids=ids)
+            async for output in engine.generate(prompt, params, uuid.uuid4().hex, route.adapter):
+                final = output
+        assert final is not None
+        tokens.append(list(final.outputs[0].token_ids))
+    return tokens
+
+
+def test_concat_merge_in_the_weights_serves_every_model_as_before(live: Live, tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "store", fingerprint_model(live.model_dir), base_model="tiny")
+    first, second = _concat_task(live.w0, seed=10), _concat_task(live.w0, seed=11)
+    meta = {"method": "lori-d"}
+
+    def served(sync: AdapterSync, registry: ModelRegistry, models: list[str]) -> dict[str, list[list[int]]]:
+        live.run(sync.sync())
+        assert sync.status.last_error is None, sync.status.last_error
+        return {model: live.run(_route_greedy(live.engine, registry, model)) for model in models}
+
+    # What the concat LoRA served before, on W0: after one task (m1) and after two (m2).
+    as_lora = ModelRegistry("base")
+    lora = AdapterSync(
+        live.engine, as_lora, store, tmp_path / "cache", max_lora_rank=64, dense_serving="lora"
+    )
+    m1 = store.publish("first", first, meta, merge="concat").merge.id
+    before_m1 = served(lora, as_lora, ["continual", "first"])
+    m2 = store.publish("second", second, meta, merge="concat").merge.id
+    before = served(lora, as_lora, ["continual", "first", "second"])
+    assert before["continual"] != live.base_tokens and before["first"] != before["second"]
+    for handle in list(lora._loaded.values()):
+        live.run(live.engine.remove_adapter(handle))
+
+    registry = ModelRegistry("base")
+    sync = AdapterSync(
+        live.engine, registry, store, tmp_path / "cache", max_lora_rank=64,
+        dense_serving="weights", base_model_dir=live.model_dir,
+    )  # fmt: skip
+    sync._ids = itertools.count(1000)  # ids the LoRA-mode sync above never used
+    qkv, vector = (
+        "model.layers.1.self_attn.qkv_proj",
+        torch.randn(256, generator=torch.Generator().manual_seed(7)),
+    )
+    try:
+        now = served(sync, registry, ["continual", "base", "first", "second"])
+        assert now["continual"] == before["continual"], "the weights must serve what the concat LoRA did"
+        assert now["base"] == live.base_tokens, "base as a correction must be the plain base model"
+        assert now["first"] == before["first"] and now["second"] == before["second"]
+        assert registry.resolve("continual").adapter is None  # no LoRA cost per token
+        corrections = sync.status.corrections or {}
+        assert corrections["base"]["exact"] and corrections["base"]["rank"] == 16
+        assert corrections["first"]["rank"] == 8, "first = m2 − second: rank 8, not 8 + 16"
+        assert registry.resolve("second").adapter is not None
+        assert (sync.status.weights or {})["merge"] == m2
+
+        store.rollback(m1)
+        back = served(sync, registry, ["continual", "base", "first"])
+        assert back["continual"] == before_m1["continual"] and back["first"] == before_m1["first"]
+        assert back["base"] == live.base_tokens
+        with pytest.raises(ModelNotFound):
+            registry.resolve("second")
+        probe_m1 = live.probe(qkv, vector)
+        q_name = "model.layers.1.self_attn.q_proj"
+        expected = (live.w0[q_name + ".weight"].float() + first.modules[q_name].delta()) @ vector
+        torch.testing.assert_close(probe_m1[: expected.numel()], expected, rtol=1e-5, atol=1e-5)
+        store.rollback(m2)
+        live.run(sync.sync())
+        store.rollback(m1)
+        live.run(sync.sync())
+        assert torch.equal(live.probe(qkv, vector), probe_m1), "W0 + ΔW_m1 is rebuilt from W0, bit for bit"
+    finally:
+        live.apply(None)
+        for handle in list(sync._loaded.values()):
+            live.run(live.engine.remove_adapter(handle))
     assert live.greedy() == live.base_tokens

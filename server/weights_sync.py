@@ -1,0 +1,200 @@
+"""Serve the live merge from the engine's weights, and every other model as a correction.
+
+``continual`` is the model users query most, and a LoRA's per-token cost grows with its rank,
+which for a concat merge grows with every task (README, Performance). So by default
+(``LAMINA_CONTINUAL_SERVING=weights``) the live merge of any kind is written into the engine:
+W = W0 + ΔW_live (server/dense_weights.py), and ``continual`` runs at the base model's speed.
+``base`` and each task's model stay served, as LoRA corrections relative to W
+(server/corrections.py): exact when their rank fits ``max_lora_rank``, otherwise truncated
+SVDs whose relative error is logged and reported in ``/admin/adapters``.
+
+A swap, in order (nothing a request can see changes before step 3):
+
+1. build the new corrections (in a thread; cached under ``<home>/cache/corrections/<merge>``)
+   and load them into the engine beside the old ones;
+2. hold new requests back and wait for the running ones to finish (``ModelRegistry.exclusive``,
+   at most ``LAMINA_WEIGHTS_SWAP_DRAIN_S``);
+3. write W0 + ΔW_new (rebuilt from W0 on disk, so a rollback is exact), flip every route, let
+   requests in again.
+
+A failure in 1 leaves everything as it was; a failure while writing the weights puts the
+previous merge's weights back before the error is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapters_store.lora import LoraAdapter
+from adapters_store.merges import DenseDelta
+from adapters_store.store import MergeRecord, TaskRecord
+from server.corrections import Correction, correction
+from server.dense_weights import apply_dense_delta
+from server.engine import AdapterHandle, Engine
+from server.models import ModelRegistry, Route
+
+log = logging.getLogger(__name__)
+CONTINUAL = "continual"
+SUMMARY_FILE = "correction.json"
+
+Loader = Callable[[str, Path], Awaitable[AdapterHandle]]
+
+
+@dataclass
+class WeightsStatus:
+    """What the engine's weights hold and what the last swap cost, for the admin view."""
+
+    merge: str | None = None  # the live merge written into the weights; None: W0
+    swaps: int = 0
+    last_swap_s: float | None = None  # drain + write + flip
+    last_drain_s: float | None = None  # waiting for running requests
+    last_write_s: float | None = None  # writing the weights (and resetting the prefix cache)
+    running_at_swap: int = 0  # requests still running when the drain gave up (0: none)
+    corrections: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> Correction.summary()
+
+
+class WeightsServing:
+    """Keeps the engine's weights, the correction adapters and the routes in step."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        registry: ModelRegistry,
+        base_model_dir: Path,
+        cache_dir: Path,
+        max_lora_rank: int,
+        drain_s: float,
+        base_model: str,
+    ) -> None:
+        self.engine, self.registry = engine, registry
+        self.base_model_dir, self.cache_dir = base_model_dir, cache_dir
+        self.max_lora_rank, self.drain_s, self.base_model = max_lora_rank, drain_s, base_model
+        self.status = WeightsStatus()
+        self._written: Path | None = None  # what the weights hold over W0 (None: W0 itself)
+
+    async def serve(self, live: MergeRecord | None, tasks: list[TaskRecord], load: Loader) -> None:
+        """Make the engine serve ``live`` in its weights and ``base``/``tasks`` as corrections."""
+        routes: list[Route] = []
+        corrections: dict[str, dict[str, Any]] = {}
+        if live is None:
+            routes.append(Route(self.registry.base_name, None, "base"))
+            routes.append(Route(CONTINUAL, None, CONTINUAL))
+        else:
+            delta = await asyncio.to_thread(_live_delta, live)
+            targets: list[tuple[str, str, TaskRecord | None]] = [(self.registry.base_name, "base", None)]
+            targets += [(t.name, "task", t) for t in tasks]
+            for public, kind, task in targets:
+                label = f"{task.name}@v{task.version}" if task else public
+                name = f"{label}~{live.id}"
+                path, summary = await asyncio.to_thread(self._correction, live.id, label, task, delta)
+                corrections[public] = {"adapter": name, **summary}
+                handle = await load(name, path) if path is not None else None
+                routes.append(Route(public, handle, kind, in_weights=None if handle else name))
+            routes.append(Route(CONTINUAL, None, CONTINUAL, in_weights=f"{CONTINUAL}@{live.id}"))
+        merge = live.id if live else None
+        if merge != self.status.merge:
+            await self._swap(live, routes)
+        else:
+            self._flip(routes)
+        self.status.corrections = corrections
+
+    async def _swap(self, live: MergeRecord | None, routes: list[Route]) -> None:
+        started = time.perf_counter()
+        async with self.registry.exclusive(self.drain_s) as still_running:
+            drained = time.perf_counter()
+            try:
+                write_s = await apply_dense_delta(self.engine, self.base_model_dir, _weights_path(live))
+                self._written = _weights_path(live)
+            except Exception:
+                log.exception("writing %s into the weights failed; restoring %s", live, self.status.merge)
+                await self._restore()
+                raise
+            self._flip(routes)
+        s = self.status
+        s.merge, s.swaps, s.running_at_swap = (live.id if live else None), s.swaps + 1, still_running
+        s.last_swap_s, s.last_drain_s, s.last_write_s = (
+            time.perf_counter() - started,
+            drained - started,
+            write_s,
+        )
+        log.info(
+            "weights now hold %s: swap %.3f s (drain %.3f s, write %.3f s, %d requests still running)",
+            s.merge or "W0", s.last_swap_s, s.last_drain_s, s.last_write_s, still_running,
+        )  # fmt: skip
+
+    async def _restore(self) -> None:
+        """Write back the weights the routes still describe (the previous merge, or W0)."""
+        try:
+            await apply_dense_delta(self.engine, self.base_model_dir, self._written)
+        except Exception:  # the engine holds neither; say so loudly, the next sync retries
+            log.exception("could not restore the previous weights either")
+
+    def _flip(self, routes: list[Route]) -> None:
+        wanted = {r.name for r in routes}
+        for route in routes:
+            self.registry.set_route(route)
+        for route in self.registry.routes():
+            if route.kind == "task" and route.name not in wanted:
+                self.registry.drop_route(route.name)
+
+    def _correction(
+        self, merge: str, label: str, task: TaskRecord | None, delta: LoraAdapter | DenseDelta
+    ) -> tuple[Path | None, dict[str, Any]]:
+        """The correction for ``task`` (None: base) under ``merge``, built once into the cache.
+
+        Returns its PEFT directory (None when it is zero) and its summary."""
+        target = self.cache_dir / "corrections" / merge / f"{label}-r{self.max_lora_rank}"
+        if not (target / SUMMARY_FILE).exists():
+            adapter = LoraAdapter.load_peft(task.serving_path) if task else None
+            fix = correction(adapter, delta, self.max_lora_rank)
+            self._write(target, fix)
+            _log_correction(label, merge, fix, self.max_lora_rank)
+        summary = json.loads((target / SUMMARY_FILE).read_text())
+        return (target if summary["served_rank"] > 0 else None), summary
+
+    def _write(self, target: Path, fix: Correction) -> None:
+        """Atomically: a hidden sibling renamed into place (a racing replica's copy is identical)."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
+        if fix.adapter is not None:
+            fix.adapter.save_peft(tmp, base_model=self.base_model)
+        (tmp / SUMMARY_FILE).write_text(json.dumps(fix.summary(), indent=2))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _live_delta(live: MergeRecord) -> LoraAdapter | DenseDelta:
+    if live.kind == "dense":
+        return DenseDelta.load(live.path)
+    return LoraAdapter.load_peft(live.path)
+
+
+def _weights_path(live: MergeRecord | None) -> Path | None:
+    """What :func:`apply_dense_delta` reads: a dense merge's ΔW file, a LoRA merge's PEFT directory."""
+    if live is None:
+        return None
+    return live.path / "delta.safetensors" if live.kind == "dense" else live.path
+
+
+def _log_correction(label: str, merge: str, fix: Correction, max_rank: int) -> None:
+    if fix.exact:
+        log.info("%s served relative to %s as an exact rank-%s correction", label, merge, fix.rank)
+    else:
+        log.warning(
+            "%s served relative to %s as a rank-%d truncated SVD of a correction of rank %s "
+            "(max_lora_rank %d): relative error %.4g",
+            label, merge, fix.served_rank, fix.rank, max_rank, fix.relative_error,
+        )  # fmt: skip
