@@ -6,8 +6,8 @@ published and one is rolled back. The goals: 0 failed requests and 0 mixed-versi
 
 A real ``python -m server serve`` (``bench/lamina_process.py``) on a synthetic LoRI-D store, with
 Redis events when Redis answers (else the server polls the ledger). ``--clients`` clients stream
-``model=continual`` completions back to back (sampled, ``ignore_eos``, ``--max-tokens`` long).
-Meanwhile this process publishes ``--publishes`` synthetic tasks ``--interval`` s apart through
+``model=continual`` completions back to back (sampled, ``ignore_eos``, ``--max-tokens`` long on
+average; lengths varied and starts staggered so that requests do not move in waves). Meanwhile this process publishes ``--publishes`` synthetic tasks ``--interval`` s apart through
 ``AdapterStore.publish`` (each makes a new concat merge live, as a worker's publish does), then
 rolls back to the version before the last one through ``POST /admin/rollback``. Every stream
 chunk names the engine version that served it (``system_fingerprint``, e.g. ``continual@m7``):
@@ -36,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,15 +92,14 @@ async def run_streams(args: argparse.Namespace, work: Path, redis_url: str | Non
     changes: list[Change] = []
     stop = asyncio.Event()
 
-    def body(i: int) -> dict[str, Any]:
-        return completion_body(CONTINUAL, PROMPTS[i % len(PROMPTS)], args.max_tokens, seed=i)
-
     with lp.running(server):
         async with http_client(args.clients) as client:
-            loops = [
-                asyncio.create_task(loop_until(client, server.url, body, stop, results))
-                for _ in range(args.clients)
-            ]
+
+            async def stream_client(k: int) -> None:
+                await asyncio.sleep(k * args.stagger / args.clients)
+                await loop_until(client, server.url, client_body(k, args.max_tokens), stop, results)
+
+            loops = [asyncio.create_task(stream_client(k)) for k in range(args.clients)]
             await asyncio.sleep(args.warmup)
             hot_start = time.perf_counter()
             for _ in range(args.publishes):
@@ -131,6 +131,19 @@ async def run_streams(args: argparse.Namespace, work: Path, redis_url: str | Non
             stop.set()
             await asyncio.gather(*loops)
     return {"results": results, "changes": changes, "hot": (hot_start, hot_end), "start_s": server.started_s}
+
+
+def client_body(k: int, max_tokens: int) -> Callable[[int], dict[str, Any]]:
+    """Client ``k``'s ``i``-th request. Lengths vary from max_tokens/2 to 3·max_tokens/2 and the
+    clients start staggered, so requests start and end at all times rather than in waves: with
+    equal lengths the whole batch finishes together and a version live between two waves is
+    never asked for."""
+
+    def body(i: int) -> dict[str, Any]:
+        length = max_tokens // 2 + (7 * k + 3 * i) % (max_tokens + 1)
+        return completion_body(CONTINUAL, PROMPTS[(k + i) % len(PROMPTS)], length, seed=1000 * k + i)
+
+    return body
 
 
 # --- analysis --------------------------------------------------------------------------------------
@@ -243,7 +256,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{c['clients']} clients streaming `model=continual` (max_tokens {c['max_tokens']}, ignore_eos) back to "
         f"back; {c['publishes']} publishes {c['interval']} s apart, then a rollback to the version before the "
         f"last, through POST /admin/rollback. `requests` = those open during the changes; `failed`, `mixed`, "
-        "`unnamed` count every request of the run. `stale` = answers from another version to requests sent "
+        "`unnamed` count every request of the run. `stale` = answers from an older version to requests sent "
         "after the current one had answered. `versions never answered` = versions replaced before any "
         "request reached them. ITL 'near change' = gaps ending within "
         f"{c['stall_window']} s after a change.",
@@ -262,6 +275,7 @@ def main() -> None:
     parser.add_argument("--publishes", type=int, default=10, help="new versions published under the streams")
     parser.add_argument("--interval", type=float, default=3.0, help="seconds between changes")
     parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--stagger", type=float, default=2.0, help="seconds over which the clients start")
     parser.add_argument("--initial-tasks", type=int, default=1)
     parser.add_argument("--task-rank", type=int, default=4, help="rank of each published task")
     parser.add_argument("--mode", choices=["redis", "poll"], default="redis", help="how the server follows")
