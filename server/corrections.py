@@ -24,6 +24,8 @@ dropped from the rank and from both sides of the error.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +73,25 @@ def correction(target: LoraAdapter | None, live: Live, max_rank: int) -> Correct
     approximation with the relative error reported. Computed in float64."""
     if max_rank < 1:
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    with _one_thread():
+        return _correction(target, live, max_rank)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one thread meanwhile: these are many small LAPACK calls (k × k cores, QRs of
+    thin matrices), which on a busy 2-core machine ran 50–80× slower with two OpenMP threads
+    spinning against each other (an 80 × 256 SVD: 0.66 s against 8 ms). Process-wide while it
+    lasts; the API process does no other torch work (the engine runs in its own process)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _correction(target: LoraAdapter | None, live: Live, max_rank: int) -> Correction:
     names = sorted(set(target.modules if target else ()) | set(_live_names(live)))
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (B (d_out, k), A (k, d_in))
     rank: int | None = 0

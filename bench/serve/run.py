@@ -239,7 +239,10 @@ def wait_for_live(url: str, merge_id: str | None, timeout_s: float = 300) -> Non
     """Until the server's /ready names ``merge_id`` as live (None: no merge, the base model)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        ready = httpx.get(f"{url}/ready", timeout=5)
+        try:
+            ready = httpx.get(f"{url}/ready", timeout=5)
+        except httpx.TimeoutException:  # a busy server answers late; the deadline still holds
+            continue
         if ready.status_code == 200 and ready.json().get("live_merge") == merge_id:
             return
         time.sleep(0.1)
