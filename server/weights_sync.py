@@ -81,9 +81,13 @@ class WeightsServing:
         self.max_lora_rank, self.drain_s, self.base_model = max_lora_rank, drain_s, base_model
         self.status = WeightsStatus()
         self._written: Path | None = None  # what the weights hold over W0 (None: W0 itself)
+        self._served: tuple[str | None, tuple[str, ...]] | None = None  # (merge, task ids) now served
 
     async def serve(self, live: MergeRecord | None, tasks: list[TaskRecord], load: Loader) -> None:
         """Make the engine serve ``live`` in its weights and ``base``/``tasks`` as corrections."""
+        key = (live.id if live else None, tuple(t.id for t in tasks))
+        if key == self._served:  # the ledger moved, what is live did not: nothing to read or build
+            return
         routes: list[Route] = []
         corrections: dict[str, dict[str, Any]] = {}
         if live is None:
@@ -107,6 +111,7 @@ class WeightsServing:
         else:
             self._flip(routes)
         self.status.corrections = corrections
+        self._served = key
 
     async def _swap(self, live: MergeRecord | None, routes: list[Route]) -> None:
         started = time.perf_counter()
