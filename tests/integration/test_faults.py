@@ -1,5 +1,6 @@
 """Faults, with real processes: a worker SIGKILLed mid-training, Redis restarted while a job
-runs, 20 tasks posted at once, and the server restarted.
+runs, 20 tasks posted at once, a worker stalled (SIGSTOP) past its lease right before it
+publishes, a version damaged on disk before the server loads it, and the server restarted.
 
 The stack has its own ``redis-server`` (no persistence, so a restart loses every queued
 message: the hardest case), a ``lamina worker`` and the server. Jobs hold a short lease
@@ -9,6 +10,8 @@ order and build on each other's tasks; the server restart comes last.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import signal
@@ -19,9 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import redis
 
+from adapters_store import ledger as ledger_module
+from adapters_store.store import AdapterStore
 from tests.conftest import free_port, start_server, stop_server
 from tests.integration import service_stack
 from tests.integration.service_stack import (
@@ -31,6 +37,7 @@ from tests.integration.service_stack import (
     running_stack,
     served_models,
     start_worker,
+    stop_worker,
     wait_for,
     wait_until_served,
 )
@@ -44,6 +51,7 @@ LONG = {**SHORT, "steps": 1_000_000}  # never finishes on its own
 MEDIUM = {**SHORT, "steps": 100}  # runs long enough to restart Redis under it
 EXAMPLES = [(f"Word {i} means", f" {w}") for i, w in enumerate(["sun", "moon", "star", "sky"])]
 BURST = 20
+ADMIN = {"Authorization": "Bearer faults-admin-key"}
 
 
 class RedisServer:
@@ -98,7 +106,11 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, private_redis: RedisServer) -> Iterator[Stack]:
-    settings = {"LAMINA_DEFAULT_METHOD": METHOD, "LAMINA_JOB_LEASE_S": str(LEASE_S)}
+    settings = {
+        "LAMINA_DEFAULT_METHOD": METHOD,
+        "LAMINA_JOB_LEASE_S": str(LEASE_S),
+        "LAMINA_ADMIN_KEY": ADMIN["Authorization"].removeprefix("Bearer "),
+    }
     with running_stack(
         tmp_path_factory.mktemp("lamina-home"), settings, private_redis.url, queue="lamina-faults"
     ) as stack:
@@ -193,6 +205,115 @@ def test_twenty_concurrent_tasks_all_train_in_arrival_order(stack: Stack) -> Non
     assert [name for name in published_tasks(stack) if name.startswith("burst-")] == arrival
     wait_until_served(stack, max(jobs, key=lambda job: job["seq"])["merge_id"])
     assert set(names) <= served_models(stack)
+
+
+def waits_for_lock(worker: subprocess.Popen, lock_file: Path) -> bool:
+    """Whether a process of ``worker`` is blocked in ``flock`` on ``lock_file`` (a ``->`` line of
+    /proc/locks; matched by inode, since overlay filesystems may report another device)."""
+    family = {worker.pid, *(child.pid for child in psutil.Process(worker.pid).children(recursive=True))}
+    inode = str(os.stat(lock_file).st_ino)
+    waiting = [line.split() for line in Path("/proc/locks").read_text().splitlines() if " -> FLOCK " in line]
+    return any(int(f[5]) in family and f[6].rsplit(":", 1)[-1] == inode for f in waiting if len(f) > 6)
+
+
+def stop_all(worker: subprocess.Popen) -> None:
+    """SIGSTOP the worker's process group and wait until every thread of it has stopped: a
+    thread that is woken (by a lock release) before it handles the signal would run on."""
+    os.killpg(worker.pid, signal.SIGSTOP)
+    family = [worker.pid, *(child.pid for child in psutil.Process(worker.pid).children(recursive=True))]
+    deadline = time.monotonic() + 30
+    while not all(
+        (task / "stat").read_text().rsplit(")", 1)[1].split()[0] in "tT"
+        for pid in family
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    ):
+        assert time.monotonic() < deadline, "the worker did not stop"
+        time.sleep(0.05)
+
+
+def wait_for_log(path: Path, text: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"{path.name} never said {text!r}; its tail:\n{path.read_text(errors='replace')[-3000:]}")
+
+
+def test_a_worker_stalled_past_its_lease_right_before_publishing_publishes_nothing(stack: Stack) -> None:
+    store_dir = stack.home / "store"
+    with (store_dir / ".lock").open("a") as held:  # the store's writer lock, as a slow writer holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stalled = post(stack, "stalled", SHORT)
+        deadline = time.monotonic() + service_stack.JOB_TIMEOUT_S
+        while not waits_for_lock(stack.worker, store_dir / ".lock"):  # trained; now publishing
+            assert time.monotonic() < deadline, get_job(stack, stalled)
+            time.sleep(0.2)
+        stop_all(stack.worker)  # it stalls right there, heartbeat and all
+        fcntl.flock(held, fcntl.LOCK_UN)
+    stopped = stack.worker
+    try:
+        lost = wait_for(stack, stalled)
+        assert lost["status"] == "failed" and lost["error"]["code"] == "worker_lost", lost
+        stack.worker = start_worker(stack.env, stack.home / "worker-2.log")
+        following = wait_for(stack, post(stack, "after-stall", SHORT), timeout_s=300)
+        assert following["status"] == "succeeded", following
+        wait_until_served(stack, following["merge_id"])
+        ledger_before = stack.ledger()
+
+        os.killpg(stopped.pid, signal.SIGCONT)  # wakes up inside its publish
+        wait_for_log(stack.home / "worker.log", "the store refused it")
+    finally:
+        os.killpg(stopped.pid, signal.SIGCONT)
+        stop_worker(stopped)
+
+    assert stack.ledger() == ledger_before, "the stalled worker wrote to the ledger"
+    assert published_tasks(stack)[-1] == "after-stall" and "stalled" not in published_tasks(stack)
+    assert not list((store_dir / "tasks").glob("stalled/v*")), "the stalled worker left a version"
+    assert live_merge(stack) == following["merge_id"] == stack.ledger()[-1]["merge"]
+    assert get_job(stack, stalled)["error"]["code"] == "worker_lost"
+    assert "stalled" not in served_models(stack) and "after-stall" in served_models(stack)
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_version_damaged_on_disk_never_goes_live(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = (live_merge(stack), served_models(stack), answers(stack, "continual", EXAMPLES))
+    store_dir = stack.home / "store"
+    store = AdapterStore(store_dir, json.loads((store_dir / "store.json").read_text())["fingerprint"])
+    live = store.live()
+    assert live is not None and live.id == before[0]
+
+    real_append = ledger_module.Ledger.append
+
+    def damage_then_append(ledger: ledger_module.Ledger, entries: list[dict]) -> list[dict]:
+        """The disk changes one bit of the new version after it was written, before it is read."""
+        add = next(e for e in entries if e["op"] == "add_task")
+        flip_last_byte(store_dir / "tasks" / add["task"] / f"v{add['version']}" / "adapter_model.safetensors")
+        return real_append(ledger, entries)
+
+    monkeypatch.setattr(ledger_module.Ledger, "append", damage_then_append)
+    store.publish("damaged", store.task_adapter(store.tasks()[0].name), {"method": METHOD}, live.method)
+    monkeypatch.undo()
+
+    deadline = time.monotonic() + 60
+    while "damaged/v1" not in str(
+        served := httpx.get(f"{stack.url}/admin/adapters", headers=ADMIN).json()["served"]
+    ):
+        assert time.monotonic() < deadline, served
+        time.sleep(0.3)
+    assert "CorruptVersion" in served["last_error"] and "adapter_model.safetensors" in served["last_error"]
+    assert (live_merge(stack), served_models(stack), answers(stack, "continual", EXAMPLES)) == before
+    assert "refusing task damaged/v1" in (stack.home / "server.log").read_text(errors="replace")
+
+    back = httpx.post(f"{stack.url}/admin/rollback", json={"merge_id": before[0]}, headers=ADMIN, timeout=60)
+    assert back.status_code == 200, back.text
+    assert httpx.get(f"{stack.url}/admin/adapters", headers=ADMIN).json()["served"]["last_error"] is None
+    assert store.live() == live
 
 
 def test_a_restarted_server_serves_the_same_models_and_answers(stack: Stack) -> None:
