@@ -74,7 +74,10 @@ from adapters_store.versions import Publication as Publication
 from adapters_store.versions import StoreSnapshot as StoreSnapshot
 from adapters_store.versions import TaskRecord as TaskRecord
 from adapters_store.versions import (
+    merge_ids,
+    merge_record,
     next_number,
+    task_record,
     write_merge,
     write_task,
 )
@@ -89,8 +92,6 @@ STORE_FORMAT = 1
 # ASCII only (no look-alikes), no separators, no "." so never "..": a name is always one
 # plain path component under tasks/.
 TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}", re.ASCII)
-_TASK_ID = re.compile(r"(?P<name>[a-z0-9][a-z0-9_-]{0,63})/v(?P<version>[1-9][0-9]*)", re.ASCII)
-_MERGE_ID = re.compile(r"m[1-9][0-9]*", re.ASCII)
 
 
 def check_task_name(name: str) -> str:
@@ -367,7 +368,7 @@ class AdapterStore:
     def merges(self) -> list[MergeRecord]:
         """Every merge that has been live, in the order it first became live."""
         entries = self._ledger.read()
-        return [self._merge_record(merge_id, entries) for merge_id in _merge_ids(entries)]
+        return [self._merge_record(merge_id, entries) for merge_id in merge_ids(entries)]
 
     def load_merge(self, merge_id: str) -> MergeResult:
         record = self.merge(merge_id)
@@ -440,40 +441,10 @@ class AdapterStore:
             )
 
     def _merge_record(self, merge_id: str, entries: list[dict[str, Any]]) -> MergeRecord:
-        if not isinstance(merge_id, str) or not _MERGE_ID.fullmatch(merge_id):
-            raise MergeNotFound(f"not a merge id: {merge_id!r}")
-        path = self.root / "merges" / merge_id
-        if not (path / META_FILE).is_file() or merge_id not in _merge_ids(entries):
-            raise MergeNotFound(f"no merge {merge_id} in the ledger")
-        meta = json.loads((path / META_FILE).read_text())
-        files = next(
-            (
-                e["files"]
-                for e in entries
-                if e["op"] == "set_live" and e["merge"] == merge_id and "files" in e
-            ),
-            None,
-        )
-        return MergeRecord(merge_id, meta["kind"], meta["merge"], path, tuple(meta["parents"]), meta, files)
+        return merge_record(self.root, merge_id, entries)
 
     def _task_record(self, task_id: str, entries: list[dict[str, Any]] | None = None) -> TaskRecord:
-        match = _TASK_ID.fullmatch(task_id)
-        if match is None:
-            raise TaskNotFound(f"not a task version id: {task_id!r}")
-        name, version = match["name"], int(match["version"])
-        path = self.root / "tasks" / name / f"v{version}"
-        if entries is None:
-            entries = self._ledger.read()
-        files = next(
-            (e.get("files") for e in reversed(entries) if e["op"] == "add_task" and e["id"] == task_id), None
-        )
-        try:
-            meta = json.loads((path / META_FILE).read_text())
-        except FileNotFoundError:
-            raise CorruptVersion(f"task {task_id}: {META_FILE} is missing from {path}") from None
-        except ValueError as error:
-            raise CorruptVersion(f"task {task_id}: {META_FILE} is not JSON ({error})") from None
-        return TaskRecord(name, version, path, meta, files)
+        return task_record(self.root, task_id, self._ledger.read() if entries is None else entries)
 
     def _load_tasks(self, tasks: list[TaskRecord]) -> list[LoraAdapter]:
         self.verify(*tasks)
@@ -524,11 +495,6 @@ def _has_subspace(merge: MergeRecord) -> bool:
     """Whether the merge was written with a basis: its meta says so (a missing file is then
     damage, not "no basis"); merges from before the meta recorded it have the file."""
     return "subspace" in merge.meta or Subspace.exists(merge.path)
-
-
-def _merge_ids(entries: list[dict[str, Any]]) -> list[str]:
-    """Merges in the order they first became live."""
-    return list(dict.fromkeys(e["merge"] for e in entries if e["op"] == "set_live" and e["merge"]))
 
 
 def _raise_disk_full(error: BaseException, doing: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from adapters_store.errors import CorruptVersion, MergeNotFound, TaskNotFound
 from adapters_store.integrity import digest_tree
 from adapters_store.ledger import fsync_path
 from adapters_store.ledger import now as _now
@@ -24,6 +26,8 @@ from adapters_store.merges import DenseDelta, MergeResult
 from adapters_store.subspace import Subspace
 
 META_FILE = "meta.json"
+_TASK_ID = re.compile(r"(?P<name>[a-z0-9][a-z0-9_-]{0,63})/v(?P<version>[1-9][0-9]*)", re.ASCII)
+_MERGE_ID = re.compile(r"m[1-9][0-9]*", re.ASCII)
 AS_LEARNED_DIR = "as_learned"  # inside a task version: base + its predecessors + it, as one LoRA
 
 
@@ -177,3 +181,47 @@ def write_merge(
 
     path = merges_dir / merge_id
     return merge_id, path, write_version(path, write)
+
+
+def merge_ids(entries: list[dict[str, Any]]) -> list[str]:
+    """Merges in the order they first became live."""
+    return list(dict.fromkeys(e["merge"] for e in entries if e["op"] == "set_live" and e["merge"]))
+
+
+def merge_record(root: Path, merge_id: str, entries: list[dict[str, Any]]) -> MergeRecord:
+    """The merge ``merge_id`` as the ledger ``entries`` know it (its digests from the first
+    ``set_live`` that names it); :class:`MergeNotFound` unless it has been live."""
+    if not isinstance(merge_id, str) or not _MERGE_ID.fullmatch(merge_id):
+        raise MergeNotFound(f"not a merge id: {merge_id!r}")
+    path = root / "merges" / merge_id
+    if not (path / META_FILE).is_file() or merge_id not in merge_ids(entries):
+        raise MergeNotFound(f"no merge {merge_id} in the ledger")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except ValueError as error:
+        raise CorruptVersion(f"merge {merge_id}: {META_FILE} is not JSON ({error})") from None
+    files = next(
+        (e["files"] for e in entries if e["op"] == "set_live" and e["merge"] == merge_id and "files" in e),
+        None,
+    )
+    return MergeRecord(merge_id, meta["kind"], meta["merge"], path, tuple(meta["parents"]), meta, files)
+
+
+def task_record(root: Path, task_id: str, entries: list[dict[str, Any]]) -> TaskRecord:
+    """The task version ``task_id``, its digests from its ``add_task`` entry; a meta.json that
+    is missing or not JSON is :class:`CorruptVersion`."""
+    match = _TASK_ID.fullmatch(task_id)
+    if match is None:
+        raise TaskNotFound(f"not a task version id: {task_id!r}")
+    name, version = match["name"], int(match["version"])
+    path = root / "tasks" / name / f"v{version}"
+    files = next(
+        (e.get("files") for e in reversed(entries) if e["op"] == "add_task" and e["id"] == task_id), None
+    )
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError:
+        raise CorruptVersion(f"task {task_id}: {META_FILE} is missing from {path}") from None
+    except ValueError as error:
+        raise CorruptVersion(f"task {task_id}: {META_FILE} is not JSON ({error})") from None
+    return TaskRecord(name, version, path, meta, files)

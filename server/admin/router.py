@@ -72,6 +72,13 @@ def _merge_view(merge: MergeRecord, live_id: str | None) -> dict[str, Any]:
 async def adapters(request: Request) -> dict[str, Any]:
     """Live tasks with their method and metrics, every merge version, and what is live."""
     store = _store(request)
+    try:
+        return _adapters_view(request, store)
+    except (CorruptVersion, FingerprintMismatch) as error:  # a meta.json the store cannot read
+        raise _store_refusal(error, "store") from None
+
+
+def _adapters_view(request: Request, store: AdapterStore) -> dict[str, Any]:
     live = store.live()
     live_id = live.id if live else None
     tasks = [

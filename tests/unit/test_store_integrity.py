@@ -167,6 +167,17 @@ def test_a_version_of_another_base_model_is_refused(store: AdapterStore) -> None
         store.verify(*store.tasks())
 
 
+@pytest.mark.parametrize("where", ["tasks/alpha/v1/meta.json", "merges/m1/meta.json"])
+def test_a_meta_that_is_not_json_is_a_damaged_version(store: AdapterStore, where: str) -> None:
+    store.publish("alpha", make_adapter(0), META, "concat")
+    truncate(store.root / where)
+    with pytest.raises(CorruptVersion, match="meta.json is not JSON"):
+        store.snapshot()
+    with pytest.raises(CorruptVersion):
+        store.publish("beta", make_adapter(1), META, "concat")
+    assert len(store.ledger()) == 2
+
+
 def test_rollback_to_a_damaged_merge_is_refused(store: AdapterStore) -> None:
     store.publish("alpha", make_adapter(0), META, "concat")
     store.publish("beta", make_adapter(1), META, "concat")
