@@ -18,8 +18,12 @@ distribution is what "general ability" means for it) seed U at ``subspace_base_e
 the seed a first task of topic labels answered every probe question with a label (SmolLM2-135M:
 the general-ability probe fell from 100 % to 0 % after one task; with the seed it kept 94 %).
 
-Memory: the covariances are d_in × d_in per module, measured in groups that fit a budget
-(:mod:`trainer.activations`); the embedded model and SmolLM2-135M need one pass.
+Cost: the pass runs after every task, so it is kept to one forward pass and one
+eigendecomposition per *distinct module input* (q/k/v share one, gate/up another:
+:mod:`trainer.activations` finds them by tensor identity), on the task's token rows while they
+are fewer than d_in (an n × n problem) and in span(U)'s complement once U is large
+(:mod:`trainer.methods.input_subspace`). Memory: the covariances are d_in × d_in per input,
+measured in groups that fit a budget; the embedded model and SmolLM2-135M need one pass.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters_store.subspace import Subspace
-from trainer.activations import input_covariances
+from trainer.activations import InputMoment, input_moments
 from trainer.config import TrainingExample
 from trainer.loop import forward_batches, tokenize
-from trainer.methods.input_subspace import grow_basis
+from trainer.methods.input_subspace import grow_basis, grow_basis_from_rows
 from trainer.served import merged_into
 
 BASE_SAMPLES = 64  # sequences the base model samples to seed the subspace
@@ -60,11 +64,10 @@ def grow_subspace(
     model.eval()
     try:
         with merged_into(model, served):
-            covariances = input_covariances(model, batches, names)
+            moments = input_moments(model, batches, names)
     finally:
         model.train(was_training)
-    old = previous.bases if previous is not None else {}
-    bases = {name: grow_basis(old.get(name), covariances.pop(name), energy) for name in names}
+    bases = grow_bases(moments, previous.bases if previous is not None else {}, energy)
     # An unstored seed (base_subspace) is not a parent: its columns are stored with this basis.
     parent = previous if previous is not None and previous.merge_id is not None else None
     return Subspace(bases=bases, energy=energy, grown_from=parent)
@@ -114,14 +117,44 @@ def base_subspace(
             )  # (BASE_SAMPLES, 1 + new)
             mask = _through_first_eos(sequences, tokenizer.eos_token_id)
             batches = [(sequences[i : i + 16], mask[i : i + 16]) for i in range(0, len(sequences), 16)]
-            covariances = input_covariances(model, batches, names)
+            moments = input_moments(model, batches, names)
     finally:
         model.train(was_training)
     bases = {}
-    for name in names:
-        U = grow_basis(None, covariances.pop(name), energy)  # (d_in, k), columns by energy
+    for name, U in grow_bases(moments, {}, energy).items():  # (d_in, k), columns by energy
         bases[name] = U[:, : max(U.shape[0] - min_free, 0)]
     return Subspace(bases=bases, energy=energy)
+
+
+def grow_bases(
+    moments: dict[str, InputMoment], previous: dict[str, torch.Tensor], energy: float
+) -> dict[str, torch.Tensor]:
+    """Each module's basis ``previous[name]`` (None: empty) grown by its input's moment (GPM).
+
+    Modules that share an input (one :class:`InputMoment` object) and hold equal bases get one
+    growth between them, computed once; each gets its own copy of the result. A moment held as
+    token rows (fewer tokens than d_in) is decomposed through its n × n Gram matrix.
+    """
+    done: list[tuple[InputMoment, torch.Tensor | None, torch.Tensor]] = []
+    bases = {}
+    for name, moment in moments.items():
+        U = previous.get(name)
+        grown = next((g for m, V, g in done if m is moment and _same_basis(U, V)), None)
+        if grown is None:
+            moment.finish()
+            if moment.rows is not None:
+                grown = grow_basis_from_rows(U, moment.rows, energy)
+            else:
+                grown = grow_basis(U, moment.covariance_matrix(), energy)
+            done.append((moment, U, grown))
+        bases[name] = grown.clone()
+    return bases
+
+
+def _same_basis(U: torch.Tensor | None, V: torch.Tensor | None) -> bool:
+    if U is None or V is None:
+        return U is V
+    return U is V or torch.equal(U, V)
 
 
 def _through_first_eos(sequences: torch.Tensor, eos_id: int | None) -> torch.Tensor:
