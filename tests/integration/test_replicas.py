@@ -133,6 +133,13 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         "LAMINA_DEFAULT_METHOD": METHOD,
         "LAMINA_LEDGER_POLL_S": str(POLL_S),
         "LAMINA_ADMIN_KEY": ADMIN_KEY,
+        # two engines at once: 5 % of host memory each (~1.2 GiB of KV cache on a 24 GiB machine)
+        # is plenty for these few short requests, and leaves room for the rest of the suite
+        "LAMINA_KV_CACHE_FRACTION": "0.05",
+        # The 1 s bound is for following the store: the event plus loading an adapter. Serving
+        # continual from the weights (the default) adds its own drain and weight write to every
+        # swap, 0.03-1.6 s on a loaded 2-core machine; bench/streams measures both modes.
+        "LAMINA_CONTINUAL_SERVING": "lora",
     }
     logs = [home / "worker.log", home / "worker-2.log"]  # the first is where wait_for looks
     workers = [start_worker({**shared, "LAMINA_HOME": str(home / f"w{i}")}, logs[i]) for i in range(2)]
