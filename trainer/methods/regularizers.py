@@ -5,8 +5,13 @@
 themselves. They are computed in blocks of rows, and each block's ΔW is built exactly once a
 step: the forward pass also works out the gradient with respect to B and A (f'(ΔW) is
 entrywise, so dB = scale · f'(ΔW) Aᵀ and dA = scale · Bᵀ f'(ΔW) block by block) and autograd
-only scales it in backward. No full d_out × d_in matrix is ever held, and no block is
-recomputed (activation checkpointing, the obvious alternative, builds every block twice).
+only scales it in backward. No full d_out × d_in matrix of the *current* update is ever held,
+and no block is recomputed (activation checkpointing, the obvious alternative, builds every
+block twice). ``stability`` does keep one constant d_out × d_in tensor per module, tanh(α S) of
+the earlier tasks, built on the first step: memory for time (bench/train measures both).
+
+No cheap exact form of ``l1`` exists: ‖B A‖₁ is not a function of r × r products (unlike
+‖B A‖²_F = tr((BᵀB)(A Aᵀ))), so each step pays one pass over the d_out × d_in entries.
 """
 
 from __future__ import annotations
@@ -79,17 +84,53 @@ def stability_loss(
     (a) the squared magnitude of the new update, weighted by (b) a sign-alignment factor: ≈ 0
     where ΔW_t agrees in sign with the earlier tasks' sum S = Σ_{i<t} ΔW_i, ≈ 2 where it
     flips it. The earlier tasks enter as one low-rank factorisation S = S_B @ S_A (their
-    concatenation; S_B already carries each task's scale), so S is also built block by block.
-    With no earlier task S = 0 and the loss is ‖ΔW_t‖²_F.
+    concatenation; S_B already carries each task's scale). With no earlier task S = 0 and the
+    loss is ‖ΔW_t‖²_F. A training run builds tanh(α S) once (:func:`sign_weights`) and calls
+    :func:`stability_loss_weighted`; this form builds it per call.
+    """
+    return stability_loss_weighted(A, B, scale, sign_weights(S_B, S_A, alpha, chunk_rows), alpha, chunk_rows)
+
+
+def sign_weights(
+    S_B: torch.Tensor, S_A: torch.Tensor, alpha: float, chunk_rows: int = ROW_CHUNK
+) -> torch.Tensor:
+    """tanh(α S) (d_out, d_in) for S = S_B @ S_A, built a block of rows at a time.
+
+    Constant during a task (S is the earlier tasks' sum), so it is built once per task: rebuilding
+    it every step (a d_out × R × d_in product and a tanh per entry) was most of eq. 4's cost.
+    """
+    weights = S_A.new_empty(S_B.shape[0], S_A.shape[1])  # (d_out, d_in)
+    for start in range(0, S_B.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        torch.tanh(alpha * (S_B[rows] @ S_A), out=weights[rows])
+    return weights
+
+
+def stability_loss_weighted(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    weights: torch.Tensor | None,
+    alpha: float,
+    chunk_rows: int = ROW_CHUNK,
+) -> torch.Tensor:
+    """:func:`stability_loss` given tanh(α S) as ``weights`` (d_out, d_in); None means S = 0.
+
+    Per block, the entrywise work is done in place on as few temporaries as possible: on a CPU
+    these passes over d_out × d_in entries, not the rank-r products, are what the term costs.
     """
 
     def entries(delta: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        previous = torch.tanh(alpha * (S_B[rows] @ S_A))  # tanh(α S), constant in training
-        current = torch.tanh(alpha * delta)
-        sign_term = 1 - current * previous  # (b) of eq. 4
-        value = (delta.square() * sign_term).sum()  # (a)·(b), summed over entries
+        square = delta.square()  # ΔW²
+        if weights is None:  # S = 0: Σ ΔW², slope 2ΔW
+            return square.sum(), 2 * delta
+        previous = weights[rows]  # tanh(α S), constant in training
+        current = torch.tanh(alpha * delta)  # tanh(α ΔW)
+        sign_term = torch.addcmul(torch.ones_like(delta), current, previous, value=-1)  # (b) of eq. 4
+        value = torch.vdot(square.flatten(), sign_term.flatten())  # (a)·(b), summed over entries
         # d/dΔ [Δ² (1 − tanh(αΔ) P)] = 2Δ (1 − tanh(αΔ) P) − Δ² P α (1 − tanh²(αΔ))
-        slope = 2 * delta * sign_term - delta.square() * previous * alpha * (1 - current.square())
+        current.square_().sub_(1).mul_(alpha).mul_(previous).mul_(square)  # −α P Δ² (1 − tanh²(αΔ))
+        slope = sign_term.mul_(delta).mul_(2).add_(current)
         return value, slope
 
     return _SumOverDelta.apply(B, A, scale, entries, chunk_rows)  # type: ignore[no-any-return]
@@ -153,28 +194,30 @@ class Stability:
     def __init__(self, hp: Hyperparameters, history: list[LoraAdapter]) -> None:
         self.fixed_alpha = hp.stability_alpha
         self.history = history
-        self._previous: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self._previous: dict[str, tuple[torch.Tensor | None, float]] = {}
 
     def __call__(self, layers: Layers) -> torch.Tensor:
         terms = []
         for name, p in layers.items():
-            S_B, S_A, alpha = self._factors(name, p.B, p.A)
-            terms.append(stability_loss(p.A, p.B, p.scale, S_A, S_B, alpha))
+            weights, alpha = self._weights(name, p.B, p.A)
+            terms.append(stability_loss_weighted(p.A, p.B, p.scale, weights, alpha))
         return torch.stack(terms).sum()
 
-    def _factors(
-        self, name: str, B: torch.Tensor, A: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _weights(self, name: str, B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """tanh(α S) of module ``name`` and its α, built on the first step and kept for the task:
+        one d_out × d_in tensor per module (the size of the base weight it adapts, in B's dtype),
+        in exchange for most of the term's time (bench/train)."""
         if name not in self._previous:
             stacked = history_factors(self.history, name)
-            if stacked is None:  # S = 0: a rank-1 zero factorisation keeps one code path; α is moot
-                stacked = (B.new_zeros(B.shape[0], 1), A.new_zeros(1, A.shape[1]))
+            if stacked is None:  # S = 0: eq. 4 is ‖ΔW‖², no weights to keep; α is moot
+                self._previous[name] = (None, 1.0)
+                return self._previous[name]
             S_B, S_A = stacked[0].to(B.device), stacked[1].to(A.device)
             alpha = self.fixed_alpha
             if alpha is None:
                 rms = rms_of_product(S_B, S_A)
                 alpha = STABILITY_ALPHA_RMS / rms if rms > 0 else 1.0
-            self._previous[name] = (S_B, S_A, alpha)
+            self._previous[name] = (sign_weights(S_B, S_A, alpha).to(B.dtype), alpha)
         return self._previous[name]
 
 
