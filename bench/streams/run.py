@@ -196,6 +196,17 @@ def analyse(run: dict[str, Any], window: float) -> dict[str, Any]:
         "requests_total": len(results),
         "failed": sum(not r.ok for r in results),
         "errors": sorted({(r.error or "")[:160] for r in results if r.error})[:5],
+        "failed_examples": [
+            {
+                "error": (r.error or "")[:160],
+                "sent_s": r.sent - hot_start,  # from the start of the changes
+                "done_s": r.done - hot_start,
+                "text_chunks": len(r.chunks),
+                "fingerprints": r.fingerprints,
+            }
+            for r in results
+            if not r.ok
+        ][:10],
         "mixed_versions": sum(r.mixed for r in results),
         "unnamed": sum(r.ok and not r.fingerprints for r in results),
         "stale_answers": len(stale),
