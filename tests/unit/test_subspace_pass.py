@@ -8,13 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters_store.subspace import Subspace
 from trainer.activations import InputMoment, input_moments
-from trainer.config import Hyperparameters
+from trainer.config import Hyperparameters, resolve_method
 from trainer.loop import forward_batches, load_base, tokenize
-from trainer.methods.input_subspace import COMPLEMENT_FROM, grow_basis, grow_basis_from_rows
+from trainer.methods import PARAMETRIZATIONS, LoraParams
+from trainer.methods import parametrizations as parametrizations_module
+from trainer.methods.input_subspace import (
+    COMPLEMENT_FROM,
+    grow_basis,
+    grow_basis_from_rows,
+    leading_free_directions,
+)
 from trainer.subspace import grow_subspace, target_names
 from trainer.suite.tasks import get_task
 
@@ -144,3 +152,33 @@ def test_the_shared_pass_gives_every_module_the_basis_of_its_own_covariance(base
         assert X.shape[0] == tokens
         expected = reference_growth(previous.get(name), X, ENERGY)
         assert same_span(grown.bases[name], expected), name
+
+
+def test_inflora_orients_modules_that_share_an_input_with_one_eigendecomposition(monkeypatch) -> None:
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return leading_free_directions(*args, **kwargs)
+
+    monkeypatch.setattr(parametrizations_module, "leading_free_directions", counting)
+    d, r = 32, 4
+    shared, own = inputs(0, 100, d, 10), inputs(1, 100, d, 10)
+    C_shared, C_own = (shared.T @ shared).double(), (own.T @ own).double()
+    U = orthonormal(d, 8, seed=2)
+    names = ["l.self_attn.k_proj", "l.self_attn.q_proj", "l.self_attn.v_proj", "l.self_attn.o_proj"]
+    covariances = {**dict.fromkeys(names[:3], C_shared), names[3]: C_own}
+    subspace = Subspace(dict.fromkeys(names, U), ENERGY)
+    hp = Hyperparameters(r=r, lora_alpha=2 * r)
+    inflora = PARAMETRIZATIONS["inflora"](hp, resolve_method("inflora"), [], subspace)
+    layers = {
+        n: LoraParams(A=nn.Parameter(torch.empty(r, d)), B=nn.Parameter(torch.empty(6, r)), scale=2.0)
+        for n in names
+    }
+    inflora.setup(layers)
+    norms = {n: p.A.norm(dim=1, keepdim=True).clone() for n, p in layers.items()}
+    inflora.orient(layers, covariances)
+    assert len(calls) == 2  # one for q/k/v, one for o
+    for name in names:
+        rows, _ = leading_free_directions(covariances[name], U, r)
+        torch.testing.assert_close(layers[name].A.detach(), rows * norms[name])

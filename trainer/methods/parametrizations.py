@@ -84,6 +84,13 @@ def feasible_topk_mask(update: torch.Tensor, feasible: torch.Tensor, k: int) -> 
     return mask.view_as(update)  # (d_out, r)
 
 
+def _same(U: torch.Tensor | None, V: torch.Tensor | None) -> bool:
+    """The same basis (or both none): modules that may share one eigendecomposition."""
+    if U is None or V is None:
+        return U is V
+    return U is V or torch.equal(U, V)
+
+
 def _sorted(layers: Layers) -> Iterator[tuple[int, str, LoraParams]]:
     for index, name in enumerate(sorted(layers)):
         yield index, name, layers[name]
@@ -272,9 +279,17 @@ class InfLora(Lori):
         Every row still avoids span(U); the task just stops wasting rank on directions its own
         inputs never use."""
         held = []
+        solved: list[tuple[torch.Tensor, torch.Tensor | None, int, tuple[torch.Tensor, float]]] = []
         for name, p in layers.items():
             basis = self.subspace.bases.get(name) if self.subspace is not None else None
-            rows, share = leading_free_directions(covariances[name], basis, p.A.shape[0])  # (r, d_in)
+            C, rank = covariances[name], p.A.shape[0]
+            # Modules reading one input (q/k/v, gate/up) get one covariance object and, grown
+            # together, equal bases: one eigendecomposition between them.
+            found = next((d for c, b, r, d in solved if c is C and r == rank and _same(b, basis)), None)
+            if found is None:
+                found = leading_free_directions(C, basis, rank)
+                solved.append((C, basis, rank, found))
+            rows, share = found  # (r, d_in), share of the task's energy they hold
             norms = p.A.norm(dim=1, keepdim=True).cpu()  # (r, 1): the random rows' norms
             p.A.copy_(rows * norms)
             held.append(share)
