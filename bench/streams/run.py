@@ -161,10 +161,12 @@ def client_body(k: int, max_tokens: int) -> Callable[[int], dict[str, Any]]:
 # --- analysis --------------------------------------------------------------------------------------
 
 
-def first_answer(results: list[RequestResult], change: Change) -> float | None:
+def first_answer(results: list[RequestResult], change: Change, previous: float | None) -> float | None:
     """The first token from the version ``change`` made live. A published version is new, so any
-    answer carrying it counts; a rollback's version answered before, so only requests sent after
-    the rollback began count (an old request of that version can still be streaming)."""
+    answer carrying it counts. A rollback's version answered before: only requests sent after
+    the rollback began, and after the version it replaces first answered (``previous``), count;
+    the server may still have been swapping to that version when the rollback came."""
+    since = max(change.started, previous or change.started)
     return min(
         (
             r.first
@@ -172,7 +174,7 @@ def first_answer(results: list[RequestResult], change: Change) -> float | None:
             if r.ok
             and r.first is not None
             and r.fingerprint == change.fingerprint
-            and (r.first >= change.started if change.kind == "publish" else r.sent >= change.started)
+            and (r.first >= change.started if change.kind == "publish" else r.sent >= since)
         ),
         default=None,
     )
@@ -183,7 +185,9 @@ def analyse(run: dict[str, Any], window: float) -> dict[str, Any]:
     changes: list[Change] = run["changes"]
     hot_start, hot_end = run["hot"]
     during = [r for r in results if hot_start <= r.done and r.sent <= hot_end]  # open during the changes
-    firsts = [first_answer(results, c) for c in changes]
+    firsts: list[float | None] = []
+    for change in changes:
+        firsts.append(first_answer(results, change, firsts[-1] if firsts else None))
     stale: list[dict[str, Any]] = []
     for i, (change, first) in enumerate(zip(changes, firsts, strict=True)):
         until = changes[i + 1].started if i + 1 < len(changes) else hot_end
