@@ -43,7 +43,7 @@ class Route:
     name: str
     adapter: AdapterHandle | None  # None: the base model's own weights
     kind: str  # "base" | "task" | "continual"
-    in_weights: str | None = None  # the merge written into the engine's weights, when one is
+    in_weights: str | None = None  # served from the engine's weights with no adapter: what answers carry
     created: int = field(default_factory=lambda: int(time.time()))
 
 
