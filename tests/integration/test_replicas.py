@@ -36,7 +36,7 @@ import pytest
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
 from bench import lamina_process as lp
-from bench.serve.client import RequestResult, completion_body, http_client, loop_until
+from bench.serve.client import RequestResult, completion_body, loop_until
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.integration.service_stack import (
     REDIS_URL,
@@ -286,7 +286,10 @@ def test_streams_on_both_replicas_keep_one_version_across_publishes_and_a_rollba
 
     async def run() -> None:
         stop = asyncio.Event()
-        async with http_client(STREAM_CLIENTS) as client:
+        # pooled connections expire before uvicorn's 5 s keep-alive does, so no request goes out on a
+        # connection the server is closing (a ReadError that has nothing to do with swaps)
+        limits = httpx.Limits(max_connections=STREAM_CLIENTS + 4, keepalive_expiry=2.0)
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(120.0, connect=10.0)) as client:
             loops = [
                 asyncio.create_task(loop_until(client, replicas.servers[i % 2].url, body, stop, results))
                 for i in range(STREAM_CLIENTS)
