@@ -204,8 +204,11 @@ def test_admin_remove_task_then_rollback_changes_what_continual_answers(stack: S
     assert back.status_code == 200, back.text
     assert "opposites" in served_models(stack)
     assert accuracy(stack, "continual", TASK_B) >= 0.8
-    ledger_ops = [e["op"] for e in stack.ledger()]
-    assert ledger_ops[-4:] == ["remove_task", "set_live", "rollback", "set_live"]
+    ledger = stack.ledger()
+    changes = [e["op"] for e in ledger if e["op"] != "audit"]
+    assert changes[-4:] == ["remove_task", "set_live", "rollback", "set_live"]
+    audits = [(e["action"], e["target"]) for e in ledger if e["op"] == "audit"]
+    assert audits[-2:] == [("remove_task", "opposites"), ("rollback", both)]
 
 
 def test_admin_errors(stack: Stack) -> None:
