@@ -223,7 +223,7 @@ async def rollback(body: RollbackRequest, request: Request) -> dict[str, Any]:
         record = await run_in_threadpool(
             _store(request).rollback, body.merge_id, _audit(request, "rollback", body.merge_id)
         )
-    except (MergeNotFound, ValueError):
+    except MergeNotFound:
         raise APIError(
             404, f"no merge version {body.merge_id!r}", param="merge_id", code="merge_not_found"
         ) from None
@@ -239,8 +239,12 @@ async def remove_task(name: str, request: Request) -> dict[str, Any]:
         record = await run_in_threadpool(
             _store(request).remove_task, name, _audit(request, "remove_task", name)
         )
-    except (TaskNotFound, ValueError):
+    except (TaskNotFound, InvalidTaskName):
         raise APIError(404, f"no live task {name!r}", param="name", code="task_not_found") from None
+    except MergeError as error:  # the remaining tasks could not be merged again: not a missing task
+        raise APIError(
+            409, f"cannot merge the remaining tasks: {error}", param="name", code="merge_failed"
+        ) from None
     except StoreError as error:
         raise _store_refusal(error, "name") from None
     await request.app.state.sync.sync()

@@ -108,3 +108,23 @@ def test_a_rollback_to_a_damaged_version_is_a_409_and_not_audited(
     assert error["code"] == "corrupt_version" and error["param"] == "merge_id"
     assert "merge m1: adapter_model.safetensors" in error["message"]
     assert ledger(client) == before
+
+
+def test_a_removal_whose_remerge_fails_is_a_409_not_a_missing_task(
+    client: TestClient, peft_files: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters_store.merges import MergeError
+
+    assert (
+        client.post("/admin/adapters", data={"name": "first"}, files=peft_files, headers=HEADERS).status_code
+        == 201
+    )
+
+    def refuse_merge(name: str, notes: object = None) -> None:
+        raise MergeError("overlapping masks in q_proj")
+
+    monkeypatch.setattr(client.app.state.store, "remove_task", refuse_merge)  # type: ignore[attr-defined]
+    response = client.delete("/admin/tasks/first", headers=HEADERS)
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    assert error["code"] == "merge_failed" and "overlapping masks" in error["message"]
