@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from tests.conftest import RunningServer, start_server, stop_server
 from tests.external_lora import train_external_lora
+from tests.support.processes import RunningServer, start_server, stop_server
 
 pytestmark = pytest.mark.engine
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningServer, start_server, stop_server
+from tests.support.processes import RunningServer, start_server, stop_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
 

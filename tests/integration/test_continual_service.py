@@ -13,10 +13,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.integration import service_stack
-from tests.integration.service_stack import (
+from tests.support import service_stack
+from tests.support.service_stack import (
     CODE_WORDS,
+    HYPERPARAMETERS,
     Stack,
+    accuracy,
     answers,
     require_redis,
     running_stack,
@@ -42,7 +44,6 @@ TASK_B = [
         ("early", "late"),
     ]
 ]
-HYPERPARAMETERS = {"steps": 120, "learning_rate": 0.005, "batch_size": 6, "r": 8, "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +66,6 @@ def post_task(
     **extra: object,
 ) -> httpx.Response:
     return service_stack.post_task(stack, name, examples, METHOD, hyperparameters, **extra)
-
-
-def accuracy(stack: Stack, model: str, examples: list[tuple[str, str]]) -> float:
-    got = answers(stack, model, examples)
-    return sum(g.strip().split(" ")[0] == c.strip() for g, (_, c) in zip(got, examples, strict=True)) / len(
-        examples
-    )
 
 
 def train(stack: Stack, name: str, examples: list[tuple[str, str]]) -> dict:

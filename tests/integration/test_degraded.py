@@ -19,8 +19,7 @@ import httpx
 import pytest
 
 from bench import lamina_process as lp
-from tests.conftest import RunningServer, start_server, stop_server
-from tests.integration.test_faults import RedisServer
+from tests.support.processes import RedisServer, RunningServer, start_server, stop_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
 

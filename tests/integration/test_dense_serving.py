@@ -11,8 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.integration.service_stack import Stack, running_stack, wait_for
-from tests.integration.test_continual_service import HYPERPARAMETERS, TASK_A, accuracy
+from tests.support.service_stack import CODE_WORDS, HYPERPARAMETERS, Stack, accuracy, running_stack, wait_for
 
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
 ADMIN_KEY = "dense-admin-key"
@@ -26,11 +25,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def test_ps_lora_merge_is_served_from_the_engine_weights(stack: Stack) -> None:
-    base_accuracy = accuracy(stack, "base", TASK_A)
+    base_accuracy = accuracy(stack, "base", CODE_WORDS)
     body = {
         "name": "codes",
         "method": "ps-lora",
-        "examples": [{"prompt": p, "completion": c} for p, c in TASK_A],
+        "examples": [{"prompt": p, "completion": c} for p, c in CODE_WORDS],
         "hyperparameters": HYPERPARAMETERS,
     }
     response = httpx.post(f"{stack.url}/tasks", json=body, timeout=30)
@@ -44,8 +43,8 @@ def test_ps_lora_merge_is_served_from_the_engine_weights(stack: Stack) -> None:
         assert time.monotonic() < deadline, "the server never swapped to the new merge"
         time.sleep(0.5)
 
-    assert accuracy(stack, "continual", TASK_A) >= 0.8 > base_accuracy
-    assert accuracy(stack, "codes", TASK_A) >= 0.8
+    assert accuracy(stack, "continual", CODE_WORDS) >= 0.8 > base_accuracy
+    assert accuracy(stack, "codes", CODE_WORDS) >= 0.8
     served = {m["id"] for m in httpx.get(f"{stack.url}/v1/models").json()["data"]}
     assert served == {"base", "codes", "continual"}, "nothing a user could ask for disappears"
     merge = job["merge_id"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -24,13 +23,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-import redis
 
 from adapters_store import ledger as ledger_module
 from adapters_store.store import AdapterStore
-from tests.conftest import free_port, start_server, stop_server
-from tests.integration import service_stack
-from tests.integration.service_stack import (
+from tests.support import service_stack
+from tests.support.processes import RedisServer, start_server, stop_server
+from tests.support.service_stack import (
     Stack,
     answers,
     get_job,
@@ -52,48 +50,6 @@ MEDIUM = {**SHORT, "steps": 100}  # runs long enough to restart Redis under it
 EXAMPLES = [(f"Word {i} means", f" {w}") for i, w in enumerate(["sun", "moon", "star", "sky"])]
 BURST = 20
 ADMIN = {"Authorization": "Bearer faults-admin-key"}
-
-
-class RedisServer:
-    """A private ``redis-server`` that a test may restart."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is required for the fault tests")
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            cwd=self.workdir,
-            stdout=(self.workdir / "redis.log").open("a"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis.from_url(self.url, socket_connect_timeout=1).ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.1)
-        pytest.fail("private redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
-            self.process = None
-
-    def restart(self) -> None:
-        """Down and up again, losing every key (queued messages, locks) in between."""
-        self.stop()
-        time.sleep(1.0)
-        self.start()
-        assert redis.Redis.from_url(self.url).dbsize() == 0
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.service_stack import (
+from tests.support.service_stack import (
     CODE_WORDS,
     JOB_TIMEOUT_S,
     Stack,

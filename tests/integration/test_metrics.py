@@ -10,7 +10,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RunningServer, start_server, stop_server
+from tests.support.processes import RunningServer, start_server, stop_server
 
 pytestmark = pytest.mark.engine
 

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import RunningServer
+from tests.support.processes import RunningServer
 
 pytestmark = pytest.mark.engine
 

@@ -37,8 +37,8 @@ from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
 from bench import lamina_process as lp
 from bench.serve.client import RequestResult, completion_body, loop_until
-from tests.conftest import RunningServer, start_server, stop_server
-from tests.integration.service_stack import (
+from tests.support.processes import RunningServer, start_server, stop_server
+from tests.support.service_stack import (
     REDIS_URL,
     Stack,
     get_job,

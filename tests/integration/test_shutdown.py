@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import RunningServer, start_server
+from tests.support.processes import RunningServer, start_server
 
 pytestmark = pytest.mark.engine
 

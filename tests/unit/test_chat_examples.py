@@ -20,7 +20,7 @@ from server.openai.serving import CompletionService
 from server.settings import ServerSettings
 from server.training.protocol import TaskCreate
 from server.training.service import parse_jsonl
-from tests.unit.test_loop import make_model
+from tests.support.models import make_model
 from trainer.chat import DEFAULT_CHAT_TEMPLATE, prompt_and_answer
 from trainer.config import ChatExample, ChatMessage, Example, Hyperparameters, resolve_method
 from trainer.jobs import JobBoard

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from server import engine_process
-from tests.conftest import REPO
+from tests.support.processes import REPO
 
 # The "server": starts one engine child through run_in_own_group (fork, as vLLM does on the CPU)
 # with a stand-in entry point that takes SIGINT and SIGTERM the default way (they kill it),

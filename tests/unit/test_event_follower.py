@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from adapters_store.events import EventFollower, publish_event
-from tests.conftest import free_port
+from tests.support.processes import free_port
 
 
 class PrivateRedis:

@@ -10,7 +10,7 @@ import pytest
 
 from adapters_store.errors import FenceLost
 from adapters_store.store import AdapterStore
-from tests.unit.test_store import FP, META, make_adapter, visible_versions
+from tests.support.store import FP, META, make_adapter, visible_versions
 from trainer.config import Example
 from trainer.jobs import WORKER_LOST, JobBoard, JobStatus
 

@@ -17,7 +17,7 @@ from server.errors import APIError
 from server.settings import ServerSettings
 from server.training.protocol import TaskCreate
 from server.training.service import TrainingService
-from tests.conftest import free_port
+from tests.support.processes import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TASK = TaskCreate.model_validate(

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from adapters_store import ledger as ledger_module
 from adapters_store.events import EventSubscriber, LedgerWatcher, publish_event, redis_notifier
 from adapters_store.fingerprint import fingerprint_model
-from adapters_store.lora import LoraAdapter, LoraModule
+from adapters_store.lora import LoraAdapter
 from adapters_store.merges import DenseDelta, MergeError, build_merge
 from adapters_store.store import (
     AdapterStore,
@@ -25,27 +25,7 @@ from adapters_store.store import (
     TaskExists,
     TaskNotFound,
 )
-
-FP = "0123456789abcdef"
-SHAPES = {"model.layers.0.self_attn.q_proj": (12, 10), "model.layers.0.mlp.down_proj": (10, 16)}
-META = {"method": "lori-s", "hyper_parameters": {"lr": 1e-3}, "data_hash": "abc", "metrics": {"loss": 0.1}}
-
-
-def make_adapter(seed: int, rank: int = 2, density: float = 0.5) -> LoraAdapter:
-    g = torch.Generator().manual_seed(seed)
-    modules, masks = {}, {}
-    for name, (d_out, d_in) in SHAPES.items():
-        mask = torch.rand(d_out, rank, generator=g) < density
-        B = torch.randn(d_out, rank, generator=g) * mask
-        modules[name] = LoraModule(A=torch.randn(rank, d_in, generator=g), B=B, scale=2.0)
-        masks[name] = mask
-    return LoraAdapter(modules=modules, masks=masks)
-
-
-def visible_versions(root: Path) -> list[str]:
-    """Every version directory and leftover temporary one under the store."""
-    found = [p for p in (root / "tasks").glob("*/*")] + list((root / "merges").glob("*"))
-    return sorted(str(p.relative_to(root)) for p in found)
+from tests.support.store import FP, META, SHAPES, make_adapter, visible_versions
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from adapters_store import lora as lora_module
 from adapters_store.errors import CorruptVersion, DiskFull, FenceLost, FingerprintMismatch
 from adapters_store.store import AdapterStore
 from adapters_store.subspace import Subspace
-from tests.unit.test_store import FP, META, make_adapter, visible_versions
+from tests.support.store import FP, META, make_adapter, visible_versions
 
 Q = "model.layers.0.self_attn.q_proj"
 

@@ -1,5 +1,5 @@
 """A running Lamina service for integration tests: the server, a real ``lamina worker``
-process, and helpers to post tasks and wait for them. Shared by the service and fault tests."""
+process, and helpers to post tasks and wait for them. Shared by the service, fault, replica and dense-serving tests."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import psutil
 import pytest
 import redis
 
-from tests.conftest import REPO, RunningServer, start_server, stop_server
+from tests.support.processes import REPO, RunningServer, start_server, stop_server
 
 # Only a failing test waits this long: a 120-step job on the embedded model took over 240 s on
 # this 2-core machine with benchmarks running beside the suite.
@@ -166,3 +166,14 @@ def answers(stack: Stack, model: str, examples: list[tuple[str, str]]) -> list[s
 
 def served_models(stack: Stack) -> set[str]:
     return {m["id"] for m in httpx.get(f"{stack.url}/v1/models").json()["data"]}
+
+
+# Short training that still learns the small memorisation tasks on the embedded model.
+HYPERPARAMETERS = {"steps": 120, "learning_rate": 0.005, "batch_size": 6, "r": 8, "seed": 0}
+
+
+def accuracy(stack: Stack, model: str, examples: list[tuple[str, str]]) -> float:
+    got = answers(stack, model, examples)
+    return sum(g.strip().split(" ")[0] == c.strip() for g, (_, c) in zip(got, examples, strict=True)) / len(
+        examples
+    )

@@ -1,0 +1,1 @@
+"""Helpers the tests share (processes, a running service, small models and adapters)."""
