@@ -33,7 +33,8 @@ from server.openai.protocol import (
 if TYPE_CHECKING:
     from vllm.logprobs import Logprob
 
-    from server.openai.serving import CompletionService, Prepared
+    from server.openai.preparing import Prepared
+    from server.openai.serving import CompletionService
 
 LOGPROB_FLOOR = -9999.0  # what OpenAI sends for a log-probability of -inf
 

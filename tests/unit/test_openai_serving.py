@@ -221,19 +221,19 @@ def test_a_harmony_message_renders_as_its_role_and_text(service: CompletionServi
     """vLLM's message union includes openai_harmony messages; they render like OpenAI's."""
     from openai_harmony import Message, Role
 
-    from server.openai.serving import _template_message
+    from server.openai.chat_template import template_message
 
     harmony = Message.from_role_and_content(Role.USER, "hello")
-    assert _template_message(0, harmony) == {"role": "user", "content": "hello"}
+    assert template_message(0, harmony) == {"role": "user", "content": "hello"}
 
 
 def test_a_content_part_that_is_not_an_object_is_a_400_naming_the_message() -> None:
     """/tokenize's request model lets any JSON through as content (schemathesis sent [[null, null]])."""
     from server.errors import APIError
-    from server.openai.serving import _template_message
+    from server.openai.chat_template import template_message
 
     with pytest.raises(APIError) as refused:
-        _template_message(2, {"role": "tool", "content": [[None, None]], "tool_call_id": ""})
+        template_message(2, {"role": "tool", "content": [[None, None]], "tool_call_id": ""})
     assert refused.value.status == 400 and refused.value.param == "messages.2.content"
 
 
@@ -243,11 +243,11 @@ def test_content_that_pydantic_cannot_iterate_is_a_400_not_a_panic() -> None:
     from pydantic import TypeAdapter
 
     from server.errors import APIError
+    from server.openai.chat_template import template_message
     from server.openai.protocol import TokenizeRequest
-    from server.openai.serving import _template_message
 
     body = {"messages": [{"content": [[None, None]], "role": "tool", "tool_call_id": ""}]}
     request = TypeAdapter(TokenizeRequest).validate_python(body)
     with pytest.raises(APIError) as refused:
-        _template_message(0, request.messages[0])
+        template_message(0, request.messages[0])
     assert refused.value.status == 400 and refused.value.param == "messages.0.content"
