@@ -1,6 +1,8 @@
-"""The ``lamina`` command line: ``serve`` runs the API server; later commands run the worker,
-the demo and the benchmarks; ``train`` and ``tasks`` talk to a running server over HTTP.
-Heavy imports happen inside each command.
+"""The ``lamina`` command line: ``serve`` runs the API server, ``demo`` the server and a worker;
+``train`` and ``tasks`` talk to a running server over HTTP. The trainer's commands (``worker``,
+``model``, ``bench``) are mounted from the ``lamina.commands`` entry points (pyproject.toml), so
+this module imports nothing from ``trainer`` but its contract. Heavy imports happen inside each
+command.
 
 A bad ``LAMINA_*`` setting, a path that is not a store, or a server that cannot be reached or
 refuses a request ends the command with one line on stderr naming the variable, the path or the
@@ -10,23 +12,22 @@ URL (exit code 2 for a setting or a path, 1 for the server), never a traceback.
 from __future__ import annotations
 
 import logging
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
 
 import typer
 
-from trainer.base_model.cli import model_app
-from trainer.benchmark_cli import bench_app
+from trainer.contract.settings import setting_error
 
 if TYPE_CHECKING:
     import httpx
-    from pydantic import ValidationError
 
-    from trainer.settings import LaminaSettings
+    from trainer.contract.settings import LaminaSettings
+
+COMMANDS_GROUP = "lamina.commands"
 
 app = typer.Typer(help="Lamina: an LLM server that keeps learning.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-app.add_typer(model_app, name="model")
 tasks_app = typer.Typer(help="Training jobs on a running server: list, show, cancel.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
 
@@ -67,15 +68,6 @@ def require_model(settings: LaminaSettings) -> None:
         fail(f"LAMINA_MODEL: {settings.model} holds no model (no config.json)", 2)
 
 
-def setting_error(error: ValidationError) -> str:
-    """The first problem as one line: ``LAMINA_MAX_LORA_RANK: max_lora_rank must be one of ...``."""
-    first = error.errors()[0]
-    message = str(first["msg"]).removeprefix("Value error, ")
-    if not first["loc"]:  # a check of the whole object names its variables itself
-        return message
-    return f"LAMINA_{str(first['loc'][0]).upper()}: {message}"
-
-
 class ServerClient:
     """The few HTTP calls the client commands make; every failure is one line naming the URL."""
 
@@ -111,7 +103,7 @@ def _error_message(response: httpx.Response) -> str:
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     from server.request_id import install_log_records
-    from trainer.logs import configure_logging
+    from trainer.contract.logs import configure_logging
 
     install_log_records()  # every record carries the request id it was written for ("-": none)
     configure_logging("text", logging.DEBUG if verbose else logging.INFO)  # serve/worker: LAMINA_LOG_FORMAT
@@ -119,15 +111,10 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
 
 
 def _use_log_format(log_format: Literal["text", "json"]) -> None:
-    """Switch to the settings' log format, keeping the level ``--verbose`` chose. In JSON, vLLM
-    and uvicorn log through the root logger too, instead of their own text handlers."""
-    import os
+    """Switch to the settings' log format, keeping the level ``--verbose`` chose."""
+    from trainer.contract.logs import use_log_format
 
-    from trainer.logs import configure_logging
-
-    if log_format == "json":
-        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-    configure_logging(log_format, logging.getLogger().level)
+    use_log_format(log_format)
 
 
 @app.command()
@@ -155,31 +142,6 @@ def serve(
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         # SIGTERM / Ctrl-C: no new connections, then in-flight requests get this long to finish
         timeout_graceful_shutdown=settings.drain_timeout_s,
-    )
-
-
-@app.command()
-def worker(
-    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
-) -> None:
-    """Run the training worker (Celery; concurrency 1, acks_late, prefetch 1)."""
-    from trainer.settings import LaminaSettings
-
-    _use_log_format(load_settings(LaminaSettings).log_format)  # the worker module reads them at import
-    from trainer.worker import celery, settings
-
-    celery.worker_main(
-        [
-            "worker",
-            "--concurrency=1",
-            "--prefetch-multiplier=1",
-            "-Q",
-            settings.queue,
-            f"--loglevel={loglevel}",
-            "--hostname=lamina@%h",
-            "--without-gossip",
-            "--without-mingle",
-        ]
     )
 
 
@@ -316,7 +278,7 @@ def stats(
     from adapters_store.fingerprint import fingerprint_model
     from adapters_store.stats_cache import stats_for_store
     from adapters_store.store import STORE_FILE, AdapterStore, FingerprintMismatch
-    from trainer.settings import LaminaSettings
+    from trainer.contract.settings import LaminaSettings
 
     settings = load_settings(LaminaSettings)
     if not (settings.store_dir / STORE_FILE).is_file():  # opening one would create it
@@ -396,3 +358,19 @@ def stats(
     for name, module in data["modules"].items():
         modules.add_row(name, fmt(module["occupancy"]), fmt(module["acr_dw"]), fmt(module["acr_b"]))
     console.print(modules)
+
+
+def mount_commands(target: typer.Typer) -> None:
+    """Add the commands other packages declare under the ``lamina.commands`` entry points: a
+    ``typer.Typer`` becomes a command group (``lamina model ...``), a function one command
+    (``lamina worker``). The trainer declares its own (pyproject.toml), so ``lamina worker`` keeps
+    working while the server's CLI never imports the trainer."""
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        command = entry.load()
+        if isinstance(command, typer.Typer):
+            target.add_typer(command, name=entry.name)
+        else:
+            target.command(entry.name)(command)
+
+
+mount_commands(app)

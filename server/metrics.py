@@ -30,7 +30,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from trainer.jobs import JobBoard, JobStatus
+from trainer.contract.board import JobBoard
+from trainer.contract.jobs import JobStatus
 
 if TYPE_CHECKING:
     from adapters_store.store import AdapterStore, MergeRecord

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Self
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from trainer.settings import LaminaSettings
+from trainer.contract.settings import LaminaSettings
 
 
 class ServerSettings(LaminaSettings):

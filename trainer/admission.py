@@ -1,6 +1,7 @@
 """Can this task join this store? Checked twice: by the API before anything is queued (so the
 user gets a 4xx at once) and by the worker when the task's turn comes (the store may have
-changed since). Imports no training code.
+changed since). Imports no training code. A refusal is an :class:`AdmissionError` with a
+reason (:mod:`trainer.contract.admission`); the server maps reasons to HTTP statuses.
 
 What is checked for every task (its name, the store's method) lives here; what depends on the
 method (a concat merge's rank, LoRAF's free B positions, inflora's free input directions) is
@@ -8,24 +9,12 @@ each part's capacity check, registered with it in :mod:`trainer.methods.catalog`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from adapters_store.store import AdapterStore, InvalidTaskName, check_task_name
 from trainer.config import Hyperparameters, MethodSpec
+from trainer.contract.admission import AdmissionError, AdmissionReason
 from trainer.methods import catalog
 
-
-@dataclass
-class AdmissionError(Exception):
-    """Why a task cannot be trained into this store, with the field to blame."""
-
-    status: int
-    message: str
-    param: str
-    code: str
-
-    def __str__(self) -> str:
-        return self.message
+__all__ = ["AdmissionError", "AdmissionReason", "admit"]
 
 
 def admit(
@@ -43,22 +32,23 @@ def admit(
         check_task_name(name)
     except InvalidTaskName:
         raise AdmissionError(
-            400, "name must match [a-z0-9][a-z0-9_-]{0,63} (lower-case ASCII).", "name", "invalid_name"
+            AdmissionReason.invalid_name,
+            "name must match [a-z0-9][a-z0-9_-]{0,63} (lower-case ASCII).",
+            "name",
         ) from None
     tasks = store.tasks()
     if any(t.name == name for t in tasks):
         raise AdmissionError(
-            409, f"a task named {name!r} already exists in this store.", "name", "task_exists"
+            AdmissionReason.task_exists, f"a task named {name!r} already exists in this store.", "name"
         )
     if tasks:
         store_method = tasks[0].meta.get("method")
         if store_method and store_method != method.name:
             raise AdmissionError(
-                409,
+                AdmissionReason.method_mismatch,
                 f"this store's continual adapter is built with method {store_method!r}; a task trained with "
                 f"{method.name!r} cannot join it. Use {store_method!r}, or a separate store (LAMINA_STORE).",
                 "method",
-                "method_mismatch",
             )
     for part in catalog.method_parts(method.parametrization, method.merge, method.lambdas(hp)):
         if part.capacity is not None:

@@ -23,20 +23,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from trainer.config import ChatExample, ChatMessage, Example, TrainingExample
+from trainer.contract.chat import DEFAULT_CHAT_TEMPLATE
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-# Used when the tokenizer has no chat template of its own (the embedded model): role-tagged
-# turns, then the assistant tag as the generation prompt. The server serves with it and the
-# trainer trains with it, so both must read this one constant.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
 
 class Tokens(NamedTuple):
     """One example's token ids and, per token, whether the loss predicts it."""

@@ -3,7 +3,8 @@
 Jobs live as small JSON files next to the adapter store (``<store>/jobs/``), so every server
 replica and every worker that shares the store sees the same jobs with no extra service.
 Each file is replaced atomically under a lock, because two processes write it: the worker
-(progress, status) and the API (cancellation). Imports nothing heavy: the API uses it.
+(progress, status) and the API (cancellation). Imports nothing heavy: the API uses it
+(through :mod:`trainer.contract.jobs`, which also holds the job model).
 """
 
 from __future__ import annotations
@@ -17,76 +18,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, Field
+from typing import Any
 
 from trainer.config import ChatExample, ChatMessage, Example, TrainingExample
+from trainer.contract.jobs import Job, JobError, JobNotFound, JobRefused, JobStatus, Progress, PublicJob
 
-
-class JobStatus(StrEnum):
-    queued = "queued"
-    validating = "validating"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
-
-
-class Progress(BaseModel):
-    step: int
-    total: int
-    loss: float | None = None
-
-
-class JobError(BaseModel):
-    message: str
-    param: str | None = None
-    code: str | None = None
-
-
-class Job(BaseModel):
-    """A training job as the API shows it."""
-
-    id: str
-    object: Literal["task.job"] = "task.job"
-    name: str = Field(description="The task's name; also the `model` that serves its own adapter.")
-    method: str
-    status: JobStatus = JobStatus.queued
-    seq: int = Field(description="Arrival order; tasks of one store train in this order.")
-    created_at: str
-    started_at: str | None = None
-    finished_at: str | None = None
-    n_examples: int
-    hyperparameters: dict[str, Any] = Field(
-        default_factory=dict,
-        description='As posted; once the job succeeds, as trained (every "auto" value resolved).',
-    )
-    progress: Progress | None = None
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    warnings: list[str] = Field(
-        default_factory=list,
-        description="Why a succeeded task may not do what was asked, e.g. it did not learn its examples.",
-    )
-    error: JobError | None = None
-    task_version: str | None = Field(None, description="Store id of the published task version.")
-    merge_id: str | None = Field(None, description="Store id of the merge made live by this job.")
-    cancel_requested: bool = False
-    worker: str | None = Field(None, description="The worker process that claimed the job.")
-    lease_expires_at: float | None = Field(
-        None, description="Unix time until which the worker's claim holds; renewed while it trains."
-    )
-    generation: int | None = Field(
-        None,
-        description="The claim's fencing token: one more than any earlier claim on this board. "
-        "The store publishes only while the claim with this generation still holds.",
-    )
+# The job model is the contract's (the API returns it); the trainer's code also finds it here.
+__all__ = [
+    "CLAIMED",
+    "DISK_FULL",
+    "WORKER_LOST",
+    "ClaimFence",
+    "Job",
+    "JobBoard",
+    "JobError",
+    "JobNotFound",
+    "JobRefused",
+    "JobStatus",
+    "Progress",
+    "PublicJob",
+    "now",
+]
 
 
 # A job in one of these states belongs to the worker named in it, for as long as its lease holds.
@@ -97,19 +50,6 @@ DISK_FULL = "disk_full"
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-class JobNotFound(LookupError):
-    pass
-
-
-class JobRefused(ValueError):
-    """The board will not take a new job: its name is already pending, or too many are."""
-
-    def __init__(self, reason: str, pending: int) -> None:
-        super().__init__(reason)
-        self.reason = reason  # "name_pending" | "queue_full"
-        self.pending = pending
 
 
 class JobBoard:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from server.finetuning.mapping import openai_job_id, unix
 from server.finetuning.protocol import FineTuneRecord, FineTuningJobEvent
-from trainer.jobs import Job, JobStatus
+from trainer.contract.jobs import Job, JobStatus
 
 
 class ProgressLog:

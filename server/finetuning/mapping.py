@@ -40,10 +40,9 @@ from server.finetuning.protocol import (
     MethodOut,
     SupervisedOut,
 )
-from trainer import auto
-from trainer.config import Hyperparameters as LaminaHyperparameters
-from trainer.config import UnknownMethodError, resolve_method
-from trainer.jobs import Job, JobStatus
+from trainer.contract.jobs import Job, JobStatus
+from trainer.contract.tasks import Hyperparameters as LaminaHyperparameters
+from trainer.contract.tasks import UnknownMethodError, resolve_auto, resolve_method
 
 METHOD_KEY = "lamina_method"
 STATUS: dict[JobStatus, FineTuningStatus] = {
@@ -145,7 +144,7 @@ def auto_learning_rate(method_name: str, hyperparameters: dict[str, Any]) -> flo
         hp = LaminaHyperparameters.model_validate(fixed)
     except ValidationError:  # a /tasks job's hyper-parameters were valid when posted
         hp = LaminaHyperparameters()
-    resolved, _ = auto.resolve(hp, resolve_method(method_name), 1)
+    resolved, _ = resolve_auto(hp, resolve_method(method_name), 1)
     assert resolved.learning_rate is not None
     return resolved.learning_rate
 

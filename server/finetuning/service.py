@@ -29,7 +29,7 @@ from server.finetuning.protocol import (
 )
 from server.training.protocol import ExampleIn, TaskCreate
 from server.training.service import TrainingService, parse_jsonl
-from trainer.jobs import Job, JobNotFound, JobStatus
+from trainer.contract.jobs import Job, JobNotFound, JobStatus
 
 PURPOSE = "fine-tune"
 UPLOAD_CHUNK = 1 << 20

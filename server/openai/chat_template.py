@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.errors import APIError
 from server.openai.protocol import ChatCompletionRequest, TokenizeChatRequest
-from trainer.chat import DEFAULT_CHAT_TEMPLATE  # training renders chat examples with it too
+from trainer.contract.chat import DEFAULT_CHAT_TEMPLATE  # training renders chat examples with it too
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -1,5 +1,5 @@
 """Request shapes of the training API (``POST /tasks``). The job object it answers with is
-``trainer.jobs.Job``, shared with the worker that updates it.
+``trainer.contract.jobs.PublicJob``: the job the worker updates, without the worker's claim.
 
 An example has one of two shapes: ``{"prompt", "completion"}``, or OpenAI's chat fine-tuning
 format ``{"messages": [...]}``. Every model forbids unknown keys, and :class:`ExampleIn`
@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from trainer.config import ChatExample, ChatMessage, ChatRole, Example, TrainingExample
-from trainer.jobs import Job
+from trainer.contract.jobs import PublicJob
+from trainer.contract.tasks import ChatExample, ChatMessage, ChatRole, Example, TrainingExample
 
 
 class PromptExampleIn(BaseModel):
@@ -112,4 +112,4 @@ class TaskCreate(BaseModel):
 
 class JobList(BaseModel):
     object: str = "list"
-    data: list[Job]
+    data: list[PublicJob]

@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from server.errors import APIError
 from server.training.protocol import JobList, TaskCreate
 from server.training.service import TrainingService, parse_jsonl
-from trainer.jobs import Job
+from trainer.contract.jobs import PublicJob
 
 router = APIRouter(tags=["training"])
 
@@ -96,22 +96,22 @@ async def _read_body(request: Request) -> TaskCreate:
         raise RequestValidationError(error.errors()) from None
 
 
-@router.post("/tasks", status_code=202, response_model=Job, openapi_extra=_BODY)
-async def create_task(request: Request) -> Job:
+@router.post("/tasks", status_code=202, response_model=PublicJob, openapi_extra=_BODY)
+async def create_task(request: Request) -> PublicJob:
     """Queue a task to learn. Answers 202 with the job; follow it with GET /tasks/{id}."""
-    return _service(request).submit(await _read_body(request))
+    return PublicJob.of(_service(request).submit(await _read_body(request)))
 
 
 @router.get("/tasks", response_model=JobList)
 async def list_tasks(request: Request) -> JobList:
-    return JobList(data=_service(request).list())
+    return JobList(data=[PublicJob.of(job) for job in _service(request).list()])
 
 
-@router.get("/tasks/{job_id}", response_model=Job)
-async def get_task(job_id: str, request: Request) -> Job:
-    return _service(request).get(job_id)
+@router.get("/tasks/{job_id}", response_model=PublicJob)
+async def get_task(job_id: str, request: Request) -> PublicJob:
+    return PublicJob.of(_service(request).get(job_id))
 
 
-@router.post("/tasks/{job_id}/cancel", response_model=Job)
-async def cancel_task(job_id: str, request: Request) -> Job:
-    return _service(request).cancel(job_id)
+@router.post("/tasks/{job_id}/cancel", response_model=PublicJob)
+async def cancel_task(job_id: str, request: Request) -> PublicJob:
+    return PublicJob.of(_service(request).cancel(job_id))

@@ -12,13 +12,23 @@ from pydantic import ValidationError
 from adapters_store.store import AdapterStore
 from server.errors import APIError
 from server.training.protocol import ExampleIn, TaskCreate
-from trainer.admission import AdmissionError, admit
-from trainer.celery_app import TRAIN_TASK, make_celery
-from trainer.config import Hyperparameters, UnknownMethodError, resolve_method
-from trainer.jobs import Job, JobBoard, JobNotFound, JobRefused
-from trainer.settings import LaminaSettings
+from trainer.contract.admission import AdmissionError, AdmissionReason
+from trainer.contract.board import JobBoard
+from trainer.contract.jobs import Job, JobNotFound, JobRefused
+from trainer.contract.queue import TRAIN_TASK, make_celery
+from trainer.contract.settings import LaminaSettings
+from trainer.contract.tasks import Hyperparameters, UnknownMethodError, admit, resolve_method
 
 log = logging.getLogger(__name__)
+
+# The trainer says why a task cannot join the store; what that is in HTTP is the server's call.
+ADMISSION_STATUS: dict[AdmissionReason, int] = {
+    AdmissionReason.invalid_name: 400,
+    AdmissionReason.task_exists: 409,
+    AdmissionReason.method_mismatch: 409,
+    AdmissionReason.rank_exceeded: 409,
+    AdmissionReason.capacity_exceeded: 409,
+}
 
 
 class TrainingService:
@@ -75,7 +85,7 @@ class TrainingService:
                 self.settings.loraf_grow_rank,
             )
         except AdmissionError as error:
-            raise APIError(error.status, error.message, param=error.param, code=error.code) from None
+            raise admission_refused(error) from None
         examples = [e.to_example() for e in request.examples]
         self._require_queue()
         try:
@@ -133,6 +143,11 @@ class TrainingService:
     def cancel(self, job_id: str) -> Job:
         self.get(job_id)
         return self.board.request_cancel(job_id)
+
+
+def admission_refused(error: AdmissionError) -> APIError:
+    """The API error for a refused task: the reason's status, the trainer's message and field."""
+    return APIError(ADMISSION_STATUS[error.reason], error.message, param=error.param, code=error.code)
 
 
 def _queue_unavailable() -> APIError:

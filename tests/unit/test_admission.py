@@ -9,7 +9,8 @@ import torch
 
 from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.store import AdapterStore
-from trainer.admission import AdmissionError, admit
+from server.training.service import ADMISSION_STATUS, admission_refused
+from trainer.admission import AdmissionError, AdmissionReason, admit
 from trainer.config import Hyperparameters, resolve_method
 
 MODULE = "model.layers.0.self_attn.q_proj"
@@ -31,26 +32,45 @@ def store(tmp_path: Path) -> AdapterStore:
     return AdapterStore(tmp_path, "fp")
 
 
-def _reason(store: AdapterStore, name: str, method: str, **hp: object) -> tuple[int, str]:
+def _reason(store: AdapterStore, name: str, method: str, **hp: object) -> tuple[str, str]:
     with pytest.raises(AdmissionError) as caught:
         admit(store, name, resolve_method(method), Hyperparameters(**hp), max_lora_rank=16)
-    return caught.value.status, caught.value.param
+    return caught.value.reason, caught.value.param
 
 
 def test_a_fresh_store_admits_a_valid_task_with_its_own_settings(store: AdapterStore) -> None:
     hp = Hyperparameters(r=16, lora_alpha=32, mask_fraction=0.3)
     for method in ("lori-s", "loraf", "inflora"):  # nothing to share or protect yet: nothing changes
         assert admit(store, "first", resolve_method(method), hp, max_lora_rank=16) == hp
-    assert _reason(store, "first", "lori-s", r=32) == (409, "hyperparameters.r")  # 32 > 16 alone
+    assert _reason(store, "first", "lori-s", r=32) == ("rank_exceeded", "hyperparameters.r")  # 32 > 16 alone
 
 
 def test_name_duplicate_method_and_rank(store: AdapterStore) -> None:
     store.publish("first", _adapter(), {"method": "inc-lora"}, merge="concat")
-    assert _reason(store, "Bad", "inc-lora") == (400, "name")
-    assert _reason(store, "first", "inc-lora") == (409, "name")
-    assert _reason(store, "second", "lori-s") == (409, "method")
-    assert _reason(store, "second", "inc-lora", r=16) == (409, "hyperparameters.r")  # 4 + 16 > 16
+    assert _reason(store, "Bad", "inc-lora") == ("invalid_name", "name")
+    assert _reason(store, "first", "inc-lora") == ("task_exists", "name")
+    assert _reason(store, "second", "lori-s") == ("method_mismatch", "method")
+    assert _reason(store, "second", "inc-lora", r=16) == ("rank_exceeded", "hyperparameters.r")  # 4 + 16 > 16
     admit(store, "second", resolve_method("inc-lora"), Hyperparameters(r=12), max_lora_rank=16)
+
+
+def test_the_server_answers_each_reason_with_the_status_users_saw(store: AdapterStore) -> None:
+    """The trainer gives a reason; the server picks the HTTP status (the codes of before the split)."""
+    store.publish("first", _adapter(), {"method": "inc-lora"}, merge="concat")
+    cases = [("Bad", "inc-lora", {}, 400), ("first", "inc-lora", {}, 409), ("second", "lori-s", {}, 409)]
+    cases.append(("second", "inc-lora", {"r": 16}, 409))
+    for name, method, hp, status in cases:
+        with pytest.raises(AdmissionError) as caught:
+            admit(store, name, resolve_method(method), Hyperparameters(**hp), max_lora_rank=16)
+        refusal = admission_refused(caught.value)
+        assert (refusal.status, refusal.param, refusal.message) == (
+            status,
+            caught.value.param,
+            caught.value.message,
+        )
+        assert refusal.code == caught.value.reason.value
+    assert set(ADMISSION_STATUS) == set(AdmissionReason)  # every reason has a status
+    assert ADMISSION_STATUS[AdmissionReason.capacity_exceeded] == 409
 
 
 def test_loraf_store_refuses_a_task_whose_mask_cannot_fit(store: AdapterStore) -> None:
@@ -61,7 +81,7 @@ def test_loraf_store_refuses_a_task_whose_mask_cannot_fit(store: AdapterStore) -
         store, "fits", resolve_method("loraf"), Hyperparameters(mask_fraction=0.125), max_lora_rank=16
     )  # needs 4
     status, param = _reason(store, "too-big", "loraf", mask_fraction=0.2)  # needs 6
-    assert (status, param) == (409, "hyperparameters.mask_fraction")
+    assert (status, param) == ("capacity_exceeded", "hyperparameters.mask_fraction")
 
 
 def test_loraf_admission_needs_the_position_the_trainer_draws(store: AdapterStore) -> None:
@@ -73,7 +93,7 @@ def test_loraf_admission_needs_the_position_the_trainer_draws(store: AdapterStor
     admit(store, "fits", resolve_method("loraf"), Hyperparameters(mask_fraction=0.01), max_lora_rank=16)
     store.publish("second", _adapter(~mask), {"method": "loraf"}, merge="sum")  # now all 32 owned
     status, param = _reason(store, "full", "loraf", mask_fraction=0.01)  # ⌊0.32⌋ = 0, but needs 1
-    assert (status, param) == (409, "hyperparameters.mask_fraction")
+    assert (status, param) == ("capacity_exceeded", "hyperparameters.mask_fraction")
 
 
 def test_loraf_store_configured_to_grow_admits_at_a_wider_rank(store: AdapterStore) -> None:

@@ -114,8 +114,13 @@ def test_tasks_list_show_and_cancel(live_app: LiveApp) -> None:
     as_json = run("tasks", "list", "--json", "--url", live_app.url, *key)
     assert [j["id"] for j in json.loads(as_json.stdout)] == [job.id]
 
+    live_app.board.update(job.id, worker="w1", lease_expires_at=1e10, generation=3)  # the board's claim
     shown = run("tasks", "show", job.id, "--url", live_app.url, env={"LAMINA_API_KEY": KEY})
     assert shown.exit_code == 0 and json.loads(shown.stdout)["name"] == "alpha"
+    claim = {"worker", "lease_expires_at", "generation"}
+    assert not claim & set(json.loads(shown.stdout))  # the API shows the job, not the worker's claim
+    assert not claim & set(json.loads(as_json.stdout)[0])
+    assert live_app.board.get(job.id).generation == 3
     missing = one_line_error(run("tasks", "show", "job-nosuchjob", "--url", live_app.url, *key))
     assert "404" in missing and "job-nosuchjob" in missing
 

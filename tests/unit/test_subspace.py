@@ -168,7 +168,7 @@ def test_admission_refuses_an_inflora_task_that_does_not_fit(tmp_path: Path) -> 
     with pytest.raises(AdmissionError) as refused:
         admit(store, "two", method, Hyperparameters(r=4), max_lora_rank=64)
     error = refused.value
-    assert (error.status, error.param, error.code) == (409, "hyperparameters.r", "capacity_exceeded")
+    assert (error.reason, error.param) == ("capacity_exceeded", "hyperparameters.r")
     assert name in error.message and "3 of 24 input directions free" in error.message
 
 

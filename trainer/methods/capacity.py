@@ -14,8 +14,8 @@ from typing import Any
 
 from adapters_store.lora import LoraAdapter
 from adapters_store.subspace import free_directions
-from trainer.admission import AdmissionError
 from trainer.config import Hyperparameters
+from trainer.contract.admission import AdmissionError, AdmissionReason
 from trainer.methods.catalog import CapacityRequest
 
 
@@ -31,11 +31,10 @@ def concat_rank(request: CapacityRequest) -> Hyperparameters:
     rank = sum(int(t.meta.get("rank", 0)) for t in request.tasks) + hp.r
     if rank > request.max_lora_rank:
         raise AdmissionError(
-            409,
+            AdmissionReason.rank_exceeded,
             f"the continual concat merge would have rank {rank}, above the server's max_lora_rank "
             f"{request.max_lora_rank}. Lower hyperparameters.r, remove a task, or raise LAMINA_MAX_LORA_RANK.",
             "hyperparameters.r",
-            "rank_exceeded",
         )
     return hp
 
@@ -52,14 +51,13 @@ def inflora_free_directions(request: CapacityRequest) -> Hyperparameters:
     if full:
         name, free, d_in = min(full, key=lambda item: item[1])
         raise AdmissionError(
-            409,
+            AdmissionReason.capacity_exceeded,
             f"inflora capacity: module {name} has {free} of {d_in} input directions free (the live tasks "
             f"reserve {d_in - free} at energy {summary['energy']}) and this task needs r = {hp.r}. Lower "
             "hyperparameters.r, or start a new store (LAMINA_STORE), where a lower "
             "hyperparameters.subspace_energy leaves room for more tasks. Removing a task does not free "
             "directions.",
             "hyperparameters.r",
-            "capacity_exceeded",
         )
     return hp
 
@@ -98,13 +96,12 @@ def loraf_plan(request: CapacityRequest) -> Hyperparameters:
             return _with_rank(hp, new_rank, scale)
     name, free, need, d_out = short[0]
     raise AdmissionError(
-        409,
+        AdmissionReason.capacity_exceeded,
         f"LoRAF capacity: module {name} has {free} of {d_out * rank} B positions left and this task "
         f"needs {need} (mask_fraction {hp.mask_fraction}). Lower hyperparameters.mask_fraction to at most "
         f"{free / (d_out * rank):.4f}, remove a task (DELETE /admin/tasks/{{name}}), start a new store, or let "
         "the store grow its rank (LAMINA_LORAF_GROW_RANK).",
         "hyperparameters.mask_fraction",
-        "capacity_exceeded",
     )
 
 

@@ -78,7 +78,7 @@ class Part:
 
     ``capacity(request) -> Hyperparameters`` returns the hyper-parameters to train with (a part may
     adjust them, e.g. LoRAF takes the store's shared rank) or raises
-    :class:`trainer.admission.AdmissionError`. ``notes(history, hp) -> list[dict]`` returns the
+    :class:`trainer.contract.admission.AdmissionError`. ``notes(history, hp) -> list[dict]`` returns the
     ledger entries publishing the task adds (``history``: the live adapters it trained after).
     """
 

@@ -1,0 +1,136 @@
+"""The server↔trainer contract: ``server`` imports nothing from ``trainer`` but
+``trainer.contract``, the three packages import each other one way only (no cycle, between the
+packages or between their modules at import time), and the contract loads no training code."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("server", "trainer", "adapters_store")
+CONTRACT = "trainer.contract"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, *, top_level_only: bool = False) -> Iterator[tuple[int, str]]:
+    """(line, module) for every import in the file: inside functions and ``TYPE_CHECKING`` blocks
+    too, unless ``top_level_only`` (what runs when the module is imported)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    nodes: list[ast.AST] = list(tree.body) if top_level_only else list(ast.walk(tree))
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            if "." in base:  # `from trainer import auto` imports trainer.auto, named below
+                yield node.lineno, base
+            yield from ((node.lineno, f"{base}.{alias.name}") for alias in node.names)
+
+
+def _sources(package: str) -> list[Path]:
+    return sorted(p for p in (ROOT / package).rglob("*.py") if "weights" not in p.parts)
+
+
+def _is_trainer(module: str) -> bool:
+    return module == "trainer" or module.startswith("trainer.")
+
+
+def test_the_server_imports_only_the_trainer_contract() -> None:
+    offending = [
+        f"{path.relative_to(ROOT)}:{line}: {module}"
+        for path in _sources("server")
+        for line, module in _imports(path)
+        if _is_trainer(module) and not module.startswith(CONTRACT)
+    ]
+    assert offending == [], "server imports trainer code outside the contract"
+
+
+def _package_edges() -> set[tuple[str, str]]:
+    return {
+        (package, module.split(".")[0])
+        for package in PACKAGES
+        for path in _sources(package)
+        for _, module in _imports(path)
+        if module.split(".")[0] in PACKAGES and module.split(".")[0] != package
+    }
+
+
+def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the directed graph, as a path, or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for succ in sorted(edges.get(node, ())):
+            if state.get(succ) == 1:
+                return [*path[path.index(succ) :], succ]
+            if succ not in state and (found := visit(succ)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_packages_import_one_way_with_no_cycle() -> None:
+    edges = _package_edges()
+    assert edges <= {("server", "trainer"), ("server", "adapters_store"), ("trainer", "adapters_store")}, (
+        edges
+    )
+    graph: dict[str, set[str]] = {}
+    for a, b in edges:
+        graph.setdefault(a, set()).add(b)
+    assert _cycle(graph) is None
+
+
+# The catalogue imports its built-in parts at its end so that they register themselves
+# (trainer/methods/catalog.py); builtin needs the catalogue's register(). Deliberate, and the one
+# module cycle; anything else is a defect.
+REGISTRATION = ("trainer.methods.catalog", "trainer.methods.builtin")
+
+
+def test_no_import_cycle_between_modules() -> None:
+    """Imports that run at import time (module level, outside ``TYPE_CHECKING``), module by module."""
+    known = {_module_name(p) for package in PACKAGES for p in _sources(package)}
+    graph: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in _sources(package):
+            graph[_module_name(path)] = {m for _, m in _imports(path, top_level_only=True) if m in known}
+    graph[REGISTRATION[0]].discard(REGISTRATION[1])
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph) or [])}"
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "c"}, "b": {"c"}}) is None
+
+
+def test_the_contract_loads_no_training_code() -> None:
+    contract = [_module_name(p) for p in _sources("trainer") if _module_name(p).startswith(CONTRACT)]
+    script = (
+        f"import sys\nfor m in {contract!r}: __import__(m)\n"
+        "print(' '.join(sorted(m for m in sys.modules if m in ('transformers', 'peft', 'vllm') "
+        "or m.startswith(('trainer.worker', 'trainer.loop', 'trainer.publish', 'trainer.methods.parametrizations')))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert loaded.stdout.strip() == ""

@@ -1,0 +1,33 @@
+"""Why a task cannot join a store. The trainer says *why* (a reason); the server decides what
+HTTP status that is (``server/training/service.py``), so no trainer code speaks HTTP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class AdmissionReason(StrEnum):
+    """A refusal's reason; also the ``code`` users see in the error body and on a failed job."""
+
+    invalid_name = "invalid_name"
+    task_exists = "task_exists"
+    method_mismatch = "method_mismatch"
+    rank_exceeded = "rank_exceeded"
+    capacity_exceeded = "capacity_exceeded"
+
+
+@dataclass
+class AdmissionError(Exception):
+    """Why a task cannot be trained into this store, with the field to blame."""
+
+    reason: AdmissionReason
+    message: str
+    param: str
+
+    @property
+    def code(self) -> str:
+        return self.reason.value
+
+    def __str__(self) -> str:
+        return self.message
