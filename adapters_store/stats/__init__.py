@@ -79,8 +79,9 @@ L = 3 for 100 tasks on 64 modules, against 24 MiB at L = 1.
 
 **The package.** One module per job, the names above re-exported here:
 :mod:`~adapters_store.stats.params` (parameters, schema), :mod:`~adapters_store.stats.factors`
-(where the factors come from), :mod:`~adapters_store.stats.measures` (the math on one task's
-factors), :mod:`~adapters_store.stats.bits` (packed bit sets and pair counts),
+(where the factors come from), :mod:`~adapters_store.stats.positions` (which ΔW positions are
+evaluated), :mod:`~adapters_store.stats.measures` (the math on one task's factors),
+:mod:`~adapters_store.stats.bits` (packed bit sets and pair counts),
 :mod:`~adapters_store.stats.products` (the factor products OO and AWOM read),
 :mod:`~adapters_store.stats.profile` (one task on its own), :mod:`~adapters_store.stats.module`
 (one module, incrementally), :mod:`~adapters_store.stats.compute` (every module) and
@@ -90,17 +91,10 @@ the cache per store version :mod:`adapters_store.stats_cache`.
 
 from adapters_store.stats.compute import StoreStats, compute_stats, update_stats
 from adapters_store.stats.factors import AdapterList, Factors, FactorSource, as_source
-from adapters_store.stats.measures import (
-    Positions,
-    delta_at,
-    generalized_sparsity,
-    l1_delta,
-    max_abs_delta,
-    positions_for,
-    spectrum,
-)
+from adapters_store.stats.measures import delta_at, generalized_sparsity, l1_delta, max_abs_delta, spectrum
 from adapters_store.stats.module import ModuleStats
 from adapters_store.stats.params import STATS_SCHEMA, StatsParams, eps_key
+from adapters_store.stats.positions import Positions, positions_for
 from adapters_store.stats.products import ModuleGrams, PairProducts, Products
 from adapters_store.stats.profile import TaskProfile, profile_task
 from adapters_store.stats.view import summary

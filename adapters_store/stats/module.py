@@ -17,8 +17,8 @@ import torch
 
 from adapters_store.stats.bits import grow_pairs, packed_bytes, pad_cols, pair_counts
 from adapters_store.stats.factors import Factors
-from adapters_store.stats.measures import positions_for
 from adapters_store.stats.params import StatsParams
+from adapters_store.stats.positions import positions_for
 from adapters_store.stats.products import PairProducts, Products
 from adapters_store.stats.profile import TaskProfile, profile_task
 

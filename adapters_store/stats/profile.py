@@ -16,15 +16,9 @@ import torch
 
 from adapters_store.stats.bits import active_levels, b_grid, pack
 from adapters_store.stats.factors import Factors
-from adapters_store.stats.measures import (
-    delta_at,
-    generalized_sparsity,
-    l1_delta,
-    max_abs_delta,
-    positions_for,
-    spectrum,
-)
+from adapters_store.stats.measures import delta_at, generalized_sparsity, l1_delta, max_abs_delta, spectrum
 from adapters_store.stats.params import StatsParams
+from adapters_store.stats.positions import positions_for
 
 
 @dataclass(frozen=True)
