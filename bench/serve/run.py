@@ -328,6 +328,23 @@ def _figure(summary: dict[str, Any], metric: str) -> float | None:
     return summary[key] if sub is None else summary[key][sub]
 
 
+def record_plans(result: dict[str, Any], plans: list[ServerPlan], drop_facts: tuple[str, ...] = ()) -> None:
+    """What a benchmark that ran server plans writes into its result: the load average at the
+    end, each server (config, facts other than ``drop_facts``, the switch timings of the
+    scenarios that switch) and each scenario's record (:func:`scenario_rows`)."""
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    result["servers"] = [
+        {
+            "name": p.name,
+            "config": p.config,
+            "facts": {k: v for k, v in p.facts.items() if k not in drop_facts},
+            "switches": {sc.name: sc.switches for sc in p.scenarios if sc.switches},
+        }
+        for p in plans
+    ]
+    result["scenarios"] = scenario_rows(plans)
+
+
 def scenario_rows(plans: list[ServerPlan]) -> list[dict[str, Any]]:
     """One record per scenario, with ratios to the right base (see the module docstring).
 
@@ -543,17 +560,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             plans.append(hf_plan(args, model_dir, plans))
         for plan in plans:
             execute(plan, args, work / "logs")
-    result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    result["servers"] = [
-        {
-            "name": p.name,
-            "config": p.config,
-            "facts": {k: v for k, v in p.facts.items() if k != "after"},
-            "switches": {sc.name: sc.switches for sc in p.scenarios if sc.switches},
-        }
-        for p in plans
-    ]
-    result["scenarios"] = scenario_rows(plans)
+    record_plans(result, plans, drop_facts=("after",))  # vllm bench's "after": kept apart, below
     result["vllm_bench"] = next((p.facts["after"] for p in plans if "after" in p.facts), None)
     return result
 

@@ -30,7 +30,6 @@ switch's time. Not a test: nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ from bench.serve.run import (  # noqa: E402
     ServerPlan,
     execute,
     lamina_starter,
-    scenario_rows,
+    record_plans,
     table,
     wait_for_live,
 )
@@ -219,17 +218,7 @@ def main() -> None:
             plans.append(kind_plan(kind, args, work, model_dir))
         for plan in plans:
             execute(plan, args, work / "logs")
-    result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    result["servers"] = [
-        {
-            "name": p.name,
-            "config": p.config,
-            "facts": p.facts,
-            "switches": {s.name: s.switches for s in p.scenarios},
-        }
-        for p in plans
-    ]
-    result["scenarios"] = scenario_rows(plans)
+    record_plans(result, plans)  # every scenario here switches to its live merge first
     text = "\n".join([
         "# bench/serve/weights.py", "", f"Machine: {lp.machine_line(result)}", "",
         table(result["scenarios"]), "", "Corrections (rank needed / served / relative error) and swap times:", "",
