@@ -8,27 +8,13 @@ from functools import partial
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters_store.lora import LoraAdapter, LoraModule
+from tests.support.models import tiny_llama
 from trainer.config import Hyperparameters, resolve_method
 from trainer.loop import adapter_session, train_step
 from trainer.methods import REGULARIZERS, LoraParams
 from trainer.methods import regularizers as regularizers_module
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
 
 
 def causal_loss(peft_model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.store import AdapterStore
 from adapters_store.subspace import Subspace
+from tests.support.models import tiny_llama
 from trainer.activations import input_covariances
 from trainer.admission import AdmissionError, admit
 from trainer.config import Hyperparameters, resolve_method
@@ -62,20 +62,6 @@ def test_projected_rows_annihilate_the_protected_inputs() -> None:
     bound = torch.linalg.matrix_norm(A_p, ord=2) * (1 - ENERGY) ** 0.5 * X.norm()
     assert (A_p @ X.T).norm() <= bound
     assert (A_p @ X.T).norm() < 0.05 * (A @ X.T).norm()  # and far below the unprojected A's
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
 
 
 def test_covariances_match_captured_inputs_in_one_pass_or_many() -> None:
