@@ -192,6 +192,11 @@ def machine_line(result: dict[str, Any]) -> str:
     )
 
 
+def report_head(title: str, result: dict[str, Any]) -> list[str]:
+    """The first lines of a benchmark's Markdown report: its title, then :func:`machine_line`."""
+    return [f"# {title}", "", f"Machine: {machine_line(result)}", ""]
+
+
 def lora_slot(rank: int) -> int:
     """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank``."""
     for slot in VLLM_LORA_RANKS:

@@ -462,10 +462,7 @@ def _pair(summary: dict[str, Any], a: str, b: str) -> str:
 def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     parts = [
-        "# bench/serve",
-        "",
-        f"Machine: {lp.machine_line(result)}",
-        "",
+        *lp.report_head("bench/serve", result),
         f"{c['concurrency']} concurrent streaming clients, closed loop, {c['requests']} requests per "
         f"configuration per round x {c['rounds']} rounds, max_tokens {c['max_tokens']}, temperature 1 with a "
         "seed per request (the same requests for every configuration). A Lamina row's × base tok/s is the "

@@ -220,7 +220,7 @@ def main() -> None:
             execute(plan, args, work / "logs")
     record_plans(result, plans)  # every scenario here switches to its live merge first
     text = "\n".join([
-        "# bench/serve/weights.py", "", f"Machine: {lp.machine_line(result)}", "",
+        *lp.report_head("bench/serve/weights.py", result),
         table(result["scenarios"]), "", "Corrections (rank needed / served / relative error) and swap times:", "",
         corrections_table(plans),
     ]) + "\n"  # fmt: skip

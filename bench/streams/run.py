@@ -276,10 +276,7 @@ def table(result: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [
-        "# bench/streams",
-        "",
-        f"Machine: {lp.machine_line(result)}",
-        "",
+        *lp.report_head("bench/streams", result),
         f"{c['clients']} clients streaming `model=continual` (max_tokens {c['max_tokens']}, ignore_eos) back to "
         f"back; {c['publishes']} publishes {c['interval']} s apart, then a rollback to the version before the "
         f"last, through POST /admin/rollback. `requests` = those open during the changes; `failed`, `mixed`, "

@@ -304,10 +304,7 @@ def table(result: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [
-        "# bench/swap",
-        "",
-        f"Machine: {lp.machine_line(result)}",
-        "",
+        *lp.report_head("bench/swap", result),
         f"{c['clients']} clients streaming `model=continual` (max_tokens {c['max_tokens']}) + 1 one-token probe, "
         f"back to back; {c['publishes']} publishes {c['interval']} s apart per mode. `stale` = answers from an "
         "older version to requests sent after the new one had answered. ITL 'near publish' = gaps ending "
