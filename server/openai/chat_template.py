@@ -2,7 +2,7 @@
 
 Its own module because three callers need the very same rendering: chat completions, the
 ``/tokenize`` endpoint (``vllm bench serve`` aligns its prompts with it), and training, which
-renders chat examples with the same default template (:data:`trainer.chat.DEFAULT_CHAT_TEMPLATE`):
+renders chat examples with the same default template (:data:`trainer.contract.chat.DEFAULT_CHAT_TEMPLATE`):
 a served prompt must be the token sequence the adapter was trained on. Every way a message
 can be malformed is a 400 naming ``messages.N.<field>`` here, before the template runs.
 """
