@@ -1,7 +1,8 @@
 """The server↔trainer contract: everything the API process shares with the worker, and the only
 part of ``trainer`` that ``server`` may import (``tests/unit/test_import_contract.py`` checks it).
 
-Torch-free by design, so the API process never loads training code:
+It loads no training code (no transformers, PEFT or training loop), and no torch except where
+admission reads the store (:mod:`.tasks`, through ``adapters_store``, which the server uses anyway):
 
 - :mod:`.settings`: the settings every process agrees on (``LAMINA_*``), and how a bad one reads;
 - :mod:`.jobs`: the job model (the worker's record and the public view the API returns) and the
