@@ -144,12 +144,7 @@ class AdapterSync:
             routes.append(Route(CONTINUAL, await self._load_merge(live), CONTINUAL))
         else:
             routes.append(Route(CONTINUAL, None, CONTINUAL))
-        wanted = {r.name for r in routes}
-        for route in routes:
-            self.registry.set_route(route)
-        for route in self.registry.routes():
-            if route.kind == "task" and route.name not in wanted:
-                self.registry.drop_route(route.name)
+        self.registry.replace_routes(routes)
         self._served(live, tasks)
 
     def _served(self, live: MergeRecord | None, tasks: list[TaskRecord]) -> None:

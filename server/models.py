@@ -76,6 +76,16 @@ class ModelRegistry:
         previous = self._routes.pop(name, None)
         return previous.adapter if previous else None
 
+    def replace_routes(self, routes: list[Route]) -> None:
+        """Point every name in ``routes`` at its new adapter and drop the task routes not
+        among them (a removed task), in one step the event loop does not interleave."""
+        wanted = {r.name for r in routes}
+        for route in routes:
+            self._routes[route.name] = route
+        for name, route in list(self._routes.items()):
+            if route.kind == "task" and name not in wanted:
+                del self._routes[name]
+
     @contextmanager
     def lease(self, name: str) -> Iterator[Route]:
         """Resolve ``name`` and hold its adapter for the duration of one request, so a

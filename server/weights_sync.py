@@ -109,7 +109,7 @@ class WeightsServing:
         if merge != self.status.merge:
             await self._swap(live, routes)
         else:
-            self._flip(routes)
+            self.registry.replace_routes(routes)
         self.status.corrections = corrections
         self._served = key
 
@@ -124,7 +124,7 @@ class WeightsServing:
                 log.exception("writing %s into the weights failed; restoring %s", live, self.status.merge)
                 await self._restore()
                 raise
-            self._flip(routes)
+            self.registry.replace_routes(routes)
         s = self.status
         s.merge, s.swaps, s.running_at_swap = (live.id if live else None), s.swaps + 1, still_running
         s.last_swap_s, s.last_drain_s, s.last_write_s = (
@@ -143,14 +143,6 @@ class WeightsServing:
             await apply_dense_delta(self.engine, self.base_model_dir, self._written)
         except Exception:  # the engine holds neither; say so loudly, the next sync retries
             log.exception("could not restore the previous weights either")
-
-    def _flip(self, routes: list[Route]) -> None:
-        wanted = {r.name for r in routes}
-        for route in routes:
-            self.registry.set_route(route)
-        for route in self.registry.routes():
-            if route.kind == "task" and route.name not in wanted:
-                self.registry.drop_route(route.name)
 
     def _correction(
         self, merge: str, label: str, task: TaskRecord | None, delta: LoraAdapter | DenseDelta

@@ -48,3 +48,14 @@ def test_lease_is_released_when_the_request_fails() -> None:
         raise RuntimeError("engine error")
     registry.drop_route("task-a")
     assert not registry.in_use(V1)
+
+
+def test_replace_routes_flips_every_name_and_drops_removed_tasks_only() -> None:
+    registry = ModelRegistry("base")
+    registry.replace_routes(
+        [Route("task-a", V1, "task"), Route("task-b", V1, "task"), Route("continual", V1, "continual")]
+    )
+    registry.replace_routes([Route("task-a", V2, "task"), Route("continual", V2, "continual")])
+    assert {r.name: r.adapter for r in registry.routes()} == {"base": None, "task-a": V2, "continual": V2}
+    with pytest.raises(ModelNotFound):
+        registry.resolve("task-b")
