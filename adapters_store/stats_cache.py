@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +35,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from adapters_store.atomic import write_atomically
 from adapters_store.lora import _PEFT_PREFIX as PEFT_PREFIX
 from adapters_store.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MASKS_FILE, LoraAdapter
 from adapters_store.stats import (
@@ -149,7 +147,9 @@ def save_state(path: Path, stats: StoreStats, version: dict[str, Any]) -> None:
         "version": version,
         "modules": modules,
     }
-    _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header)}))
+    write_atomically(
+        path, lambda tmp: save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
+    )
 
 
 def read_state_header(path: Path) -> dict[str, Any] | None:
@@ -230,7 +230,7 @@ def stats_for_store(
     try:
         directory.mkdir(exist_ok=True)
         save_state(directory / f"{live.id}{STATE_SUFFIX}", stats, version)
-        _write_atomic(view_path, lambda tmp: tmp.write_text(json.dumps(view)))
+        write_atomically(view_path, lambda tmp: tmp.write_text(json.dumps(view)))
         _prune(directory, keep)
     except Exception:  # a cache that cannot be written (read-only store, full disk) must not fail the request
         log.warning("could not cache stats under %s; serving them uncached", directory, exc_info=True)
@@ -287,16 +287,6 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` into a hidden sibling, then rename it over ``path`` in one step."""
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 __all__ = [

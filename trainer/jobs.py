@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from adapters_store.atomic import atomic_write
 from trainer.config import ChatExample, ChatMessage, Example, TrainingExample
 from trainer.contract.jobs import Job, JobError, JobNotFound, JobRefused, JobStatus, Progress, PublicJob
 
@@ -79,7 +79,7 @@ class JobBoard:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _write(self, job: Job) -> None:
-        _atomic_write(self._path(job.id), job.model_dump_json(indent=1))
+        atomic_write(self._path(job.id), job.model_dump_json(indent=1))
 
     # --- operations -----------------------------------------------------------------------
 
@@ -97,7 +97,7 @@ class JobBoard:
         ``max_pending`` unfinished jobs are ever recorded (:class:`JobRefused`)."""
         job_id = f"job-{uuid.uuid4().hex[:20]}"
         lines = "".join(json.dumps(asdict(example)) + "\n" for example in examples)
-        _atomic_write(self._examples_path(job_id), lines)
+        atomic_write(self._examples_path(job_id), lines)
         try:
             with self._locked():
                 jobs = self._fail_lapsed(self.all())
@@ -282,15 +282,6 @@ class ClaimFence:
 
     def holds(self) -> bool:
         return self.board.holds(self.job_id, self.worker, self.token, self.lease_s)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _example_from_json(data: dict[str, Any]) -> TrainingExample:

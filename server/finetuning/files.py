@@ -10,12 +10,12 @@ only ever recorded, never used as a path.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import time
 from pathlib import Path, PurePath
 
+from adapters_store.atomic import atomic_write
 from server.errors import APIError
 from server.finetuning.protocol import FileObject
 
@@ -85,16 +85,3 @@ class FileStore:
         except FileNotFoundError:
             raise file_not_found(file_id) from None
         content_path.unlink(missing_ok=True)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """``data`` into a hidden sibling (flushed to disk), then renamed over ``path`` in one step."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

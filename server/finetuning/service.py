@@ -11,9 +11,10 @@ from typing import Any, TypeVar
 from fastapi import UploadFile
 from pydantic import BaseModel, ValidationError
 
+from adapters_store.atomic import atomic_write
 from server.errors import APIError
 from server.finetuning.events import ProgressLog, job_events
-from server.finetuning.files import FileStore, atomic_write
+from server.finetuning.files import FileStore
 from server.finetuning.mapping import lamina_job_id, openai_job_id, plan, to_openai, unix
 from server.finetuning.protocol import (
     Checkpoint,
