@@ -1,19 +1,23 @@
 """The inference engine: a thin layer over vLLM's ``AsyncLLM``.
 
 Everything that touches vLLM's API lives here, so the rest of the server deals in prompts,
-sampling parameters and adapter paths. vLLM runs its engine core and model worker in child
-processes; ``shutdown`` must run on every exit path or they outlive the server.
+sampling parameters, adapter paths and weight files; nothing else holds the ``AsyncLLM``. vLLM
+runs its engine core and model worker in child processes; ``shutdown`` must run on every exit
+path or they outlive the server. What runs inside the worker process (writing dense weights) is
+server/engine_worker.py, which vLLM imports there by name.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.dense_weights import WORKER_EXTENSION
+from server.engine_worker import APPLY_METHOD, PROBE_METHOD, WORKER_EXTENSION
 from server.settings import ServerSettings
 
 if TYPE_CHECKING:  # vLLM is heavy to import; only the engine process pays for it, once.
@@ -65,7 +69,7 @@ class Engine:
             max_lora_rank=s.max_lora_rank,  # type: ignore[arg-type]  # validated in settings
             max_loras=s.max_loras,
             max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
-            # Adds Lamina's dense-weight writer to vLLM's worker (server/dense_weights.py).
+            # Adds Lamina's dense-weight writer to vLLM's worker (server/engine_worker.py).
             worker_extension_cls=WORKER_EXTENSION,
             # JSON outputs (response_format, forced tool calls) without free whitespace between
             # values: small models given it may write newlines until max_tokens (xgrammar: the
@@ -84,8 +88,7 @@ class Engine:
             self._llm.shutdown()
             self._llm = None
 
-    @property
-    def llm(self) -> AsyncLLM:
+    def _started(self) -> AsyncLLM:
         if self._llm is None:
             raise RuntimeError("the engine is not started")
         return self._llm
@@ -94,7 +97,7 @@ class Engine:
         """vLLM's own checks of ``params`` against the model (logprobs, logit_bias, stop and
         allowed token ids, a structured output's grammar), which the engine otherwise runs only
         once the request is submitted; on a copy, as they record the grammar backend chosen."""
-        llm = self.llm
+        llm = self._started()
         copy.deepcopy(params).verify(
             llm.model_config,
             llm.vllm_config.speculative_config,
@@ -110,19 +113,55 @@ class Engine:
         adapter: AdapterHandle | None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream vLLM outputs for one prompt; closing the iterator aborts the request."""
-        return self.llm.generate(prompt, params, request_id, lora_request=_lora_request(adapter))
+        return self._started().generate(prompt, params, request_id, lora_request=_lora_request(adapter))
 
     async def add_adapter(self, adapter: AdapterHandle) -> None:
         request = _lora_request(adapter)
         assert request is not None
-        if not await self.llm.add_lora(request):
+        if not await self._started().add_lora(request):
             raise RuntimeError(f"vLLM refused adapter {adapter.name} from {adapter.path}")
 
     async def remove_adapter(self, adapter: AdapterHandle) -> None:
-        await self.llm.remove_lora(adapter.lora_id)
+        await self._started().remove_lora(adapter.lora_id)
 
-    async def reset_prefix_cache(self) -> None:
-        await self.llm.reset_prefix_cache()
+    async def reset_prefix_cache(self, reset_running_requests: bool = False) -> None:
+        """Drop every cached KV block; with ``reset_running_requests`` also preempt the running
+        requests, which are then recomputed from their prompts (their blocks are dropped too)."""
+        if not await self._started().reset_prefix_cache(reset_running_requests=reset_running_requests):
+            raise RuntimeError("vLLM could not reset its prefix cache")
+
+    async def apply_dense_delta(self, base_model_dir: Path, delta_path: Path | None) -> float:
+        """Make the engine serve W0 + ΔW, or exactly W0 again when ``delta_path`` is None;
+        returns the seconds it took.
+
+        ``base_model_dir`` is the directory the engine loaded (W0 is read from its safetensors);
+        ``delta_path`` is a ``delta.safetensors`` written by ``DenseDelta.save``, or a LoRA merge's
+        directory in PEFT layout (ΔW = scale · B @ A, formed in the worker). Every module changed
+        by an earlier call and absent from this delta goes back to W0, so the engine always serves
+        W0 + (the latest ΔW). The worker checks the delta against the model (names, shapes) before
+        it writes any weight (server/engine_worker.py). Requests still running are preempted and
+        recomputed with the new weights (the hot-swap drains them first, server/weights_sync.py),
+        and the prefix cache is emptied, since cached KV blocks were computed with the old ones.
+        """
+        started = time.perf_counter()
+        args = (
+            str(Path(base_model_dir).resolve()),
+            None if delta_path is None else str(Path(delta_path).resolve()),
+        )
+        written = await self._started().collective_rpc(APPLY_METHOD, args=args)
+        await self.reset_prefix_cache(reset_running_requests=True)
+        what = f"W0 + ΔW of {delta_path}" if delta_path else "base weights (rollback)"
+        seconds = time.perf_counter() - started
+        log.info("engine now serves %s: %d modules written in %.3f s", what, len(written[0]), seconds)
+        return seconds
+
+    async def probe_linear(self, module: str, probe: list[float]) -> list[float]:
+        """``W @ probe`` computed by the engine's own kernel for the vLLM module ``module``
+        (e.g. ``model.layers.0.self_attn.qkv_proj``): reads back the weight the engine really
+        uses, including a packed CPU copy. For tests and diagnostics; with tensor parallelism it
+        returns the first worker's shard."""
+        results = await self._started().collective_rpc(PROBE_METHOD, args=(module, probe))
+        return list(results[0])
 
 
 def _lora_request(adapter: AdapterHandle | None) -> LoRARequest | None:

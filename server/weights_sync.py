@@ -3,7 +3,7 @@
 ``continual`` is the model users query most, and a LoRA's per-token cost grows with its rank,
 which for a concat merge grows with every task (README, Performance). So by default
 (``LAMINA_CONTINUAL_SERVING=weights``) the live merge of any kind is written into the engine:
-W = W0 + ΔW_live (server/dense_weights.py), and ``continual`` runs at the base model's speed.
+W = W0 + ΔW_live (``Engine.apply_dense_delta``), and ``continual`` runs at the base model's speed.
 ``base`` and each task's model stay served, as LoRA corrections relative to W
 (server/corrections.py): exact when their rank fits ``max_lora_rank``, otherwise truncated
 SVDs whose relative error is logged and reported in ``/admin/adapters``.
@@ -39,7 +39,6 @@ from adapters_store.lora import LoraAdapter
 from adapters_store.merges import DenseDelta
 from adapters_store.store import MergeRecord, TaskRecord
 from server.corrections import Correction, correction
-from server.dense_weights import apply_dense_delta
 from server.engine import AdapterHandle, Engine
 from server.models import ModelRegistry, Route
 
@@ -118,7 +117,7 @@ class WeightsServing:
         async with self.registry.exclusive(self.drain_s) as still_running:
             drained = time.perf_counter()
             try:
-                write_s = await apply_dense_delta(self.engine, self.base_model_dir, _weights_path(live))
+                write_s = await self.engine.apply_dense_delta(self.base_model_dir, _weights_path(live))
                 self._written = _weights_path(live)
             except Exception:
                 log.exception("writing %s into the weights failed; restoring %s", live, self.status.merge)
@@ -140,7 +139,7 @@ class WeightsServing:
     async def _restore(self) -> None:
         """Write back the weights the routes still describe (the previous merge, or W0)."""
         try:
-            await apply_dense_delta(self.engine, self.base_model_dir, self._written)
+            await self.engine.apply_dense_delta(self.base_model_dir, self._written)
         except Exception:  # the engine holds neither; say so loudly, the next sync retries
             log.exception("could not restore the previous weights either")
 
@@ -180,7 +179,7 @@ def _live_delta(live: MergeRecord) -> LoraAdapter | DenseDelta:
 
 
 def _weights_path(live: MergeRecord | None) -> Path | None:
-    """What :func:`apply_dense_delta` reads: a dense merge's ΔW file, a LoRA merge's PEFT directory."""
+    """What :meth:`Engine.apply_dense_delta` reads: a dense merge's ΔW file, a LoRA merge's PEFT directory."""
     if live is None:
         return None
     return live.path / "delta.safetensors" if live.kind == "dense" else live.path

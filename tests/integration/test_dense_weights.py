@@ -24,7 +24,6 @@ from adapters_store.fingerprint import fingerprint_model
 from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.merges import DenseDelta
 from adapters_store.store import AdapterStore
-from server.dense_weights import apply_dense_delta, probe_linear
 from server.engine import Engine
 from server.hotswap import AdapterSync
 from server.models import ModelNotFound, ModelRegistry
@@ -72,11 +71,11 @@ class Live:
 
     def apply(self, delta_path: Path | None) -> float:
         started = time.perf_counter()
-        self.run(apply_dense_delta(self.engine, self.model_dir, delta_path))
+        self.run(self.engine.apply_dense_delta(self.model_dir, delta_path))
         return time.perf_counter() - started
 
     def probe(self, module: str, vector: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.run(probe_linear(self.engine, module, vector.tolist())))
+        return torch.tensor(self.run(self.engine.probe_linear(module, vector.tolist())))
 
 
 async def _engine_greedy(engine: Engine) -> list[list[int]]:
@@ -87,7 +86,8 @@ async def _engine_greedy(engine: Engine) -> list[list[int]]:
     tokens = []
     for ids in PROMPTS:  # one at a time: the same batch shape every time, so outputs compare exactly
         final = None
-        async for output in engine.llm.generate(TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex):
+        prompt = TokensPrompt(prompt_token_ids=ids)
+        async for output in engine.generate(prompt, params, uuid.uuid4().hex, None):
             final = output
         assert final is not None
         tokens.append(list(final.outputs[0].token_ids))

@@ -1,14 +1,19 @@
-"""Serve the live merge by writing W0 + ΔW into the running engine's weights.
+"""Runs inside vLLM's worker process: writes W0 + ΔW into the model's linear layers.
+
+vLLM runs the model in a worker process and mixes :class:`DenseWeightsExtension` into its worker
+class when the engine is built with ``worker_extension_cls=WORKER_EXTENSION``
+(server/engine.py). The server calls these methods by name through ``collective_rpc``
+(:meth:`server.engine.Engine.apply_dense_delta`) with two file paths; nothing is pickled and no
+tensor crosses the process boundary (tensors sent as RPC arguments arrive as plain lists). The
+worker imports this module by its dotted path, so it imports nothing from the server and nothing
+heavy at module level: torch, safetensors, vLLM and the store's LoRA reader load inside the
+methods, in the worker.
 
 Any merge can be served this way: a dense one (PS-LoRA's magnitude merge, a
 :class:`~adapters_store.merges.DenseDelta`, which is not low-rank and cannot be an exact LoRA)
 and a LoRA one (concat, sum: exact sums W0 + Σ wₜΔWₜ, whose rank grows with every task and
 whose per-token LoRA cost grows with it). The continual model then costs what the base model
-costs per token; server/corrections.py serves the other models relative to these weights. vLLM runs the model in a worker process, so
-the work happens there, in :class:`DenseWeightsExtension`, which vLLM mixes into its worker
-class when the engine is built with ``worker_extension_cls=WORKER_EXTENSION``. The server calls
-it by name through ``collective_rpc`` with two file paths; nothing is pickled and no tensor
-crosses the process boundary (tensors sent as RPC arguments arrive as plain lists).
+costs per token; server/corrections.py serves the other models relative to these weights.
 
 How W0 is kept for rollback: it is not kept at all. W0 is the base model's own safetensors
 files, which Lamina never writes, so the worker re-reads the slices it needs from disk each
@@ -33,68 +38,22 @@ Facts about vLLM 0.32 this relies on (DESIGN.md "Engine"):
 from __future__ import annotations
 
 import json
-import logging
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the worker process imports this module; keep its import light
+if TYPE_CHECKING:  # the worker imports torch itself; this module must stay light to import
     import torch
 
-    from server.engine import Engine
-
-log = logging.getLogger(__name__)
-
-WORKER_EXTENSION = "server.dense_weights.DenseWeightsExtension"
+WORKER_EXTENSION = "server.engine_worker.DenseWeightsExtension"
 """Pass as ``AsyncEngineArgs(worker_extension_cls=...)`` so the worker has the methods below."""
 
-_APPLY_METHOD = "lamina_apply_dense_delta"
-_PROBE_METHOD = "lamina_probe_linear"
+APPLY_METHOD = "lamina_apply_dense_delta"
+"""``(base_model_dir, delta_path | None) -> vLLM modules written``, called through ``collective_rpc``."""
+PROBE_METHOD = "lamina_probe_linear"
+"""``(vLLM module name, probe vector) -> W @ probe``, called through ``collective_rpc``."""
 _TOUCHED_ATTR = "_lamina_dense_modules"  # set on the worker instance, not the class
 
 Shard = tuple[str, str | int | None]  # (HF module name, vLLM shard id; None when not fused)
-
-
-async def apply_dense_delta(engine: Engine, base_model_dir: Path, delta_path: Path | None) -> float:
-    """Make the running engine serve W0 + ΔW, or exactly W0 again when ``delta_path`` is None;
-    returns the seconds it took.
-
-    ``base_model_dir`` is the directory the engine loaded (W0 is read from its safetensors);
-    ``delta_path`` is a ``delta.safetensors`` written by ``DenseDelta.save``, or a LoRA merge's
-    directory in PEFT layout (ΔW = scale · B @ A, formed in the worker). Every module changed
-    by an earlier call and absent from this delta goes back to W0, so the engine always serves
-    W0 + (the latest ΔW). The delta is checked against the model (names, shapes) before any
-    weight is written. Requests still running are preempted and recomputed with the new weights
-    (the hot-swap drains them first, server/hotswap.py), and the prefix cache is emptied, since
-    cached KV blocks were computed with the old ones.
-    """
-    extension = engine.llm.vllm_config.parallel_config.worker_extension_cls
-    if extension != WORKER_EXTENSION:
-        raise RuntimeError(
-            "the engine cannot take dense weights: build it with "
-            f"AsyncEngineArgs(worker_extension_cls={WORKER_EXTENSION!r}) (got {extension!r})"
-        )
-    started = time.perf_counter()
-    args = (
-        str(Path(base_model_dir).resolve()),
-        None if delta_path is None else str(Path(delta_path).resolve()),
-    )
-    written = await engine.llm.collective_rpc(_APPLY_METHOD, args=args)
-    if not await engine.llm.reset_prefix_cache(reset_running_requests=True):
-        raise RuntimeError("vLLM could not reset its prefix cache after a weight change")
-    what = f"W0 + ΔW of {delta_path}" if delta_path else "base weights (rollback)"
-    seconds = time.perf_counter() - started
-    log.info("engine now serves %s: %d modules written in %.3f s", what, len(written[0]), seconds)
-    return seconds
-
-
-async def probe_linear(engine: Engine, module: str, probe: list[float]) -> list[float]:
-    """``W @ probe`` computed by the engine's own kernel for the vLLM module ``module``
-    (e.g. ``model.layers.0.self_attn.qkv_proj``): reads back the weight the engine really uses,
-    including a packed CPU copy. For tests and diagnostics; with tensor parallelism it returns
-    the first worker's shard."""
-    results = await engine.llm.collective_rpc(_PROBE_METHOD, args=(module, probe))
-    return list(results[0])
 
 
 class DenseWeightsExtension:
@@ -130,7 +89,7 @@ class DenseWeightsExtension:
         return targets
 
     def lamina_probe_linear(self, module: str, probe: list[float]) -> list[float]:
-        """``W @ probe`` through the layer's own forward path (see :func:`probe_linear`)."""
+        """``W @ probe`` through the layer's own forward path (see :meth:`server.engine.Engine.probe_linear`)."""
         import torch
 
         layer = _base_layer(self.get_model(), module)  # type: ignore[attr-defined]
