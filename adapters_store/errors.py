@@ -56,3 +56,13 @@ def is_disk_full(error: BaseException) -> bool:
         return True
     text = str(error)
     return any(f"os error {code})" in text for code in NO_SPACE) or "No space left on device" in text
+
+
+def raise_if_disk_full(error: BaseException, doing: str) -> None:
+    """Re-raise a write that failed for lack of space as :class:`DiskFull`; else return."""
+    if is_disk_full(error) and not isinstance(error, DiskFull):
+        raise DiskFull(
+            errno.ENOSPC,
+            f"the store's disk is full ({error}) while {doing}; nothing was written. "
+            "Free space in the store's directory and try again.",
+        ) from error

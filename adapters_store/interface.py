@@ -3,12 +3,16 @@ publisher hands the store. Kept apart so that neither side needs the local imple
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
+from adapters_store.errors import FenceLost
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import MergeResult
 from adapters_store.subspace import Subspace
 from adapters_store.versions import MergeRecord, Publication, StoreSnapshot, TaskRecord
+
+log = logging.getLogger("adapters_store.store")  # refusals log as the store
 
 
 class Fence(Protocol):
@@ -21,6 +25,17 @@ class Fence(Protocol):
         ...
 
     def holds(self) -> bool: ...
+
+
+def check_fence(fence: Fence | None, name: str) -> None:
+    """Refuse (:class:`FenceLost`) a publish of ``name`` whose publisher's claim has lapsed; call
+    under the store's writer lock, so the claim cannot lapse between this check and the write."""
+    if fence is not None and not fence.holds():
+        log.warning("refusing to publish %s: the publisher's claim (generation %d) lapsed", name, fence.token)
+        raise FenceLost(
+            f"the claim (generation {fence.token}) under which {name!r} was trained has lapsed; "
+            "the store refused the publish and wrote nothing"
+        )
 
 
 class Store(Protocol):

@@ -34,7 +34,6 @@ is the local implementation. An fsspec-backed one would keep the same ledger sem
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
@@ -58,10 +57,11 @@ from adapters_store.errors import MergeNotFound as MergeNotFound
 from adapters_store.errors import StoreError as StoreError
 from adapters_store.errors import TaskExists as TaskExists
 from adapters_store.errors import TaskNotFound as TaskNotFound
-from adapters_store.errors import is_disk_full
+from adapters_store.errors import raise_if_disk_full
 from adapters_store.integrity import verify_tree
 from adapters_store.interface import Fence as Fence
 from adapters_store.interface import Store as Store
+from adapters_store.interface import check_fence
 from adapters_store.ledger import Ledger
 from adapters_store.ledger import now as _now
 from adapters_store.lora import LoraAdapter
@@ -179,7 +179,7 @@ class AdapterStore:
             )
         json.dumps(meta)  # refuse unserializable meta before anything is written
         with self._writer_lock():
-            self._check_fence(fence, name)
+            check_fence(fence, name)
             snapshot = self.snapshot()
             live, tasks = snapshot.live, snapshot.tasks
             if any(t.name == name for t in tasks):
@@ -216,7 +216,7 @@ class AdapterStore:
                     result, merge, parents, weights, based_on, subspace
                 )
                 written.append(merge_dir)
-                self._check_fence(fence, name)
+                check_fence(fence, name)
                 add: dict[str, Any] = {"op": "add_task", "task": name, "version": version, "id": task_id}
                 if fence is not None:
                     add["fence"] = fence.token
@@ -236,7 +236,7 @@ class AdapterStore:
             except BaseException as error:
                 for path in written:
                     shutil.rmtree(path, ignore_errors=True)
-                _raise_disk_full(error, f"publishing {task_id}")
+                raise_if_disk_full(error, f"publishing {task_id}")
                 raise
         self._notify(entries[-1])
         return Publication(task=self._task_record(task_id), merge=self.merge(merge_id))
@@ -265,7 +265,7 @@ class AdapterStore:
             try:
                 entries = self._ledger.append([*(notes or []), *change])
             except OSError as error:
-                _raise_disk_full(error, f"rolling back to {merge_id}")
+                raise_if_disk_full(error, f"rolling back to {merge_id}")
                 raise
         self._notify(entries[-1])
         return record
@@ -312,7 +312,7 @@ class AdapterStore:
             except BaseException as error:
                 if merge_dir is not None:
                     shutil.rmtree(merge_dir, ignore_errors=True)
-                _raise_disk_full(error, f"removing {name}")
+                raise_if_disk_full(error, f"removing {name}")
                 raise
         self._notify(entries[-1])
         return self.merge(merge_id) if merge_id else None
@@ -430,16 +430,6 @@ class AdapterStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _check_fence(self, fence: Fence | None, name: str) -> None:
-        if fence is not None and not fence.holds():
-            log.warning(
-                "refusing to publish %s: the publisher's claim (generation %d) lapsed", name, fence.token
-            )
-            raise FenceLost(
-                f"the claim (generation {fence.token}) under which {name!r} was trained has lapsed; "
-                "the store refused the publish and wrote nothing"
-            )
-
     def _merge_record(self, merge_id: str, entries: list[dict[str, Any]]) -> MergeRecord:
         return merge_record(self.root, merge_id, entries)
 
@@ -495,13 +485,3 @@ def _has_subspace(merge: MergeRecord) -> bool:
     """Whether the merge was written with a basis: its meta says so (a missing file is then
     damage, not "no basis"); merges from before the meta recorded it have the file."""
     return "subspace" in merge.meta or Subspace.exists(merge.path)
-
-
-def _raise_disk_full(error: BaseException, doing: str) -> None:
-    """Re-raise a write that failed for lack of space as :class:`DiskFull`; else return."""
-    if is_disk_full(error) and not isinstance(error, DiskFull):
-        raise DiskFull(
-            errno.ENOSPC,
-            f"the store's disk is full ({error}) while {doing}; nothing was written. "
-            "Free space in the store's directory and try again.",
-        ) from error

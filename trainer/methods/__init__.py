@@ -12,6 +12,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# The built-in parts register themselves in the catalogue when imported. Importing any
+# ``trainer.methods`` module runs this package first, so the catalogue is never seen without them,
+# and the catalogue (the mechanism) does not import its own entries.
+from trainer.methods import builtin as _builtin  # noqa: F401
+
 if TYPE_CHECKING:
     from trainer.methods.parametrizations import CapacityError
     from trainer.methods.registry import (

@@ -249,7 +249,3 @@ def load_plugins(modules: Iterable[str]) -> None:
             raise ImportError(
                 f"LAMINA_PLUGINS names {module!r}, which cannot be imported: {error}"
             ) from error
-
-
-# Built-ins live in their own module so this one stays the mechanism; importing it registers them.
-from trainer.methods import builtin as _builtin  # noqa: E402,F401  (registers the built-in parts)
