@@ -42,8 +42,8 @@ from adapters_store.fingerprint import fingerprint_model  # noqa: E402
 from adapters_store.lora import LoraAdapter, LoraModule  # noqa: E402
 from adapters_store.store import AdapterStore, Publication  # noqa: E402
 from trainer.config import DEFAULT_TARGET_MODULES  # noqa: E402
+from trainer.contract.settings import VLLM_LORA_RANKS, LaminaSettings  # noqa: E402
 from trainer.methods.parametrizations import kaiming_uniform, module_seed  # noqa: E402
-from trainer.settings import VLLM_LORA_RANKS, LaminaSettings  # noqa: E402
 
 B_STD = 1e-3  # small: the adapted model answers like the base model, see the module docstring
 START_TIMEOUT_S = 600

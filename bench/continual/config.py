@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import PRESETS, Hyperparameters, resolve_method
-from trainer.settings import default_base_model_dir
+from trainer.contract.settings import default_base_model_dir
 from trainer.suite import get_order
 
 UPPER_BOUND = "per-task"  # the row of tasks trained alone; not a method of the store

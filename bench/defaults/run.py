@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from trainer.settings import LaminaSettings
+    from trainer.contract.settings import LaminaSettings
 
     settings = LaminaSettings(**({"model": args.model} if args.model else {}))
     overrides = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}

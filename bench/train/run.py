@@ -663,7 +663,7 @@ def _goal_line(goal: dict[str, Any]) -> str:
 
 
 def parse_args() -> argparse.Namespace:
-    from trainer.settings import LaminaSettings
+    from trainer.contract.settings import LaminaSettings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")

@@ -156,7 +156,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    from trainer.settings import LaminaSettings
+    from trainer.contract.settings import LaminaSettings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=LaminaSettings().model, help="base model directory")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from trainer.celery_app import TRAIN_TASK, make_celery
-from trainer.settings import LaminaSettings
+from trainer.contract.settings import LaminaSettings
 
 
 def test_the_folder_broker_writes_nothing_outside_home(

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from trainer import loop
-from trainer.logs import JsonFormatter, configure_logging, log_context
-from trainer.settings import LaminaSettings
+from trainer.contract.logs import JsonFormatter, configure_logging, log_context
+from trainer.contract.settings import LaminaSettings
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from trainer.base_model.catalog import (
     resolve_model,
     verify_model,
 )
-from trainer.settings import LaminaSettings, default_base_model_dir
+from trainer.contract.settings import LaminaSettings, default_base_model_dir
 
 NAME = "smollm2-135m-instruct"
 ENTRY = CATALOG[NAME]

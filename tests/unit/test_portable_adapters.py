@@ -22,7 +22,7 @@ from server.engine import AdapterHandle
 from server.hotswap import AdapterSync
 from server.models import ModelRegistry
 from trainer.base_model.catalog import MANIFEST_NAME
-from trainer.settings import LaminaSettings
+from trainer.contract.settings import LaminaSettings
 
 MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(4) for p in ("q_proj", "v_proj")]
 

@@ -12,7 +12,7 @@ so a later install can tell a complete, untouched copy (nothing to do) from a da
 (reinstall). The directory is built under a temporary sibling name and renamed into place, so a
 crash mid-install never leaves a half-written model where ``LAMINA_MODEL`` would find it.
 
-Importing this module is cheap (no torch, no transformers): ``trainer.settings`` uses it to
+Importing this module is cheap (no torch, no transformers): ``trainer.contract.settings`` uses it to
 resolve ``LAMINA_MODEL`` in the API process too.
 """
 

@@ -22,7 +22,7 @@ model_app = typer.Typer(
 def lamina_home() -> Path:
     """``LAMINA_HOME`` as the settings read it (not the whole settings: LAMINA_MODEL may name
     the very model being installed, which would not validate yet)."""
-    from trainer.settings import LaminaSettings, default_base_model_dir
+    from trainer.contract.settings import LaminaSettings, default_base_model_dir
 
     return LaminaSettings(model=default_base_model_dir()).home
 

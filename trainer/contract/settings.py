@@ -1,14 +1,126 @@
-"""The settings every Lamina process agrees on (:class:`LaminaSettings`, defined in
-:mod:`trainer.settings`; the server's own settings extend it), and how a bad ``LAMINA_*`` value
-reads on a command line."""
+"""The settings every Lamina process agrees on (the server's own settings extend them): where the
+base model, the store and the broker are. One object, read from ``LAMINA_*`` environment
+variables once at start-up and passed explicitly from there on; and how a bad value reads on a
+command line. Imports nothing heavy: the API process uses it too.
+"""
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+import importlib.util
+from pathlib import Path
+from typing import Literal, Self
 
-from trainer.settings import VLLM_LORA_RANKS, LaminaSettings
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["VLLM_LORA_RANKS", "LaminaSettings", "setting_error"]
+from trainer.base_model.catalog import ModelNotInstalledError, resolve_model
+
+# vLLM accepts only these LoRA ranks as its slot size (vllm/config/lora.py).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def default_base_model_dir() -> Path:
+    """The embedded model shipped inside the ``trainer`` package (found without importing it)."""
+    spec = importlib.util.find_spec("trainer")
+    assert spec is not None and spec.submodule_search_locations, "the trainer package is not installed"
+    return Path(next(iter(spec.submodule_search_locations))) / "base_model" / "weights" / "lamina-tiny"
+
+
+class LaminaSettings(BaseSettings):
+    """What every Lamina process must agree on."""
+
+    model_config = SettingsConfigDict(env_prefix="LAMINA_", extra="ignore")
+
+    model: Path = Field(
+        default_factory=default_base_model_dir,
+        description="Base model: a directory (Hugging Face layout) or the name of a model installed with "
+        "`lamina model install <name>` (found under <home>/models). Defaults to the embedded model.",
+    )
+    home: Path = Field(
+        Path("var"),
+        description="Local state: the store (unless `store` says otherwise) and the embedded broker's folders.",
+    )
+    store: Path | None = Field(None, description="The adapter store's root directory. Default: <home>/store.")
+    broker_url: str | None = Field(
+        None,
+        description="Celery broker, e.g. redis://127.0.0.1:6379/0. None: kombu's filesystem transport "
+        "under <home>/broker, so the demo needs no service.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis for store events and the per-store training lock. Default: the broker URL "
+        "when it is a Redis URL; None: servers poll the ledger and the lock is a file lock.",
+    )
+    queue: str = Field("lamina", description="Celery queue the API sends tasks to and the worker consumes.")
+    max_lora_rank: int = Field(64, description="Largest adapter rank the engine can serve.")
+    max_pending_tasks: int = Field(64, ge=1, description="Queued or running tasks allowed at once.")
+    job_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="A training job is claimed by one worker for this long and renewed while it "
+        "runs; a job whose worker stops renewing (killed, lost) is failed after it lapses and the "
+        "next task trains. Also the TTL of the store's Redis training lock.",
+    )
+    loraf_grow_rank: int = Field(
+        0,
+        ge=0,
+        description="LoRAF stores: when the shared B has no room for the next task's mask, add this many "
+        "rank columns (fresh frozen rows of A) instead of refusing the task with 409. 0: never grow.",
+    )
+
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="Where the worker trains: `auto` (CUDA when torch sees a GPU, else the CPU), `cpu`, "
+        "`cuda` or `cuda:<n>`. The server's engine picks its own device (vLLM).",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines of the server and the worker: `text` for people, `json` for one JSON object "
+        "per line with the request id, job id, model and version where known.",
+    )
+
+    _model_name: str = PrivateAttr("")
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_is_a_vllm_slot(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}")
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_model_name(self) -> Self:
+        """A catalogue name becomes its directory under <home>/models, so every process that reads
+        the settings (server, worker, benchmarks) loads the same files. The name as given is kept
+        for :attr:`model_name` (read first: the assignment below marks ``model`` as set)."""
+        given = str(self.model) if "model" in self.model_fields_set else None
+        try:
+            self.model = resolve_model(self.model, self.home)
+        except ModelNotInstalledError as error:
+            raise ValueError(f"LAMINA_MODEL={self.model}: {error}") from None
+        self._model_name = given if given is not None else self.model.name
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The base model as the user named it: the LAMINA_MODEL value (a catalogue name such as
+        ``smollm2-135m-instruct``, or the path as written), or the embedded model's name
+        (``lamina-tiny``). What adapters record as ``base_model_name_or_path``, so they say which
+        model they belong to on any machine instead of naming a local directory."""
+        return self._model_name
+
+    @property
+    def store_dir(self) -> Path:
+        return self.store or self.home / "store"
+
+    @property
+    def events_url(self) -> str | None:
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return None
 
 
 def setting_error(error: ValidationError) -> str:
