@@ -17,7 +17,7 @@ log = logging.getLogger("adapters_store.store")  # refusals log as the store
 
 class Fence(Protocol):
     """A publisher's claim, checked by the store under its writer lock just before the ledger
-    append (e.g. :class:`trainer.jobs.ClaimFence`): ``holds()`` False refuses the publish."""
+    append (e.g. :class:`trainer.contract.board.ClaimFence`): ``holds()`` False refuses the publish."""
 
     @property
     def token(self) -> int:

@@ -33,9 +33,9 @@ from adapters_store.store import AdapterStore
 from trainer.admission import AdmissionError, admit
 from trainer.celery_app import TRAIN_TASK, make_celery
 from trainer.config import Hyperparameters, resolve_method
+from trainer.contract.board import DISK_FULL, Job, JobBoard, JobError, JobStatus, Progress
 from trainer.contract.logs import log_context
 from trainer.contract.settings import LaminaSettings
-from trainer.jobs import DISK_FULL, Job, JobBoard, JobError, JobStatus, Progress
 
 log = logging.getLogger(__name__)
 settings = LaminaSettings()

@@ -23,7 +23,7 @@ from server.training.service import parse_jsonl
 from tests.support.models import make_model
 from trainer.chat import DEFAULT_CHAT_TEMPLATE, prompt_and_answer
 from trainer.config import ChatExample, ChatMessage, Example, Hyperparameters, resolve_method
-from trainer.jobs import JobBoard
+from trainer.contract.board import JobBoard
 from trainer.loop import IGNORE_INDEX, tokenize, train_task
 
 # SmolLM2-Instruct's template: <|im_end|> closes every turn and is the tokenizer's EOS.

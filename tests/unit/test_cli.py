@@ -19,7 +19,7 @@ from typer.testing import CliRunner, Result
 from server.app import create_app
 from server.cli import app
 from server.settings import ServerSettings
-from trainer.jobs import JobBoard, JobStatus
+from trainer.contract.board import JobBoard, JobStatus
 
 KEY = "cli-user-key"
 

@@ -12,7 +12,7 @@ from adapters_store.errors import FenceLost
 from adapters_store.store import AdapterStore
 from tests.support.store import FP, META, make_adapter, visible_versions
 from trainer.config import Example
-from trainer.jobs import WORKER_LOST, JobBoard, JobStatus
+from trainer.contract.board import WORKER_LOST, JobBoard, JobStatus
 
 
 @pytest.fixture

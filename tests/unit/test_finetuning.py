@@ -19,7 +19,7 @@ from server.finetuning.mapping import STATUS, lamina_job_id, openai_job_id, plan
 from server.finetuning.protocol import FineTuneRecord, FineTuningJobCreate, Hyperparameters
 from server.settings import ServerSettings
 from trainer import auto
-from trainer.jobs import Job, JobError, JobStatus, Progress
+from trainer.contract.board import Job, JobError, JobStatus, Progress
 
 FILE_ID = "file-0123456789abcdef01234567"
 EXAMPLES = [

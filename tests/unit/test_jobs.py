@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import Example
-from trainer.jobs import WORKER_LOST, JobBoard, JobNotFound, JobRefused, JobStatus, Progress
+from trainer.contract.board import WORKER_LOST, JobBoard, JobNotFound, JobRefused, JobStatus, Progress
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from server.metrics import LaminaMetrics
 from server.models import ModelRegistry
 from server.settings import ServerSettings
 from trainer.config import Example
-from trainer.jobs import JobBoard, JobStatus
+from trainer.contract.board import JobBoard, JobStatus
 
 ADMIN = "metrics-admin-key"
 MODULE = "model.layers.0.self_attn.q_proj"

@@ -12,8 +12,8 @@ import pytest
 from adapters_store import lora as lora_module
 from trainer import worker
 from trainer.config import Example
+from trainer.contract.board import DISK_FULL, JobBoard, JobStatus
 from trainer.contract.settings import LaminaSettings
-from trainer.jobs import DISK_FULL, JobBoard, JobStatus
 
 HP = {"steps": 2, "batch_size": 2, "r": 2, "learning_rate": 0.005, "seed": 0}
 EXAMPLES = [Example("Word 1 means", " sun"), Example("Word 2 means", " moon")]

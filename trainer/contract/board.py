@@ -1,8 +1,291 @@
-"""The job board both sides use: the API creates and cancels jobs, the worker claims and updates
-them (:class:`trainer.jobs.JobBoard`, JSON files beside the store; torch-free)."""
+"""Training jobs: what ``POST /tasks`` created and how far the worker has got.
+
+Jobs live as small JSON files next to the adapter store (``<store>/jobs/``), so every server
+replica and every worker that shares the store sees the same jobs with no extra service.
+Each file is replaced atomically under a lock, because two processes write it: the worker
+(progress, status) and the API (cancellation). Part of the server↔trainer contract; imports
+nothing heavy. The job model itself is :mod:`trainer.contract.jobs`.
+"""
 
 from __future__ import annotations
 
-from trainer.jobs import JobBoard
+import fcntl
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
-__all__ = ["JobBoard"]
+from adapters_store.atomic import atomic_write
+from trainer.config import ChatExample, ChatMessage, Example, TrainingExample
+from trainer.contract.jobs import Job, JobError, JobNotFound, JobRefused, JobStatus, Progress, PublicJob
+
+# The job model is the contract's (the API returns it); the trainer's code also finds it here.
+__all__ = [
+    "CLAIMED",
+    "DISK_FULL",
+    "WORKER_LOST",
+    "ClaimFence",
+    "Job",
+    "JobBoard",
+    "JobError",
+    "JobNotFound",
+    "JobRefused",
+    "JobStatus",
+    "Progress",
+    "PublicJob",
+    "now",
+]
+
+
+# A job in one of these states belongs to the worker named in it, for as long as its lease holds.
+CLAIMED = (JobStatus.validating, JobStatus.running)
+WORKER_LOST = "worker_lost"
+DISK_FULL = "disk_full"
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class JobBoard:
+    """All jobs of one store."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.root = Path(store_dir) / "jobs"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # --- files ----------------------------------------------------------------------------
+
+    def _path(self, job_id: str) -> Path:
+        if not job_id.startswith("job-") or not job_id[4:].isalnum():
+            raise JobNotFound(job_id)
+        return self.root / f"{job_id}.json"
+
+    def _examples_path(self, job_id: str) -> Path:
+        return self.root / f"{job_id}.examples.jsonl"
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self, job: Job) -> None:
+        atomic_write(self._path(job.id), job.model_dump_json(indent=1))
+
+    # --- operations -----------------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        method: str,
+        hyperparameters: dict[str, Any],
+        examples: list[TrainingExample],
+        max_pending: int | None = None,
+    ) -> Job:
+        """Record a queued job with its examples; the examples file is written first, so a
+        visible job always has its data. Under the board's lock, so that concurrent submissions
+        get distinct arrival numbers and neither two jobs of one name nor more than
+        ``max_pending`` unfinished jobs are ever recorded (:class:`JobRefused`)."""
+        job_id = f"job-{uuid.uuid4().hex[:20]}"
+        lines = "".join(json.dumps(asdict(example)) + "\n" for example in examples)
+        atomic_write(self._examples_path(job_id), lines)
+        try:
+            with self._locked():
+                jobs = self._fail_lapsed(self.all())
+                pending = [j for j in jobs if not j.status.terminal]
+                if any(j.name == name for j in pending):
+                    raise JobRefused("name_pending", len(pending))
+                if max_pending is not None and len(pending) >= max_pending:
+                    raise JobRefused("queue_full", len(pending))
+                job = Job(
+                    id=job_id,
+                    name=name,
+                    method=method,
+                    seq=1 + max((j.seq for j in jobs), default=0),
+                    created_at=now(),
+                    n_examples=len(examples),
+                    hyperparameters=hyperparameters,
+                )
+                self._write(job)
+        except JobRefused:
+            self._examples_path(job_id).unlink(missing_ok=True)
+            raise
+        return job
+
+    def get(self, job_id: str) -> Job:
+        path = self._path(job_id)
+        try:
+            return Job.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            raise JobNotFound(job_id) from None
+
+    def all(self) -> list[Job]:
+        jobs = []
+        for path in self.root.glob("job-*.json"):
+            try:
+                jobs.append(Job.model_validate_json(path.read_text()))
+            except (OSError, ValueError):  # vanished or being replaced: skip this round
+                continue
+        return sorted(jobs, key=lambda j: j.seq)
+
+    def examples(self, job_id: str) -> list[TrainingExample]:
+        text = self._examples_path(job_id).read_text()
+        return [_example_from_json(json.loads(line)) for line in text.splitlines() if line.strip()]
+
+    def update(self, job_id: str, **changes: Any) -> Job:
+        """Read-modify-write one job under the board's lock."""
+        with self._locked():
+            job = Job.model_validate({**self.get(job_id).model_dump(), **changes})  # validates the changes
+            self._write(job)
+            return job
+
+    def discard(self, job_id: str) -> bool:
+        """Remove a job whose queue message could not be sent, so that the board holds no job
+        that waits for a message no worker receives. Under the lock and only while the job is
+        still queued: False when a worker draining the board claimed it meanwhile (it trains)."""
+        with self._locked():
+            try:
+                if self.get(job_id).status != JobStatus.queued:
+                    return False
+            except JobNotFound:
+                return True
+            self._path(job_id).unlink(missing_ok=True)
+            self._examples_path(job_id).unlink(missing_ok=True)
+            return True
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Queued jobs are cancelled at once; running ones are asked to stop at the next step
+        (the worker then marks them cancelled). Finished jobs are returned unchanged."""
+        with self._locked():
+            job = self.get(job_id)
+            if job.status == JobStatus.queued:
+                job = job.model_copy(update={"status": JobStatus.cancelled, "finished_at": now()})
+            elif not job.status.terminal:
+                job = job.model_copy(update={"cancel_requested": True})
+            self._write(job)
+            return job
+
+    # --- claims: which worker trains what ------------------------------------------------
+
+    def claim_next(self, worker: str, lease_s: float) -> Job | None:
+        """Give ``worker`` the earliest queued job, or None when none is queued or another
+        worker's claim still holds: tasks of one store train one at a time, in arrival order.
+        Lapsed claims are failed first, so a dead worker never blocks the queue for longer
+        than its lease."""
+        with self._locked():
+            jobs = self._fail_lapsed(self.all())
+            if any(j.status in CLAIMED for j in jobs):
+                return None
+            queued = [j for j in jobs if j.status == JobStatus.queued]
+            if not queued:
+                return None
+            job = queued[0].model_copy(
+                update={
+                    "status": JobStatus.validating,
+                    "started_at": now(),
+                    "worker": worker,
+                    "lease_expires_at": time.time() + lease_s,
+                    "generation": 1 + max((j.generation or 0 for j in jobs), default=0),
+                }
+            )
+            self._write(job)
+            return job
+
+    def renew(self, job_id: str, worker: str, lease_s: float) -> bool:
+        """Extend ``worker``'s claim on the job; False once the claim is gone (the job finished
+        or was failed as lapsed), which tells that worker to stop and publish nothing."""
+        return self.update_claimed(job_id, worker, lease_expires_at=time.time() + lease_s) is not None
+
+    def holds(self, job_id: str, worker: str, generation: int, lease_s: float) -> bool:
+        """Whether ``worker``'s claim of ``generation`` on the job still holds; if it does, the
+        lease is renewed, so the publish that asked has a whole lease to append its ledger
+        lines. A lapsed lease fails the job here (as everywhere on the board) and answers False."""
+        with self._locked():
+            job = self._fail_lapsed([self.get(job_id)])[0]
+            if job.status not in CLAIMED or job.worker != worker or job.generation != generation:
+                return False
+            self._write(job.model_copy(update={"lease_expires_at": time.time() + lease_s}))
+            return True
+
+    def fence(self, job: Job, lease_s: float) -> ClaimFence:
+        """The fence a worker hands the store's publish for the job it claimed."""
+        assert job.worker is not None and job.generation is not None, "only a claimed job has a fence"
+        return ClaimFence(self, job.id, job.worker, job.generation, lease_s)
+
+    def update_claimed(self, job_id: str, worker: str, **changes: Any) -> Job | None:
+        """Apply ``changes`` to a job ``worker`` still holds (a terminal status also stamps
+        ``finished_at``). Writes nothing and returns None once the claim is lost, so a worker
+        that stalled past its lease cannot overwrite what the board decided meanwhile."""
+        with self._locked():
+            job = self.get(job_id)
+            if job.status not in CLAIMED or job.worker != worker:
+                return None
+            job = Job.model_validate({**job.model_dump(), **changes})
+            if job.status.terminal:
+                job = job.model_copy(update={"finished_at": now()})
+            self._write(job)
+            return job
+
+    def current(self, job_id: str) -> Job:
+        """One job as it stands now: failed first if its worker's claim lapsed, so a job whose
+        worker died reads as failed even when no worker is left to notice."""
+        with self._locked():
+            return self._fail_lapsed([self.get(job_id)])[0]
+
+    def fail_lapsed(self) -> list[Job]:
+        """Fail every claimed job whose lease lapsed; returns all jobs as they are now."""
+        with self._locked():
+            return self._fail_lapsed(self.all())
+
+    def _fail_lapsed(self, jobs: list[Job]) -> list[Job]:
+        current = []
+        for job in jobs:
+            if job.status in CLAIMED and (job.lease_expires_at or 0.0) < time.time():
+                job = job.model_copy(
+                    update={
+                        "status": JobStatus.failed,
+                        "finished_at": now(),
+                        "error": JobError(
+                            message=f"the worker training this task ({job.worker}) stopped before "
+                            "publishing it; nothing was published and the live model is unchanged. "
+                            "Submit the task again to retry.",
+                            code=WORKER_LOST,
+                        ),
+                    }
+                )
+                self._write(job)
+            current.append(job)
+        return current
+
+
+@dataclass(frozen=True)
+class ClaimFence:
+    """A worker's claim as the store's fence (:class:`adapters_store.interface.Fence`): the
+    store calls :meth:`holds` under its writer lock just before it appends the ledger lines, so
+    a worker that stalled past its lease (and whose job the board has failed or given to the
+    next claim) publishes nothing even if it wakes up in the middle of publishing."""
+
+    board: JobBoard
+    job_id: str
+    worker: str
+    token: int  # the claim's generation
+    lease_s: float
+
+    def holds(self) -> bool:
+        return self.board.holds(self.job_id, self.worker, self.token, self.lease_s)
+
+
+def _example_from_json(data: dict[str, Any]) -> TrainingExample:
+    """One line of a job's examples file (``asdict`` of the example) back as the trainer's type."""
+    if "messages" in data:
+        return ChatExample(messages=tuple(ChatMessage(**message) for message in data["messages"]))
+    return Example(**data)

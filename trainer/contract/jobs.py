@@ -1,5 +1,5 @@
 """The training job as both sides see it: the worker records progress in a :class:`Job`, the
-API returns its :class:`PublicJob` view. The board that stores them is :mod:`trainer.jobs`."""
+API returns its :class:`PublicJob` view. The board that stores them is :mod:`trainer.contract.board`."""
 
 from __future__ import annotations
 
