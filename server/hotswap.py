@@ -3,7 +3,8 @@
 The store's ledger is the truth: on start-up and after every change (a Redis event, or the
 ledger file growing), ``AdapterSync.sync`` reads the live tasks and the live merge, loads
 any version the engine does not have yet under a fresh name and id, flips the aliases, and
-unloads versions that no alias points at and no request still holds.
+unloads versions that no alias points at and no request still holds (server/engine_adapters.py
+keeps one record per engine adapter and its state).
 
 A version that fails to load leaves the aliases as they were: the live model never changes
 half-way. The live merge (``continual``) is served one of two ways (``LAMINA_CONTINUAL_SERVING``):
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import shutil
@@ -38,6 +38,7 @@ from adapters_store.lora import LoraAdapter
 from adapters_store.merges import DenseDelta
 from adapters_store.store import AdapterStore, MergeRecord, TaskRecord
 from server.engine import AdapterHandle, Engine
+from server.engine_adapters import EngineAdapters
 from server.metrics import LaminaMetrics
 from server.models import ModelRegistry, Route
 from server.weights_sync import WeightsServing
@@ -92,9 +93,8 @@ class AdapterSync:
         self.events_url = events_url
         self.poll_interval_s = poll_interval_s
         self.status = SyncStatus(serving=dense_serving)
-        self._loaded: dict[str, AdapterHandle] = {}  # engine adapter name -> handle
-        self._ids = itertools.count(1)
-        self._lock = asyncio.Lock()
+        self.adapters = EngineAdapters(engine, self.metrics)  # what the engine holds, one record each
+        self._lock = asyncio.Lock()  # one sync or sweep at a time: loads never race unloads
         # (live merge, live task ids) as of the last successful sync; None before the first one
         self._serving: tuple[str | None, tuple[str, ...]] | None = None
         registry.set_route(Route(CONTINUAL, None, CONTINUAL))  # no tasks yet: continual = base
@@ -116,7 +116,7 @@ class AdapterSync:
                     self.metrics.swapped(self._live_since())
             finally:
                 self.status.syncs += 1
-            await self._unload_unused()
+            await self.adapters.unload_unused(self.registry.in_use)
 
     def _live_since(self) -> str | None:
         """When the ledger last changed what is live (its ``set_live`` entry's timestamp)."""
@@ -130,7 +130,7 @@ class AdapterSync:
         tasks, live = snapshot.tasks, snapshot.live
         await asyncio.to_thread(self.store.verify, live, *tasks)  # nothing damaged goes live
         if self.weights is not None:
-            await self.weights.serve(live, tasks, self._load)
+            await self.weights.serve(live, tasks, self.adapters.load)
             self.status.weights = {
                 k: v for k, v in self.weights.status.__dict__.items() if k != "corrections"
             }
@@ -153,47 +153,37 @@ class AdapterSync:
         self._serving = (self.status.live_merge, tuple(self.status.tasks))
         self.metrics.serving(live)
 
-    async def _load(self, name: str, path: Path) -> AdapterHandle:
-        if name not in self._loaded:
-            handle = AdapterHandle(name, next(self._ids), str(path))
-            await self.engine.add_adapter(handle)
-            self._loaded[name] = handle
-            self.metrics.adapter_loads.inc()
-            self.metrics.adapters_loaded.set(len(self._loaded))
-            log.info("loaded adapter %s (id %d) from %s", name, handle.lora_id, path)
-        return self._loaded[name]
-
     async def _load_task(self, task: TaskRecord) -> AdapterHandle:
         """A task's model (:attr:`TaskRecord.serving_path`); one above the engine's rank, which a
         task served as learned on top of many predecessors can be, as its rank-R SVD."""
         name, path = f"{task.name}@v{task.version}", task.serving_path
         rank = int(task.meta.get("as_learned_rank" if path != task.path else "rank", 0))
         if rank <= self.max_lora_rank:
-            return await self._load(name, path)
+            return await self.adapters.load(name, path)
         svd_name = f"{name}-svd{self.max_lora_rank}"
-        if svd_name not in self._loaded:
-            label = f"{task.name}-v{task.version}"
-            svd_path = await asyncio.to_thread(
-                self._export_svd, label, lambda: DenseDelta(LoraAdapter.load_peft(path).deltas())
-            )
-            return await self._load(svd_name, svd_path)
-        return self._loaded[svd_name]
+        if (loaded := self.adapters.get(svd_name)) is not None:
+            return loaded
+        label = f"{task.name}-v{task.version}"
+        svd_path = await asyncio.to_thread(
+            self._export_svd, label, lambda: DenseDelta(LoraAdapter.load_peft(path).deltas())
+        )
+        return await self.adapters.load(svd_name, svd_path)
 
     async def _load_merge(self, merge: MergeRecord) -> AdapterHandle:
         if merge.kind == "lora":
             rank = int(merge.meta.get("rank", 0))
             if rank > self.max_lora_rank:
                 raise ValueError(f"merge {merge.id} has rank {rank} > max_lora_rank {self.max_lora_rank}")
-            return await self._load(f"{CONTINUAL}@{merge.id}", merge.path)
+            return await self.adapters.load(f"{CONTINUAL}@{merge.id}", merge.path)
         name = f"{CONTINUAL}@{merge.id}-svd{self.max_lora_rank}"
-        if name not in self._loaded:
-            if merge.meta.get("svd_rank") == self.max_lora_rank:  # the store wrote this export
-                self.status.svd_relative_error = float(merge.meta["svd_relative_error"])
-                return await self._load(name, merge.path)
-            path = await asyncio.to_thread(self._export_svd, merge.id, lambda: DenseDelta.load(merge.path))
-            self.status.svd_relative_error = _svd_error(path)
-            return await self._load(name, path)
-        return self._loaded[name]
+        if (loaded := self.adapters.get(name)) is not None:
+            return loaded
+        if merge.meta.get("svd_rank") == self.max_lora_rank:  # the store wrote this export
+            self.status.svd_relative_error = float(merge.meta["svd_relative_error"])
+            return await self.adapters.load(name, merge.path)
+        path = await asyncio.to_thread(self._export_svd, merge.id, lambda: DenseDelta.load(merge.path))
+        self.status.svd_relative_error = _svd_error(path)
+        return await self.adapters.load(name, path)
 
     def _export_svd(self, label: str, load: Callable[[], DenseDelta]) -> Path:
         """Write a dense update's rank-R approximation once, atomically, into the cache."""
@@ -213,13 +203,10 @@ class AdapterSync:
         return target
 
     async def _unload_unused(self) -> None:
-        for name, handle in list(self._loaded.items()):
-            if not self.registry.in_use(handle):
-                await self.engine.remove_adapter(handle)
-                del self._loaded[name]
-                self.metrics.adapter_unloads.inc()
-                self.metrics.adapters_loaded.set(len(self._loaded))
-                log.info("unloaded adapter %s (id %d)", name, handle.lora_id)
+        """Unload the adapters no route and no request uses any more (requests that held a
+        swapped-out version finish after the sync that swapped it)."""
+        async with self._lock:
+            await self.adapters.unload_unused(self.registry.in_use)
 
     # --- following the store -----------------------------------------------------------------
 

@@ -9,7 +9,6 @@ vLLM side is checked against a model that has no fusion at all.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 import uuid
 from collections.abc import Iterator
@@ -247,7 +246,7 @@ def test_concat_merge_in_the_weights_serves_every_model_as_before(live: Live, tm
     m2 = store.publish("second", second, meta, merge="concat").merge.id
     before = served(lora, as_lora, ["continual", "first", "second"])
     assert before["continual"] != live.base_tokens and before["first"] != before["second"]
-    for handle in list(lora._loaded.values()):
+    for handle in lora.adapters.handles():
         live.run(live.engine.remove_adapter(handle))
 
     registry = ModelRegistry("base")
@@ -255,7 +254,6 @@ def test_concat_merge_in_the_weights_serves_every_model_as_before(live: Live, tm
         live.engine, registry, store, tmp_path / "cache", max_lora_rank=64,
         dense_serving="weights", base_model_dir=live.model_dir,
     )  # fmt: skip
-    sync._ids = itertools.count(1000)  # ids the LoRA-mode sync above never used
     qkv, vector = (
         "model.layers.1.self_attn.qkv_proj",
         torch.randn(256, generator=torch.Generator().manual_seed(7)),
@@ -289,6 +287,6 @@ def test_concat_merge_in_the_weights_serves_every_model_as_before(live: Live, tm
         assert torch.equal(live.probe(qkv, vector), probe_m1), "W0 + ΔW_m1 is rebuilt from W0, bit for bit"
     finally:
         live.apply(None)
-        for handle in list(sync._loaded.values()):
+        for handle in sync.adapters.handles():
             live.run(live.engine.remove_adapter(handle))
     assert live.greedy() == live.base_tokens
