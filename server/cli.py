@@ -186,7 +186,7 @@ def train(
     with tqdm(total=1, desc=f"{name} ({job['method']})", unit="step") as bar:
         while job["status"] not in ("succeeded", "failed", "cancelled"):
             time.sleep(0.5)
-            job = server.call("GET", f"/tasks/{job['id']}")
+            job = server.call("GET", f"/jobs/{job['id']}")
             progress = job.get("progress") or {}
             if progress:
                 bar.total = progress["total"]
@@ -210,7 +210,7 @@ def tasks_list(
     from rich.console import Console
     from rich.table import Table
 
-    jobs = ServerClient(url, api_key).call("GET", "/tasks")["data"]
+    jobs = ServerClient(url, api_key).call("GET", "/jobs")["data"]
     if as_json:
         typer.echo(json.dumps(jobs, indent=2))
         return
@@ -244,7 +244,7 @@ def tasks_show(
     """One job as the server has it: status, progress, metrics, warnings, error (JSON)."""
     import json
 
-    typer.echo(json.dumps(ServerClient(url, api_key).call("GET", f"/tasks/{job_id}"), indent=2))
+    typer.echo(json.dumps(ServerClient(url, api_key).call("GET", f"/jobs/{job_id}"), indent=2))
 
 
 @tasks_app.command("cancel")
@@ -254,7 +254,7 @@ def tasks_cancel(
     api_key: ApiKey = None,
 ) -> None:
     """Cancel a job: a queued one at once, a running one at its next step."""
-    job = ServerClient(url, api_key).call("POST", f"/tasks/{job_id}/cancel")
+    job = ServerClient(url, api_key).call("POST", f"/jobs/{job_id}/cancel")
     if job["status"] == "cancelled":
         typer.echo(f"{job['id']}: cancelled")
     elif job["cancel_requested"] and job["status"] not in ("succeeded", "failed"):

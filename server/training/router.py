@@ -1,5 +1,15 @@
-"""HTTP routes of the training API: ``POST /tasks`` (a JSON body, or a multipart upload of a
-JSONL file), ``GET /tasks``, ``GET /tasks/{id}``, ``POST /tasks/{id}/cancel``."""
+"""HTTP routes of the training API.
+
+A user posts a *task* (a name and examples: something to learn) and gets back a *job* (one
+attempt to learn it, with an id, a status and progress). The URLs say which they take:
+
+- ``POST /tasks``: a JSON body, or a multipart upload of a JSONL file; answers with the job;
+- ``GET /jobs``, ``GET /jobs/{job_id}``, ``POST /jobs/{job_id}/cancel``: follow or stop jobs.
+
+``GET /tasks``, ``GET /tasks/{job_id}`` and ``POST /tasks/{job_id}/cancel``, the names these had
+before, keep working (marked deprecated in the OpenAPI schema): they took a job id under a URL
+that reads like a task, while ``DELETE /admin/tasks/{name}`` takes a task's name.
+"""
 
 from __future__ import annotations
 
@@ -98,20 +108,31 @@ async def _read_body(request: Request) -> TaskCreate:
 
 @router.post("/tasks", status_code=202, response_model=PublicJob, openapi_extra=_BODY)
 async def create_task(request: Request) -> PublicJob:
-    """Queue a task to learn. Answers 202 with the job; follow it with GET /tasks/{id}."""
+    """Queue a task to learn. Answers 202 with its job; follow it with ``GET /jobs/{id}``."""
     return PublicJob.of(_service(request).submit(await _read_body(request)))
 
 
-@router.get("/tasks", response_model=JobList)
-async def list_tasks(request: Request) -> JobList:
+@router.get("/jobs", response_model=JobList)
+async def list_jobs(request: Request) -> JobList:
+    """Every job, oldest first."""
     return JobList(data=[PublicJob.of(job) for job in _service(request).list()])
 
 
-@router.get("/tasks/{job_id}", response_model=PublicJob)
-async def get_task(job_id: str, request: Request) -> PublicJob:
+@router.get("/jobs/{job_id}", response_model=PublicJob)
+async def get_job(job_id: str, request: Request) -> PublicJob:
+    """One job: status, progress, metrics, warnings, the error that ended it."""
     return PublicJob.of(_service(request).get(job_id))
 
 
-@router.post("/tasks/{job_id}/cancel", response_model=PublicJob)
-async def cancel_task(job_id: str, request: Request) -> PublicJob:
+@router.post("/jobs/{job_id}/cancel", response_model=PublicJob)
+async def cancel_job(job_id: str, request: Request) -> PublicJob:
+    """Stop a queued or running job; it publishes nothing."""
     return PublicJob.of(_service(request).cancel(job_id))
+
+
+# The same routes under their earlier names (module docstring).
+router.add_api_route("/tasks", list_jobs, methods=["GET"], response_model=JobList, deprecated=True)
+router.add_api_route("/tasks/{job_id}", get_job, methods=["GET"], response_model=PublicJob, deprecated=True)
+router.add_api_route(
+    "/tasks/{job_id}/cancel", cancel_job, methods=["POST"], response_model=PublicJob, deprecated=True
+)

@@ -35,7 +35,7 @@ class JobError(BaseModel):
 
 
 class PublicJob(BaseModel):
-    """A training job as the API shows it (``GET /tasks/{id}``): what was asked and how far it got,
+    """A training job as the API shows it (``GET /jobs/{id}``): what was asked and how far it got,
     without the worker's claim (which process holds it, until when, under which fencing token)."""
 
     id: str
