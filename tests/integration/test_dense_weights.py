@@ -30,7 +30,6 @@ from server.settings import ServerSettings
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [[1, 17, 42, 99, 5], [1, 250, 3 + 7, 64], [1, 88, 120, 121, 122, 9, 30]]
 NEW_TOKENS = 8
 FULL_DELTA_LAYER = 1
@@ -43,15 +42,6 @@ ALL_PROJECTIONS = [
     "mlp.up_proj",
     "mlp.down_proj",
 ]
-
-
-def _model_dir() -> Path:
-    """The project's tiny model when it has been built, else the random test Llama."""
-    candidates = (REPO / "models" / "lamina-tiny", ServerSettings().model, Path("/tmp/tiny/m"))
-    found = next((c for c in candidates if (c / "config.json").exists()), None)
-    if found is None:
-        pytest.skip("no small model to start the engine with")
-    return found
 
 
 @dataclass
@@ -122,8 +112,8 @@ def _delta(w0: dict[str, torch.Tensor], modules: list[str], seed: int) -> DenseD
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    model_dir = _model_dir()
+def live(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    model_dir = base_model_dir  # the embedded model the server serves by default
     w0 = {}
     for file in sorted(model_dir.glob("*.safetensors")):
         w0.update(load_file(str(file)))
