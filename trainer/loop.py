@@ -43,7 +43,14 @@ from trainer.activations import input_covariances
 from trainer.chat import example_tokens
 from trainer.config import Hyperparameters, MethodSpec, TrainingExample
 from trainer.evaluate import exact_match
-from trainer.methods import PARAMETRIZATIONS, REGULARIZERS, Layers, LoraParams, Parametrization, Regularizer
+from trainer.methods.registry import (
+    PARAMETRIZATIONS,
+    REGULARIZERS,
+    Layers,
+    LoraParams,
+    Parametrization,
+    Regularizer,
+)
 from trainer.methods.regularizers import history_factors
 
 PROGRESS_EVERY = 5  # report progress every this many steps (and at the last one)

@@ -23,7 +23,8 @@ from adapters_store.store import AdapterStore, Publication
 from adapters_store.subspace import Subspace, occupancy
 from trainer.config import ChatExample, Hyperparameters, MethodSpec, TrainingExample
 from trainer.loop import TrainResult, train_task
-from trainer.methods import PARAMETRIZATIONS, catalog
+from trainer.methods import catalog
+from trainer.methods.registry import PARAMETRIZATIONS
 from trainer.served import merge_deltas
 from trainer.subspace import base_subspace, grow_subspace, target_names
 

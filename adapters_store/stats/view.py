@@ -8,7 +8,8 @@ while the kept state (:class:`~adapters_store.stats.module.ModuleStats`) stays i
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -16,8 +17,18 @@ from adapters_store.stats.bits import popcount
 from adapters_store.stats.module import ModuleStats
 from adapters_store.stats.params import STATS_SCHEMA, StatsParams, eps_key
 
-if TYPE_CHECKING:
-    from adapters_store.stats.compute import StoreStats
+
+class StoreStatsFields(Protocol):
+    """What the view reads of :class:`~adapters_store.stats.compute.StoreStats`. Spelled out here
+    because ``StoreStats.to_dict`` is this view, so ``compute`` imports this module and this
+    module cannot import ``compute`` back."""
+
+    @property
+    def params(self) -> StatsParams: ...
+    @property
+    def tasks(self) -> Sequence[str]: ...  # task version ids, oldest first
+    @property
+    def modules(self) -> Mapping[str, ModuleStats]: ...
 
 
 def _num(x: float) -> float | None:
@@ -105,7 +116,7 @@ def _module_view(s: ModuleStats, params: StatsParams, module_matrices: bool) -> 
     return view
 
 
-def _aggregate(stats: StoreStats, views: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _aggregate(stats: StoreStatsFields, views: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Over all modules: shares are those of all positions together (each module weighs by its
     size; a sampled module's counts are scaled up to its size), OO and AWOM are summed over
     modules (as O-LoRA sums its loss over layers), per-task norms and sparsity are averaged over
@@ -157,7 +168,7 @@ def _module_mean(views: dict[str, dict[str, Any]], tasks: int, key: str) -> list
     return out
 
 
-def _sign_share(stats: StoreStats, *, same: bool) -> list[float | None]:
+def _sign_share(stats: StoreStatsFields, *, same: bool) -> list[float | None]:
     """Share of all positions (of the modules where it is defined), sampled modules scaled up."""
     out: list[float | None] = []
     for i in range(len(stats.tasks)):
@@ -172,7 +183,7 @@ def _sign_share(stats: StoreStats, *, same: bool) -> list[float | None]:
     return out
 
 
-def summary(stats: StoreStats, *, module_matrices: bool = False) -> dict[str, Any]:
+def summary(stats: StoreStatsFields, *, module_matrices: bool = False) -> dict[str, Any]:
     """The JSON view (schema 2). Every per-task list and every matrix row/column follows
     ``tasks`` (oldest first); per-task entries are null where a task does not adapt a module
     or a measure is undefined (sign shares of the first task, sparsity of a zero update).

@@ -49,7 +49,7 @@ from trainer.chat import encode_prompt
 from trainer.config import Example, resolve_method
 from trainer.evaluate import greedy_completions
 from trainer.loop import load_base, select_device
-from trainer.methods import CapacityError
+from trainer.methods.parametrizations import CapacityError
 from trainer.publish import publish_trained, train_for_store
 from trainer.served import merge_deltas, merged_into
 from trainer.suite import Task, accuracy, get_task

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from server.openai.protocol import (
+    AnyRequest,
     ChatChoice,
     ChatChoiceMessage,
     ChatChunkChoice,
@@ -31,12 +32,23 @@ from server.openai.protocol import (
 )
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from vllm.logprobs import Logprob
 
     from server.openai.preparing import Prepared
-    from server.openai.serving import CompletionService
 
 LOGPROB_FLOOR = -9999.0  # what OpenAI sends for a log-probability of -inf
+
+
+class Service(Protocol):
+    """What a format reads of the serving path (:class:`server.openai.serving.CompletionService`):
+    the name a request is answered under and the tokenizer that decodes token ids. Spelled out
+    here because the serving path imports the formats, so they cannot import it back."""
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+
+    def model_name(self, request: AnyRequest) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,7 @@ class Format:
     id_prefix: str
     answer_type: type[CompletionResponse | ChatCompletionResponse]
 
-    def __init__(self, service: CompletionService, request: Any, prepared: Prepared) -> None:
+    def __init__(self, service: Service, request: Any, prepared: Prepared) -> None:
         self.service, self.request, self.prepared = service, request, prepared
         self.model = service.model_name(request)
         self.as_token_ids = bool(request.return_tokens_as_token_ids)

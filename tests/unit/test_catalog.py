@@ -24,8 +24,9 @@ from trainer.config import (
     RegularizerName,
     resolve_method,
 )
-from trainer.methods import PARAMETRIZATIONS, REGULARIZERS, catalog
+from trainer.methods import catalog
 from trainer.methods.capacity import loraf_mask_size
+from trainer.methods.registry import PARAMETRIZATIONS, REGULARIZERS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -144,7 +145,7 @@ assert method.lambdas(Hyperparameters()) == {"toy-ridge": 1e-3}, method.lambdas(
 assert method.lambdas(hp) == {"toy-ridge": 0.5}
 assert resolve_method("inflora").lambdas(hp) == {"toy-ridge": 0.5}  # a knob adds its part to any method
 assert "torch" not in sys.modules, "the plugin and the catalogue import no torch"
-from trainer.methods import REGULARIZERS
+from trainer.methods.registry import REGULARIZERS
 from tests.plugins.toy_method import Ridge
 assert REGULARIZERS["toy-ridge"] is Ridge
 from bench.continual.config import ALL_METHODS

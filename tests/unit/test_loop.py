@@ -17,7 +17,7 @@ from adapters_store.lora import LoraAdapter, LoraModule
 from tests.support.models import make_model
 from trainer.config import PRESETS, Example, Hyperparameters, resolve_method
 from trainer.loop import TrainingCancelled, TrainResult, completion_loss, load_base, tokenize, train_task
-from trainer.methods import CapacityError
+from trainer.methods.parametrizations import CapacityError
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 =>"
 # A trivially learnable mapping: the completion repeats the prompt's first letter.

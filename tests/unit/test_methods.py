@@ -22,13 +22,14 @@ from trainer.config import (
     UnknownMethodError,
     resolve_method,
 )
-from trainer.methods import PARAMETRIZATIONS, REGULARIZERS, CapacityError, LoraParams
 from trainer.methods.parametrizations import (
+    CapacityError,
     feasible_topk_mask,
     global_topk_masks,
     kaiming_uniform,
     module_seed,
 )
+from trainer.methods.registry import PARAMETRIZATIONS, REGULARIZERS, LoraParams
 from trainer.methods.regularizers import l1_of_delta, orthogonal_loss, stability_loss
 
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from adapters_store.lora import LoraAdapter, LoraModule
 from tests.support.models import tiny_llama
 from trainer.config import Hyperparameters, resolve_method
 from trainer.loop import adapter_session, train_step
-from trainer.methods import REGULARIZERS, LoraParams
 from trainer.methods import regularizers as regularizers_module
+from trainer.methods.registry import REGULARIZERS, LoraParams
 
 
 def causal_loss(peft_model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,6 @@ from adapters_store.subspace import Subspace
 from trainer.activations import InputMoment, input_moments
 from trainer.config import Hyperparameters, resolve_method
 from trainer.loop import forward_batches, load_base, tokenize
-from trainer.methods import PARAMETRIZATIONS, LoraParams
 from trainer.methods import parametrizations as parametrizations_module
 from trainer.methods.input_subspace import (
     COMPLEMENT_FROM,
@@ -23,6 +22,7 @@ from trainer.methods.input_subspace import (
     grow_basis_from_rows,
     leading_free_directions,
 )
+from trainer.methods.registry import PARAMETRIZATIONS, LoraParams
 from trainer.subspace import grow_subspace, target_names
 from trainer.suite.tasks import get_task
 

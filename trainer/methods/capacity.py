@@ -25,7 +25,7 @@ def loraf_mask_size(mask_fraction: float, d_out: int, rank: int) -> int:
     return max(1, math.floor(mask_fraction * d_out * rank))
 
 
-def concat_rank(request: CapacityRequest) -> Hyperparameters:
+def concat_rank(request: CapacityRequest[Hyperparameters]) -> Hyperparameters:
     """The concat merge's rank is the sum of the tasks' ranks; the engine serves up to max_lora_rank."""
     hp = request.hp
     rank = sum(int(t.meta.get("rank", 0)) for t in request.tasks) + hp.r
@@ -39,7 +39,7 @@ def concat_rank(request: CapacityRequest) -> Hyperparameters:
     return hp
 
 
-def inflora_free_directions(request: CapacityRequest) -> Hyperparameters:
+def inflora_free_directions(request: CapacityRequest[Hyperparameters]) -> Hyperparameters:
     """inflora draws the task's r rows of A in the directions no live task's inputs use; a module
     with fewer than r of them left cannot take the task without touching an earlier one."""
     hp = request.hp
@@ -62,7 +62,7 @@ def inflora_free_directions(request: CapacityRequest) -> Hyperparameters:
     return hp
 
 
-def loraf_plan(request: CapacityRequest) -> Hyperparameters:
+def loraf_plan(request: CapacityRequest[Hyperparameters]) -> Hyperparameters:
     """LoRAF tasks own disjoint B positions of one shared (A, B). A task takes the store's rank
     and scale; if its mask (:func:`loraf_mask_size` per module) does not fit, the store grows by
     ``grow_rank`` ranks, or the task is refused with 409."""

@@ -33,12 +33,16 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 if TYPE_CHECKING:
     from adapters_store.lora import LoraAdapter
     from adapters_store.store import AdapterStore, TaskRecord
-    from trainer.config import Hyperparameters
+
+# The hyper-parameters a task trains with: :class:`trainer.config.Hyperparameters`, which is built
+# from this catalogue's knobs, so this module names it only as a type parameter (importing it
+# would make the catalogue and its product import each other).
+HP = TypeVar("HP")
 
 Kind = Literal["parametrization", "regularizer", "merge"]
 KINDS: tuple[Kind, ...] = ("parametrization", "regularizer", "merge")
@@ -62,12 +66,13 @@ class Knob:
 
 
 @dataclass(frozen=True)
-class CapacityRequest:
-    """What a capacity check sees: the store the task would join and the task's settings."""
+class CapacityRequest(Generic[HP]):
+    """What a capacity check sees: the store the task would join and the task's settings
+    (``CapacityRequest[Hyperparameters]``; the catalogue only passes ``hp`` on)."""
 
     store: AdapterStore
     tasks: list[TaskRecord]  # the store's live tasks, oldest first (read once per admission)
-    hp: Hyperparameters
+    hp: HP
     max_lora_rank: int  # the largest rank the engine serves
     grow_rank: int  # LAMINA_LORAF_GROW_RANK: ranks a full LoRAF store may grow by; 0: never
 
@@ -230,9 +235,10 @@ def ledger_notes(
     merge: str,
     regularizers: Iterable[str],
     history: list[LoraAdapter],
-    hp: Hyperparameters,
+    hp: object,
 ) -> list[dict[str, Any]]:
-    """The ledger entries the method's parts add when a task trained after ``history`` is published."""
+    """The ledger entries the method's parts add when a task trained after ``history`` is published
+    (``hp``, the task's :class:`trainer.config.Hyperparameters`, goes to each part's ``notes``)."""
     notes: list[dict[str, Any]] = []
     for part in method_parts(parametrization, merge, regularizers):
         if part.notes is not None:
