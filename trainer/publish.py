@@ -1,8 +1,10 @@
-"""Train one task on a store's live state and publish it: the path the worker and the benchmark share.
+"""Admit one task to a store, train it on the store's live state and publish it: the one path
+(:func:`train_and_publish`) the worker and the benchmark share.
 
-Anything that decides what a published task *is* lives here once — which history and subspace
-it trains on, the subspace it adds (inflora), the served view of its own model, what its meta
-records — so the benchmark measures exactly what the service serves.
+Anything that decides what a published task *is* lives here once — admission and the
+hyper-parameters it settles, which history and subspace it trains on, the subspace it adds
+(inflora), the served view of its own model, what its meta records — so the benchmark measures
+exactly what the service serves.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from adapters_store.lora import LoraAdapter
 from adapters_store.merges import build_merge
 from adapters_store.store import AdapterStore, Publication
 from adapters_store.subspace import Subspace, occupancy
+from trainer.admission import admit
 from trainer.config import ChatExample, Hyperparameters, MethodSpec, TrainingExample
 from trainer.loop import TrainResult, train_task
 from trainer.methods import catalog
@@ -44,6 +47,87 @@ class TrainedTask:
         """As trained: every "auto" value resolved."""
         assert self.result.hyperparameters is not None
         return self.result.hyperparameters
+
+
+ModelLoader = Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
+
+
+def _nothing() -> None:
+    """The default :attr:`Hooks.on_admitted`: a caller with nothing to record."""
+
+
+def _no_fence() -> Fence | None:
+    """The default :attr:`Hooks.before_publish`: publish unconditionally, with no claim to check."""
+    return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a caller does between the steps of :func:`train_and_publish`.
+
+    The worker marks its job running once admitted, reports progress to the job board, stops on a
+    cancel or a lost claim, and before publishing checks its claim and hands over its fence; the
+    benchmark only draws progress bars. A hook refuses a step by raising."""
+
+    on_admitted: Callable[[], None] = _nothing
+    progress: Callable[[int, int, float], None] | None = None  # (step, total, loss) while training
+    should_stop: Callable[[], bool] | None = None  # True stops training (trainer.loop.TrainingCancelled)
+    before_publish: Callable[[], Fence | None] = _no_fence  # the fence the store's publish checks
+
+
+def train_and_publish(
+    store: AdapterStore,
+    name: str,
+    examples: Sequence[TrainingExample],
+    method: MethodSpec,
+    hp: Hyperparameters,
+    load_model: ModelLoader,
+    *,
+    max_lora_rank: int,
+    loraf_grow_rank: int = 0,
+    hooks: Hooks | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> tuple[TrainedTask, Publication]:
+    """Admit the task named ``name``, train it on the store's live state and publish it.
+
+    The steps run in this order for a reason each:
+
+    1. admission (:func:`trainer.admission.admit`, with the engine's ``max_lora_rank`` and the
+       store's ``loraf_grow_rank``) reads only the store, so a task that cannot join (a taken
+       name, a full store) is refused at once, before anything slow; and it settles the
+       hyper-parameters (a LoRAF task takes the store's rank), so it must come before training;
+    2. ``hooks.on_admitted``, then ``load_model``: the model is loaded only for a task that will
+       train (loading takes seconds and a refused task needs none);
+    3. training on the store's history and subspace as they are now (:func:`train_for_store`):
+       the caller holds the store's turn, so nothing publishes in between;
+    4. ``hooks.before_publish`` is the last chance to refuse (a worker whose claim lapsed or
+       whose job was cancelled while it trained) and returns the fence that the store checks
+       atomically with the publish;
+    5. the publish itself (:func:`publish_trained`), atomic: the store shows all of the task or
+       none of it.
+
+    The meta records the rank asked for (``requested_rank``) beside the rank admission settled,
+    then ``extra_meta``. Raises :class:`trainer.admission.AdmissionError` on a refusal, and
+    whatever a hook raises."""
+    hooks = hooks or Hooks()
+    requested_rank = hp.r
+    hp = admit(store, name, method, hp, max_lora_rank, loraf_grow_rank)
+    hooks.on_admitted()
+    model, tokenizer = load_model()
+    trained = train_for_store(
+        model,
+        tokenizer,
+        store,
+        examples,
+        method,
+        hp,
+        progress=hooks.progress,
+        should_stop=hooks.should_stop,
+    )
+    fence = hooks.before_publish()
+    meta = {"requested_rank": requested_rank, **(extra_meta or {})}
+    publication = publish_trained(store, name, examples, method, hp, trained, extra_meta=meta, fence=fence)
+    return trained, publication
 
 
 def train_for_store(

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery.signals import worker_ready
@@ -30,12 +30,16 @@ from adapters_store.errors import DiskFull, FenceLost
 from adapters_store.events import redis_notifier
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
-from trainer.admission import AdmissionError, admit
+from trainer.admission import AdmissionError
 from trainer.celery_app import TRAIN_TASK, make_celery
 from trainer.config import Hyperparameters, resolve_method
 from trainer.contract.board import DISK_FULL, Job, JobBoard, JobError, JobStatus, Progress
 from trainer.contract.logs import log_context
 from trainer.contract.settings import LaminaSettings
+
+if TYPE_CHECKING:
+    from adapters_store.interface import Fence
+    from trainer.publish import Hooks
 
 log = logging.getLogger(__name__)
 settings = LaminaSettings()
@@ -119,7 +123,7 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
     """Validate, train, publish a job this worker has claimed; every failure ends the job as
     failed with the store untouched (publishing is the last step and is atomic)."""
     from trainer.loop import TrainingCancelled
-    from trainer.publish import publish_trained, train_for_store
+    from trainer.publish import train_and_publish
 
     me = job.worker or worker_name()
     with (
@@ -127,37 +131,17 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
         heartbeat(board, job.id, me, settings.job_lease_s, keep_lock) as claim_held,
     ):
         try:
-            method = resolve_method(job.method)
-            hp = Hyperparameters.model_validate(job.hyperparameters)
-            examples = board.examples(job.id)
-            store = open_store(settings)
-            requested_rank = hp.r
-            hp = admit(store, job.name, method, hp, settings.max_lora_rank, settings.loraf_grow_rank)
-            board.update_claimed(job.id, me, status=JobStatus.running)
-            model, tokenizer = _base_model(str(settings.model), settings.device)
-            trained = train_for_store(
-                model,
-                tokenizer,
-                store,
-                examples,
-                method,
-                hp,
-                progress=_progress_reporter(board, job.id, me),
-                should_stop=_stop_checker(board, job.id, claim_held),
-            )
-            if not claim_held() or not board.renew(job.id, me, settings.job_lease_s):
-                raise ClaimLost()
-            if board.get(job.id).cancel_requested:
-                raise TrainingCancelled()
-            publication = publish_trained(
-                store,
+            trained, publication = train_and_publish(
+                open_store(settings),
                 job.name,
-                examples,
-                method,
-                hp,
-                trained,
-                extra_meta={"requested_rank": requested_rank, "job_id": job.id},
-                fence=board.fence(job, settings.job_lease_s),
+                board.examples(job.id),
+                resolve_method(job.method),
+                Hyperparameters.model_validate(job.hyperparameters),
+                lambda: _base_model(str(settings.model), settings.device),
+                max_lora_rank=settings.max_lora_rank,
+                loraf_grow_rank=settings.loraf_grow_rank,
+                hooks=_job_hooks(settings, board, job, me, claim_held),
+                extra_meta={"job_id": job.id},
             )
             board.update_claimed(
                 job.id,
@@ -237,6 +221,34 @@ def heartbeat(
     finally:
         stop.set()
         thread.join()
+
+
+def _job_hooks(
+    settings: LaminaSettings, board: JobBoard, job: Job, worker: str, claim_held: Callable[[], bool]
+) -> Hooks:
+    """The job board's part in :func:`trainer.publish.train_and_publish`: the job turns running
+    once admitted (a refused one fails without loading the model), training reports progress and
+    stops on a cancel or a lost claim, and right before publishing the claim is renewed (else
+    :class:`ClaimLost`), a late cancel is honoured, and the claim's fence goes to the store."""
+    from trainer.loop import TrainingCancelled
+    from trainer.publish import Hooks
+
+    def running() -> None:
+        board.update_claimed(job.id, worker, status=JobStatus.running)
+
+    def before_publish() -> Fence:
+        if not claim_held() or not board.renew(job.id, worker, settings.job_lease_s):
+            raise ClaimLost()
+        if board.get(job.id).cancel_requested:
+            raise TrainingCancelled()
+        return board.fence(job, settings.job_lease_s)
+
+    return Hooks(
+        on_admitted=running,
+        progress=_progress_reporter(board, job.id, worker),
+        should_stop=_stop_checker(board, job.id, claim_held),
+        before_publish=before_publish,
+    )
 
 
 def _progress_reporter(board: JobBoard, job_id: str, worker: str) -> Callable[[int, int, float], None]:

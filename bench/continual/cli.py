@@ -141,6 +141,19 @@ def continual(
     no_probe: Annotated[
         bool, typer.Option("--no-probe", help="Skip the general-ability probe (trainer/suite/probe.py).")
     ] = False,
+    max_lora_rank: Annotated[
+        int | None,
+        typer.Option(
+            help="Admission's engine limit, as LAMINA_MAX_LORA_RANK (default: a default server's); "
+            "orders 4-6 need 128 for a concat merge of 15 rank-8 tasks."
+        ),
+    ] = None,
+    loraf_grow_rank: Annotated[
+        int | None,
+        typer.Option(
+            help="LoRAF stores grow by this rank when full, as LAMINA_LORAF_GROW_RANK (default: a default server's)."
+        ),
+    ] = None,
 ) -> None:
     """Train methods task after task, evaluate every seen task after each, report AA/BWT/FWT/FR."""
     from bench.continual.config import BenchmarkConfig
@@ -166,6 +179,10 @@ def continual(
         overrides["n_test"] = n_test
     if model is not None:
         overrides["model_dir"] = _model_dir(model)
+    if max_lora_rank is not None:
+        overrides["max_lora_rank"] = max_lora_rank
+    if loraf_grow_rank is not None:
+        overrides["loraf_grow_rank"] = loraf_grow_rank
     try:
         config = BenchmarkConfig.quick(**overrides) if quick else BenchmarkConfig.full(**overrides)
     except (ValueError, KeyError) as error:

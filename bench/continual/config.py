@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import PRESETS, Hyperparameters, resolve_method
-from trainer.contract.settings import default_base_model_dir
+from trainer.contract.settings import VLLM_LORA_RANKS, LaminaSettings, default_base_model_dir
 from trainer.suite import get_order
 
 UPPER_BOUND = "per-task"  # the row of tasks trained alone; not a method of the store
@@ -18,9 +18,12 @@ UPPER_BOUND_METHOD = "inc-lora"  # trained with an empty history, so: plain LoRA
 ALL_METHODS: tuple[str, ...] = tuple(PRESETS)  # the catalogue's presets, baselines first
 RANK = 8  # every task, every method (the issue's setting)
 LORA_ALPHA = 16
-# Admission's engine limit: vLLM's largest LoRA rank, so that concat's rank (Σ r over 15 tasks of
-# orders 4-6) is never what refuses a task; the benchmark measures methods, not one server's limit.
-MAX_LORA_RANK = 512
+
+
+def server_default(name: str) -> Any:
+    """A setting as a server started without ``LAMINA_*`` variables has it: admission in the
+    benchmark refuses exactly what such a server refuses, unless the run says otherwise."""
+    return LaminaSettings.model_fields[name].default
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ class BenchmarkConfig:
     training: str = "table"  # "table": TASK_TRAINING, the same for every method; "auto": trainer.auto's rules
     overrides: tuple[tuple[str, Any], ...] = ()  # hyper-parameters set for every task (a sweep's knob)
     probe: bool = True  # score the general-ability probe (trainer.suite.probe) after every task
+    # Admission's limits, as LAMINA_MAX_LORA_RANK and LAMINA_LORAF_GROW_RANK set them for a server.
+    # A concat merge of orders 4-6 (15 tasks of rank 8: 120) needs max_lora_rank 128.
+    max_lora_rank: int = field(default_factory=lambda: server_default("max_lora_rank"))
+    loraf_grow_rank: int = field(default_factory=lambda: server_default("loraf_grow_rank"))
     preset: str = "custom"
 
     @classmethod
@@ -89,6 +96,10 @@ class BenchmarkConfig:
             raise ValueError("a benchmark needs at least one method and one seed")
         if self.training not in ("table", "auto"):
             raise ValueError(f"training must be 'table' or 'auto', got {self.training!r}")
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {self.max_lora_rank}")
+        if self.loraf_grow_rank < 0:
+            raise ValueError(f"loraf_grow_rank must be >= 0, got {self.loraf_grow_rank}")
         if self.n_tasks is not None and not 1 <= self.n_tasks <= len(get_order(self.order)):
             raise ValueError(f"n_tasks must be in 1..{len(get_order(self.order))}, got {self.n_tasks}")
 

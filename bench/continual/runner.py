@@ -17,9 +17,10 @@ Two references are measured once per run:
 Nothing here trains or merges by itself: a method that the service runs differently would be
 measured wrongly, so every number goes through the service's own code path.
 
-Tasks train and publish through the worker's path: admission (:func:`trainer.admission.admit`,
-whose capacity refusals are the service's 409s), then :func:`trainer.publish.train_for_store` and
-:func:`trainer.publish.publish_trained` (data hash, the method's ledger notes, inflora's subspace).
+Tasks train and publish through the worker's own function, :func:`trainer.publish.train_and_publish`:
+admission with the config's ``max_lora_rank`` and ``loraf_grow_rank`` (a default server's unless
+the run sets them; capacity refusals are the service's 409s), training on the store's live state,
+then the publish (data hash, the method's ledger notes, inflora's subspace).
 :mod:`bench.continual.writers` turns the result into markdown, JSON and a PNG.
 """
 
@@ -42,15 +43,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
 from bench import provenance
-from bench.continual.config import MAX_LORA_RANK, UPPER_BOUND, UPPER_BOUND_METHOD, BenchmarkConfig
+from bench.continual.config import UPPER_BOUND, UPPER_BOUND_METHOD, BenchmarkConfig
 from bench.continual.results import BenchmarkResult, MethodRun, matrix_metrics
-from trainer.admission import AdmissionError, admit
+from trainer.admission import AdmissionError
 from trainer.chat import encode_prompt
 from trainer.config import Example, resolve_method
 from trainer.evaluate import greedy_completions
 from trainer.loop import load_base, select_device
 from trainer.methods.parametrizations import CapacityError
-from trainer.publish import publish_trained, train_for_store
+from trainer.publish import Hooks, train_and_publish
 from trainer.served import merge_deltas, merged_into
 from trainer.suite import Task, accuracy, get_task
 from trainer.suite.probe import build_probe, probe_accuracy
@@ -155,31 +156,35 @@ class _Context:
         return AdapterStore(root, self.fingerprint, base_model=str(self.config.model_dir))
 
 
-def train_and_publish(
+def add_task(
     ctx: _Context, store: AdapterStore, method_name: str, task_index: int, seed: int, label: str
 ) -> tuple[float, dict[str, Any]]:
-    """Admit one task to the store, train it on the store's live state and publish it: the
-    worker's own path (:func:`trainer.admission.admit`, then :mod:`trainer.publish`).
+    """Admit one task to the store, train it on the store's live state and publish it, through
+    the worker's own :func:`trainer.publish.train_and_publish` with the config's admission limits.
 
     Returns (seconds spent, the training's metrics); raises :class:`NoCapacity` when admission
     refuses the task for want of room (the service's 409).
     """
-    method = resolve_method(method_name)
     task = ctx.suite.tasks[task_index]
     ctx.progress.stage(ctx.trainings_done, ctx.trainings_total, label)
+    started = time.perf_counter()
     try:
-        hp = admit(store, task.name, method, ctx.config.hyperparameters(task.name, seed), MAX_LORA_RANK)
+        trained, _ = train_and_publish(
+            store,
+            task.name,
+            ctx.suite.train[task_index],
+            resolve_method(method_name),
+            ctx.config.hyperparameters(task.name, seed),
+            lambda: (ctx.model, ctx.tokenizer),
+            max_lora_rank=ctx.config.max_lora_rank,
+            loraf_grow_rank=ctx.config.loraf_grow_rank,
+            hooks=Hooks(progress=ctx.progress.step),
+            extra_meta={"benchmark": {"order": ctx.config.order, "seed": seed}},
+        )
     except AdmissionError as error:
         if error.code in CAPACITY_CODES:
             raise NoCapacity(error.message) from error
         raise
-    started = time.perf_counter()
-    examples = ctx.suite.train[task_index]
-    trained = train_for_store(
-        ctx.model, ctx.tokenizer, store, examples, method, hp, progress=ctx.progress.step
-    )
-    extra = {"benchmark": {"order": ctx.config.order, "seed": seed}}
-    publish_trained(store, task.name, examples, method, hp, trained, extra_meta=extra)
     ctx.trainings_done += 1
     return time.perf_counter() - started, trained.result.metrics
 
@@ -210,7 +215,7 @@ def run_method(
     refused: list[int] = []
     for i, task in enumerate(ctx.suite.tasks):
         try:
-            seconds, trained = train_and_publish(
+            seconds, trained = add_task(
                 ctx, store, method, i, seed, f"{method} s{seed} {i + 1}/{size} {task.name}"
             )
         except (NoCapacity, CapacityError) as error:
@@ -253,7 +258,7 @@ def run_upper_bound(ctx: _Context, seed: int) -> list[float]:
     scores = []
     for i, task in enumerate(ctx.suite.tasks):
         store = ctx.new_store(f"{UPPER_BOUND}-{task.name}-seed{seed}")
-        train_and_publish(ctx, store, UPPER_BOUND_METHOD, i, seed, f"{UPPER_BOUND} s{seed} {task.name}")
+        add_task(ctx, store, UPPER_BOUND_METHOD, i, seed, f"{UPPER_BOUND} s{seed} {task.name}")
         with merged_into(ctx.model, live_deltas(store)):
             scores.append(ctx.evaluate(i))
     return scores

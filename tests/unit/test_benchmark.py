@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.image
@@ -18,21 +19,22 @@ from typer.testing import CliRunner
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.store import AdapterStore
-from bench.continual.config import MAX_LORA_RANK, BenchmarkConfig
+from bench.continual.config import BenchmarkConfig
 from bench.continual.results import BenchmarkResult, matrix_metrics
 from bench.continual.runner import (
     NoCapacity,
     _Context,
     _Silent,
+    add_task,
     evaluate_task,
     live_deltas,
     load_suite,
     run_benchmark,
-    train_and_publish,
 )
 from bench.continual.writers import load_result, write_all
 from bench.report import envelope
 from trainer.benchmark_cli import bench_app
+from trainer.contract.settings import LaminaSettings
 from trainer.loop import load_base
 from trainer.served import merged_into
 from trainer.suite import get_order
@@ -177,11 +179,13 @@ def test_cli_runs_a_one_task_benchmark(base_model_dir: Path, tmp_path: Path) -> 
     app.add_typer(bench_app, name="bench")  # how the main CLI mounts it
     args = ["bench", "continual", "--methods", "seq-lora", "--n-tasks", "1", "--steps", "2", "--n-test", "4"]
     args += ["--seed", "0", "--no-upper-bound", "--model", str(base_model_dir), "--out", str(tmp_path)]
+    args += ["--max-lora-rank", "128", "--loraf-grow-rank", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "| seq-lora |" in result.output
     config = json.loads((tmp_path / "continual-order1.json").read_text())["config"]
     assert (config["n_tasks"], config["seeds"], config["preset"]) == (1, [0], "quick")
+    assert (config["max_lora_rank"], config["loraf_grow_rank"]) == (128, 2)  # admission's limits, recorded
 
 
 def test_cli_refuses_an_unknown_method(tmp_path: Path) -> None:
@@ -194,19 +198,54 @@ def test_cli_refuses_an_unknown_method(tmp_path: Path) -> None:
     assert "nope" in result.output
 
 
+def test_admission_limits_are_a_default_servers_unless_the_run_sets_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for variable in ("LAMINA_MAX_LORA_RANK", "LAMINA_LORAF_GROW_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    server = LaminaSettings()
+    config = BenchmarkConfig(methods=("inc-lora",))
+    assert (config.max_lora_rank, config.loraf_grow_rank) == (server.max_lora_rank, server.loraf_grow_rank)
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        BenchmarkConfig(methods=("inc-lora",), max_lora_rank=100)  # not a vLLM slot size
+    with pytest.raises(ValueError, match="loraf_grow_rank"):
+        BenchmarkConfig(methods=("inc-lora",), loraf_grow_rank=-1)
+
+
 def test_a_task_the_store_has_no_room_for_is_refused_by_admission(tmp_path: Path) -> None:
-    """The benchmark admits each task as the worker does: a concat merge already at the engine's
-    rank limit refuses the next task before any training (no model is needed to see it)."""
+    """The benchmark admits each task as the worker does: a concat merge already at the run's
+    engine limit refuses the next task before any training (no model is needed to see it)."""
     config = BenchmarkConfig(methods=("inc-lora",), n_tasks=1, n_test=4, upper_bound=False, probe=False)
     store = AdapterStore(tmp_path / "store", "fp")
-    A, B = torch.zeros(MAX_LORA_RANK, 4), torch.zeros(4, MAX_LORA_RANK)
+    rank = config.max_lora_rank
+    A, B = torch.zeros(rank, 4), torch.zeros(4, rank)
     store.publish(
         "full", LoraAdapter({"m": LoraModule(A=A, B=B, scale=1.0)}), {"method": "inc-lora"}, "concat"
     )
     ctx = _Context(config, None, None, "fp", load_suite(config), tmp_path, _Silent())  # type: ignore[arg-type]
     with pytest.raises(NoCapacity, match="max_lora_rank"):
-        train_and_publish(ctx, store, "inc-lora", 0, seed=0, label="refused")
+        add_task(ctx, store, "inc-lora", 0, seed=0, label="refused")
     assert [t.name for t in store.tasks()] == ["full"]
+
+
+def test_the_runs_engine_limit_is_the_one_admission_applies(tmp_path: Path, base) -> None:  # type: ignore[no-untyped-def]
+    """Rank-8 tasks under max_lora_rank 8: the first fits, the second's concat (16) is refused;
+    the same store under 16 takes it, published with the run's order and seed."""
+    model, tokenizer = base
+    config = BenchmarkConfig(
+        methods=("inc-lora",), n_tasks=2, n_test=4, steps=1, upper_bound=False, probe=False, max_lora_rank=8
+    )
+    store = AdapterStore(tmp_path / "store", "fp")
+    ctx = _Context(config, model, tokenizer, "fp", load_suite(config), tmp_path, _Silent())
+    add_task(ctx, store, "inc-lora", 0, seed=0, label="fits")
+    with pytest.raises(NoCapacity, match="max_lora_rank 8"):
+        add_task(ctx, store, "inc-lora", 1, seed=0, label="refused")
+    wider = replace(config, max_lora_rank=16)
+    ctx = _Context(wider, model, tokenizer, "fp", load_suite(wider), tmp_path, _Silent())
+    seconds, metrics = add_task(ctx, store, "inc-lora", 1, seed=0, label="admitted")
+    assert [t.name for t in store.tasks()] == list(get_order(1)[:2])
+    assert seconds > 0 and "final_loss" in metrics
+    assert store.tasks()[-1].meta["benchmark"] == {"order": 1, "seed": 0}
 
 
 SHIM_WITHOUT_BENCH = """

@@ -1,6 +1,8 @@
-"""The worker's last step on the embedded model: a publish that runs out of disk fails its job
-with ``code: disk_full`` and leaves the store as it was; the next job publishes once space is
-back. Training is real (two steps); only the store's write call fails, as a full disk makes it."""
+"""The worker's run_job on the embedded model: a publish that runs out of disk fails its job
+with ``code: disk_full`` and leaves the store as it was, and the next job publishes once space is
+back (training is real, two steps; only the store's write call fails, as a full disk makes it);
+a job admission refuses under the worker's settings fails without loading the model; a job
+cancelled after its claim stops without publishing."""
 
 from __future__ import annotations
 
@@ -19,10 +21,14 @@ HP = {"steps": 2, "batch_size": 2, "r": 2, "learning_rate": 0.005, "seed": 0}
 EXAMPLES = [Example("Word 1 means", " sun"), Example("Word 2 means", " moon")]
 
 
-def train_next(settings: LaminaSettings, board: JobBoard, name: str) -> str:
-    job_id = board.create(name, "lori-d", HP, EXAMPLES).id
+def train_next(
+    settings: LaminaSettings, board: JobBoard, name: str, hp: dict | None = None, cancel: bool = False
+) -> str:
+    job_id = board.create(name, "lori-d", hp or HP, EXAMPLES).id
     job = board.claim_next(worker.worker_name(), settings.job_lease_s)
     assert job is not None and job.id == job_id
+    if cancel:
+        board.request_cancel(job_id)
     worker.run_job(settings, board, job, keep_lock=lambda: None)
     return job_id
 
@@ -52,3 +58,25 @@ def test_a_full_disk_fails_the_job_with_disk_full_and_the_next_job_publishes(
     assert done.status == JobStatus.succeeded, done.error
     assert [t.name for t in store.tasks()] == ["roomy"]
     assert store.ledger()[0]["fence"] == done.generation  # published under its claim
+
+
+def test_a_job_admission_refuses_fails_without_loading_the_model(
+    base_model_dir: Path, tmp_path: Path
+) -> None:
+    """max_lora_rank comes from the worker's settings: rank 16 does not fit an engine of rank 8."""
+    settings = LaminaSettings(model=base_model_dir, home=tmp_path, job_lease_s=60, max_lora_rank=8)
+    board = JobBoard(settings.store_dir)
+    worker._base_model.cache_clear()
+    refused = board.get(train_next(settings, board, "wide", {**HP, "r": 16}))
+    assert refused.status == JobStatus.failed and refused.error is not None
+    assert refused.error.code == "rank_exceeded" and refused.error.param == "hyperparameters.r"
+    assert worker._base_model.cache_info().currsize == 0, "the model was loaded for a refused task"
+    assert worker.open_store(settings).ledger() == []
+
+
+def test_a_job_cancelled_after_its_claim_publishes_nothing(base_model_dir: Path, tmp_path: Path) -> None:
+    settings = LaminaSettings(model=base_model_dir, home=tmp_path, job_lease_s=60)
+    board = JobBoard(settings.store_dir)
+    cancelled = board.get(train_next(settings, board, "stopped", cancel=True))
+    assert cancelled.status == JobStatus.cancelled and cancelled.task_version is None
+    assert worker.open_store(settings).ledger() == []
