@@ -1,10 +1,7 @@
-"""What the serving benchmarks share: running a Lamina server as a real subprocess, and filling
-an adapter store with synthetic adapters so that no training is needed to benchmark serving.
-
-A server is ``python -m server serve`` with ``LAMINA_*`` variables, on a free port, in its own
-process group (vLLM starts child processes; signalling the group reaches all of them). It is
-stopped the way a user stops it, Ctrl-C (SIGINT) to the group, and killed only if it does not
-exit in time, so no benchmark ever leaves an engine running behind it.
+"""What the serving benchmarks share besides running servers (that is :mod:`server.processes`,
+the one way Lamina's processes are started, waited for and stopped): the options every
+benchmark that runs servers takes, the head of their reports, and filling an adapter store with
+synthetic adapters so that no training is needed to benchmark serving.
 
 Synthetic adapters are LoRI-shaped (frozen Kaiming-uniform A, a random B) and published through
 :meth:`AdapterStore.publish`, so the server sees exactly what a trained task would give it: real
@@ -16,21 +13,13 @@ stay comparable between configurations; the cost of serving a LoRA does not depe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
-import socket
 import struct
-import subprocess
 import sys
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,120 +35,9 @@ from trainer.contract.settings import VLLM_LORA_RANKS, LaminaSettings  # noqa: E
 from trainer.methods.parametrizations import kaiming_uniform, module_seed  # noqa: E402
 
 B_STD = 1e-3  # small: the adapted model answers like the base model, see the module docstring
-START_TIMEOUT_S = 600
 
 
-# --- processes -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class ServerProcess:
-    """A server subprocess (Lamina or the HF baseline) and where its output goes."""
-
-    name: str
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-    started_s: float = 0.0  # seconds from spawn to ready
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def spawn(name: str, command: Sequence[str], env: dict[str, str], log_path: Path, port: int) -> ServerProcess:
-    """Start ``command`` in a new session (its own process group), output to ``log_path``."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            list(command),
-            cwd=REPO,
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return ServerProcess(name, f"http://127.0.0.1:{port}", process, log_path)
-
-
-def wait_ready(server: ServerProcess, path: str = "/ready", timeout_s: float = START_TIMEOUT_S) -> float:
-    """Poll ``path`` until it answers 200; raise with the server's log if it dies or never does.
-    Returns the seconds waited."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(server.url + path, timeout=2).status_code == 200:
-                return time.monotonic() - started
-        time.sleep(0.25)
-    stop(server)
-    raise RuntimeError(f"{server.name} not ready after {timeout_s:.0f} s:\n{server.log_tail()}")
-
-
-def lamina_env(home: Path, store: Path, **settings: object) -> dict[str, str]:
-    """``LAMINA_*`` variables for a server on ``store`` with its state under ``home``;
-    ``settings`` are ServerSettings field names (``max_lora_rank=128``)."""
-    env = {"LAMINA_HOME": str(home), "LAMINA_STORE": str(store)}
-    env.update({f"LAMINA_{key.upper()}": str(value) for key, value in settings.items()})
-    return env
-
-
-def start_lamina(
-    name: str,
-    env: dict[str, str],
-    log_path: Path,
-    port: int | None = None,
-    timeout_s: float = START_TIMEOUT_S,
-) -> ServerProcess:
-    """``python -m server serve`` with ``env`` on ``port`` (default: a free one), ready to serve."""
-    port = port or free_port()
-    server = spawn(
-        name, [sys.executable, "-m", "server", "serve"], {**env, "LAMINA_PORT": str(port)}, log_path, port
-    )
-    server.started_s = wait_ready(server, "/ready", timeout_s)
-    return server
-
-
-def stop(server: ServerProcess, timeout_s: float = 60) -> None:
-    """Ctrl-C the whole process group; SIGKILL whatever of it is still alive after ``timeout_s``."""
-    group = server.process.pid  # start_new_session: the group id is the leader's pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGINT)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        server.process.wait(timeout=timeout_s)
-    deadline = time.monotonic() + 15
-    while _group_alive(group) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _group_alive(group):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        server.process.wait(timeout=10)
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def running(server: ServerProcess) -> Iterator[ServerProcess]:
-    """Stop ``server`` on every exit path, Ctrl-C of the benchmark included."""
-    try:
-        yield server
-    finally:
-        stop(server)
+# --- command line and reports ------------------------------------------------------------
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:

@@ -151,18 +151,18 @@ def demo(
 ) -> None:
     """Server + worker on the embedded model, no external services (Ctrl-C stops both)."""
     import os
-    import subprocess
-    import sys
 
-    env = {**os.environ, "LAMINA_PORT": str(port)}
-    worker_process = subprocess.Popen([sys.executable, "-m", "server", "worker"], env=env)
+    from server.processes import start_worker
+
+    # Its own process group, output to this terminal; stopped (group and stragglers) on every
+    # way out of the server: Ctrl-C, SIGTERM, a bad setting, a crash.
+    worker = start_worker({"LAMINA_PORT": str(port)}, log_path=None)
     try:
         os.environ["LAMINA_PORT"] = str(port)
         typer.echo(f"Lamina demo: http://127.0.0.1:{port}/v1 (model names: base, continual, your tasks)")
         serve(host=None, port=port, model=None)
     finally:
-        worker_process.terminate()
-        worker_process.wait(timeout=30)
+        worker.stop(timeout_s=30)
 
 
 @app.command()

@@ -51,6 +51,15 @@ from bench import lamina_process as lp  # noqa: E402
 from bench.report import RESULTS, envelope, markdown_table, write_result  # noqa: E402
 from bench.serve.client import LoadRun, request_bodies, run_load, summarize  # noqa: E402
 from bench.serve.vllm_bench import run_vllm_bench, vllm_payload  # noqa: E402
+from server.processes import (  # noqa: E402
+    ManagedProcess,
+    free_port,
+    lamina_env,
+    running,
+    spawn,
+    start_server,
+    wait_ready,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -66,7 +75,7 @@ class Scenario:
 
     name: str
     models: list[str]
-    before: Callable[[lp.ServerProcess], dict[str, Any]] | None = None
+    before: Callable[[ManagedProcess], dict[str, Any]] | None = None
     runs: list[LoadRun] = field(default_factory=list)
     load: list[float] = field(default_factory=list)  # 1-minute load average at each round's start
     switches: list[dict[str, Any]] = field(default_factory=list)
@@ -78,9 +87,9 @@ class ServerPlan:
 
     name: str
     scenarios: list[Scenario]
-    start: Callable[[Path], lp.ServerProcess]
+    start: Callable[[Path], ManagedProcess]
     config: dict[str, Any]
-    after: Callable[[lp.ServerProcess], dict[str, Any]] | None = None  # e.g. vllm bench serve
+    after: Callable[[ManagedProcess], dict[str, Any]] | None = None  # e.g. vllm bench serve
     facts: dict[str, Any] = field(default_factory=dict)
     requests: int = 0  # per scenario per round; 0: --requests
     rounds: int = 0  # 0: --rounds
@@ -91,9 +100,9 @@ class ServerPlan:
 
 
 def lamina_starter(name: str, home: Path, store: Path, settings: dict[str, Any]) -> Callable:
-    def start(log_dir: Path) -> lp.ServerProcess:
-        env = lp.lamina_env(home, store, **settings)
-        return lp.start_lamina(name, env, log_dir / f"{name}.log")
+    def start(log_dir: Path) -> ManagedProcess:
+        env = lamina_env(home, store, **settings)
+        return start_server(env, log_dir / f"{name}.log", name=name, cwd=REPO)
 
     return start
 
@@ -157,7 +166,7 @@ def weights_plan(args: argparse.Namespace, work: Path, model_dir: Path) -> Serve
     settings = {**args.settings, "continual_serving": "weights"}
     merged: dict[str, str] = {}
 
-    def merge_live(server: lp.ServerProcess) -> dict[str, Any]:
+    def merge_live(server: ManagedProcess) -> dict[str, Any]:
         started = time.perf_counter()
         if not merged:
             publications = lp.build_magnitude_store(
@@ -176,7 +185,7 @@ def weights_plan(args: argparse.Namespace, work: Path, model_dir: Path) -> Serve
             "to_live_s": time.perf_counter() - written,
         }
 
-    def base_live(server: lp.ServerProcess) -> dict[str, Any]:
+    def base_live(server: ManagedProcess) -> dict[str, Any]:
         started = time.perf_counter()
         for task in reversed(store.tasks()):
             store.remove_task(task.name)
@@ -218,14 +227,14 @@ def hf_plan(args: argparse.Namespace, model_dir: Path, concat: list[ServerPlan])
         adapters["continual"] = largest.facts["continual_path"]
         scenarios.append(Scenario(f"continual concat r{args.hf_concat_rank}", ["continual"]))
 
-    def start(log_dir: Path) -> lp.ServerProcess:
-        port = lp.free_port()
+    def start(log_dir: Path) -> ManagedProcess:
+        port = free_port()
         command = [sys.executable, str(HERE / "hf_server.py"), "--model", str(model_dir), "--port", str(port)]
         command += [f"--adapter={name}={path}" for name, path in adapters.items()]
         if args.hf_threads:
             command.append(f"--threads={args.hf_threads}")
-        server = lp.spawn("hf", command, {}, log_dir / "hf.log", port)
-        server.started_s = lp.wait_ready(server)
+        server = spawn("hf", command, {}, log_dir / "hf.log", url=f"http://127.0.0.1:{port}", cwd=REPO)
+        server.started_s = wait_ready(server)
         return server
 
     config = {"server": "transformers generate + PEFT, one request at a time", "adapters": adapters}
@@ -255,7 +264,7 @@ def wait_for_live(url: str, merge_id: str | None, timeout_s: float = 300) -> Non
 def vllm_bench_step(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> Callable:  # noqa: ARG001
     """``vllm bench serve`` (OpenAI backend, random dataset) against Lamina, for base and continual."""
 
-    def step(server: lp.ServerProcess) -> dict[str, Any]:
+    def step(server: ManagedProcess) -> dict[str, Any]:
         common = dict(
             tokenizer=model_dir,
             prompts=args.vllm_bench_prompts,
@@ -277,7 +286,7 @@ def vllm_bench_step(args: argparse.Namespace, model_dir: Path, log_dir: Path) ->
 # --- running -----------------------------------------------------------------------------------
 
 
-def measure(server: lp.ServerProcess, plan: ServerPlan, args: argparse.Namespace) -> None:
+def measure(server: ManagedProcess, plan: ServerPlan, args: argparse.Namespace) -> None:
     """A warm-up per scenario, then ``--rounds`` rounds, each measuring every scenario once."""
     requests, rounds = plan.requests or args.requests, plan.rounds or args.rounds
     warm_up = plan.warm_up or 2 * args.concurrency
@@ -301,7 +310,7 @@ def measure(server: lp.ServerProcess, plan: ServerPlan, args: argparse.Namespace
             )
 
 
-def prepare(server: lp.ServerProcess, scenario: Scenario) -> None:
+def prepare(server: ManagedProcess, scenario: Scenario) -> None:
     if scenario.before is not None:
         scenario.switches.append(scenario.before(server))
 
@@ -310,7 +319,7 @@ def execute(plan: ServerPlan, args: argparse.Namespace, log_dir: Path) -> None:
     print(f"== {plan.name}: starting server ({plan.config}) ...", flush=True)
     server = plan.start(log_dir)
     plan.facts["start_s"] = server.started_s
-    with lp.running(server):
+    with running(server):
         measure(server, plan, args)
         if plan.after is not None:
             plan.facts["after"] = plan.after(server)

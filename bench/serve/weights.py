@@ -8,7 +8,7 @@ with 1, 8 and 32 tasks of every merge kind, with the merge written into the weig
 (``LAMINA_CONTINUAL_SERVING=weights``, the default); and what ``base`` and a task's model cost
 once they are corrections relative to those weights (server/corrections.py).
 
-One server per merge kind (``bench/lamina_process.py``), on a store of synthetic tasks published
+One server per merge kind (``server/processes.py``), on a store of synthetic tasks published
 one by one through ``AdapterStore.publish`` (real PEFT files, the real merges):
 
 - ``concat`` (LoRI-D): tasks of rank ``--task-rank``; the merge's rank is tasks × rank;
@@ -55,6 +55,7 @@ from bench.serve.run import (  # noqa: E402
     table,
     wait_for_live,
 )
+from server.processes import ManagedProcess  # noqa: E402
 from trainer.methods.parametrizations import kaiming_uniform, module_seed  # noqa: E402
 
 ADMIN_KEY = "bench-weights"
@@ -112,8 +113,8 @@ def kind_plan(kind: str, args: argparse.Namespace, work: Path, model_dir: Path) 
     largest = max(args.tasks)
     settings = {**args.settings, "continual_serving": "weights", "admin_key": ADMIN_KEY}
 
-    def live(merge: str) -> Callable[[lp.ServerProcess], dict[str, Any]]:
-        def before(server: lp.ServerProcess) -> dict[str, Any]:
+    def live(merge: str) -> Callable[[ManagedProcess], dict[str, Any]]:
+        def before(server: ManagedProcess) -> dict[str, Any]:
             started = time.perf_counter()
             if (current := store.live()) is None or current.id != merge:
                 store.rollback(merge)
@@ -140,11 +141,11 @@ def kind_plan(kind: str, args: argparse.Namespace, work: Path, model_dir: Path) 
     return plan
 
 
-def corrections_after(merges: dict[int, str]) -> Callable[[lp.ServerProcess], dict[str, Any]]:
+def corrections_after(merges: dict[int, str]) -> Callable[[ManagedProcess], dict[str, Any]]:
     """After the rounds: each store size's corrections (rank, error) and swap times, from the
     server's admin view (rolling back to each merge in turn)."""
 
-    def after(server: lp.ServerProcess) -> dict[str, Any]:
+    def after(server: ManagedProcess) -> dict[str, Any]:
         out: dict[str, Any] = {}
         headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
         for count, merge in sorted(merges.items()):

@@ -4,7 +4,7 @@ published and one is rolled back. The goals: 0 failed requests and 0 mixed-versi
     .venv/bin/python bench/streams/run.py                    # 64 clients, 10 publishes, 1 rollback
     .venv/bin/python bench/streams/run.py --clients 8 --publishes 2   # a quick look
 
-A real ``python -m server serve`` (``bench/lamina_process.py``) on a synthetic LoRI-D store, with
+A real ``python -m server serve`` (``server/processes.py``) on a synthetic LoRI-D store, with
 Redis events when Redis answers (else the server polls the ledger). ``--clients`` clients stream
 ``model=continual`` completions back to back (sampled, ``ignore_eos``, ``--max-tokens`` long on
 average; lengths varied and starts staggered so that requests do not move in waves). Meanwhile this process publishes ``--publishes`` synthetic tasks ``--interval`` s apart through
@@ -56,6 +56,7 @@ from bench.serve.client import (  # noqa: E402
     percentiles,
 )
 from bench.swap.run import Publisher, gaps_near, longest_gap, redis_reachable  # noqa: E402
+from server.processes import lamina_env, running, start_server  # noqa: E402
 
 CONTINUAL = "continual"
 ADMIN_KEY = "bench-streams-admin"
@@ -86,14 +87,14 @@ async def run_streams(args: argparse.Namespace, work: Path, redis_url: str | Non
     }
     if redis_url:
         settings["redis_url"] = redis_url
-    env = lp.lamina_env(work, work / "store", **settings)
+    env = lamina_env(work, work / "store", **settings)
     print(f"== starting server ({settings}) ...", flush=True)
-    server = await asyncio.to_thread(lp.start_lamina, "streams", env, work / "server.log")
+    server = await asyncio.to_thread(start_server, env, work / "server.log", name="streams", cwd=REPO)
     results: list[RequestResult] = []
     changes: list[Change] = []
     stop = asyncio.Event()
 
-    with lp.running(server):
+    with running(server):
         async with streaming_client(args.clients) as client:
 
             async def stream_client(k: int) -> None:

@@ -3,7 +3,8 @@
     .venv/bin/python bench/swap/run.py                     # CPU defaults, ~4 min on 2 cores
     .venv/bin/python bench/swap/run.py --modes poll --publishes 3 --restarts 0   # a quick look
 
-A real ``python -m server serve`` on a synthetic LoRI-D store (``bench/lamina_process.py``).
+A real ``python -m server serve`` (``server/processes.py``) on a synthetic LoRI-D store
+(``bench/lamina_process.py``).
 ``--clients`` clients stream ``model=continual`` completions back to back, plus one probe client
 whose answers are one token long (so a new version is seen within about one short request, not
 one long one). Meanwhile this process publishes ``--publishes`` new tasks, ``--interval`` seconds
@@ -59,6 +60,7 @@ from bench.serve.client import (  # noqa: E402
     loop_until,
     percentiles,
 )
+from server.processes import free_port, lamina_env, start_server  # noqa: E402
 
 CONTINUAL = "continual"
 
@@ -129,10 +131,12 @@ async def run_session(args: argparse.Namespace, mode: str, work: Path, restarts:
     settings["continual_serving"] = "lora" if mode.endswith("-lora") else "weights"
     if redis_url:
         settings["redis_url"] = redis_url
-    env = lp.lamina_env(home, home / "store", **settings)
-    port = lp.free_port()
+    env = lamina_env(home, home / "store", **settings)
+    port = free_port()
     print(f"== {mode}: starting server ({settings}) ...", flush=True)
-    server = await asyncio.to_thread(lp.start_lamina, f"swap-{mode}", env, home / "server-1.log", port)
+    server = await asyncio.to_thread(
+        start_server, env, home / "server-1.log", name=f"swap-{mode}", port=port, cwd=REPO
+    )
     start_s = server.started_s
     results: list[RequestResult] = []
     publishes: list[Publish] = []
@@ -159,16 +163,18 @@ async def run_session(args: argparse.Namespace, mode: str, work: Path, restarts:
                 publish.restart = True
                 publish.stop_sent = time.perf_counter()
                 print(f"  published {publish.merge}; restarting the server ...", flush=True)
-                await asyncio.to_thread(lp.stop, server)
+                await asyncio.to_thread(server.stop)
                 log = home / f"server-{sum(p.restart for p in publishes) + 2}.log"
-                server = await asyncio.to_thread(lp.start_lamina, f"swap-{mode}", env, log, port)
+                server = await asyncio.to_thread(
+                    start_server, env, log, name=f"swap-{mode}", port=port, cwd=REPO
+                )
                 publish.ready = time.perf_counter()
                 publishes.append(publish)
                 await asyncio.sleep(args.interval)
             stop.set()
             await asyncio.gather(*loops)
     finally:
-        await asyncio.to_thread(lp.stop, server)
+        await asyncio.to_thread(server.stop)
     return Session(mode, results, publishes, (hot_start, hot_end), start_s)
 
 

@@ -1,90 +1,46 @@
 """Real processes for the tests: a ``lamina serve`` subprocess on a free port, stopped with
-Ctrl-C like a user would, and a private ``redis-server`` a test may stop and restart. A library,
-not fixtures: test modules and ``service_stack`` import it; ``conftest`` only holds fixtures."""
+Ctrl-C like a user would, and a private ``redis-server`` a test may stop and restart. Starting,
+waiting and stopping are :mod:`server.processes` (the demo and the benchmarks use it too); this
+module adds what only tests want: a state directory under the test's own, and ``pytest.fail``
+with the server's log instead of an exception. A library, not fixtures: test modules and
+``service_stack`` import it; ``conftest`` only holds fixtures."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 import redis
 
+from server.processes import ManagedProcess, ProcessFailed, free_port
+from server.processes import start_server as start_lamina_server
+
+__all__ = ["REPO", "RedisServer", "RunningServer", "free_port", "start_server", "stop_server"]
+
 REPO = Path(__file__).resolve().parents[2]
 SERVER_START_TIMEOUT_S = 300
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class RunningServer:
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+RunningServer = ManagedProcess  # what the tests call a started server
 
 
 def start_server(env_overrides: dict[str, str], log_path: Path) -> RunningServer:
-    """Start ``lamina serve`` and wait for /ready; fail with the server's log if it never is."""
-    port = free_port()
-    home = {"LAMINA_HOME": str(log_path.parent / "home")}  # never the repository's own var/
-    env = {**os.environ, **home, **env_overrides, "LAMINA_PORT": str(port), "PYTHONUNBUFFERED": "1"}
-    log_file = log_path.open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve"],
-        cwd=REPO,
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop_server(server)
-    pytest.fail(f"server not ready after {SERVER_START_TIMEOUT_S} s:\n{server.log_tail()}")
+    """Start ``lamina serve`` and wait for /ready; fail with the server's log if it never is.
+    Its state goes under the log's directory unless ``env_overrides`` says where: never the
+    repository's own var/."""
+    env = {"LAMINA_HOME": str(log_path.parent / "home"), **env_overrides}
+    try:
+        return start_lamina_server(env, log_path, name="server", timeout_s=SERVER_START_TIMEOUT_S, cwd=REPO)
+    except ProcessFailed as failed:
+        pytest.fail(str(failed))
 
 
 def stop_server(server: RunningServer, timeout: float = 60) -> list[psutil.Process]:
     """Ctrl-C the server like a user would; returns any of its processes still alive after."""
-    try:
-        family = [
-            psutil.Process(server.process.pid),
-            *psutil.Process(server.process.pid).children(recursive=True),
-        ]
-    except psutil.NoSuchProcess:
-        family = []
-    server.process.send_signal(signal.SIGINT)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        server.process.wait(timeout=timeout)
-    _, alive = psutil.wait_procs(family, timeout=15)
-    for proc in alive:  # never leave strays behind, even when the test fails
-        proc.kill()
-    return alive
+    return server.stop(timeout)
 
 
 class RedisServer:

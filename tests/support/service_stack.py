@@ -1,13 +1,10 @@
-"""A running Lamina service for integration tests: the server, a real ``lamina worker``
+"""A running Lamina service for integration tests: the server, a real training worker
 process, and helpers to post tasks and wait for them. Shared by the service, fault, replica and dense-serving tests."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 import redis
 
+from server import processes
 from tests.support.processes import REPO, RunningServer, start_server, stop_server
 
 # Only a failing test waits this long: a 120-step job on the embedded model took over 240 s on
@@ -89,26 +86,14 @@ def running_stack(
 
 
 def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """``lamina worker`` in its own process group (so a test can kill all of it at once)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "server", "worker"],
-        cwd=REPO,
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-        stdout=log_path.open("a"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    """The training worker in its own process group (so a test can kill all of it at once),
+    its output appended to ``log_path``."""
+    return processes.start_worker(env, log_path, cwd=REPO).process
 
 
 def stop_worker(worker: subprocess.Popen) -> None:
-    try:
-        family = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    worker.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(family, timeout=30)
-    for proc in alive:
-        proc.kill()
+    """Ctrl-C the worker's group; kill what of it is still alive 30 s later."""
+    processes.stop_process(worker, timeout_s=30)
 
 
 def post_task(
