@@ -29,7 +29,7 @@ from server.finetuning.service import FineTuningService
 from server.hotswap import CONTINUAL, AdapterSync
 from server.limits import BodySizeLimit
 from server.metrics import LaminaMetrics
-from server.models import ModelRegistry
+from server.model_registry import ModelRegistry
 from server.openai.router import router as openai_router
 from server.openai.router import tokenizer_router
 from server.openai.serving import CompletionService

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.models import ModelNotFound
+from server.model_registry import ModelNotFound
 from server.request_id import HEADER, current_request_id
 
 log = logging.getLogger(__name__)

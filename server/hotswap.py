@@ -40,7 +40,7 @@ from adapters_store.store import AdapterStore, MergeRecord, TaskRecord
 from server.engine import AdapterHandle, Engine
 from server.engine_adapters import EngineAdapters
 from server.metrics import LaminaMetrics
-from server.models import ModelRegistry, Route
+from server.model_registry import ModelRegistry, Route, RouteKind
 from server.weights_sync import WeightsServing
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class AdapterSync:
         self._lock = asyncio.Lock()  # one sync or sweep at a time: loads never race unloads
         # (live merge, live task ids) as of the last successful sync; None before the first one
         self._serving: tuple[str | None, tuple[str, ...]] | None = None
-        registry.set_route(Route(CONTINUAL, None, CONTINUAL))  # no tasks yet: continual = base
+        registry.set_route(Route(CONTINUAL, None, RouteKind.continual))  # no tasks yet: continual = base
 
     # --- one sync ---------------------------------------------------------------------------
 
@@ -139,11 +139,11 @@ class AdapterSync:
             return
         routes: list[Route] = []
         for task in tasks:  # load everything first, flip aliases only when all loaded
-            routes.append(Route(task.name, await self._load_task(task), "task"))
+            routes.append(Route(task.name, await self._load_task(task), RouteKind.task))
         if live is not None:
-            routes.append(Route(CONTINUAL, await self._load_merge(live), CONTINUAL))
+            routes.append(Route(CONTINUAL, await self._load_merge(live), RouteKind.continual))
         else:
-            routes.append(Route(CONTINUAL, None, CONTINUAL))
+            routes.append(Route(CONTINUAL, None, RouteKind.continual))
         self.registry.replace_routes(routes)
         self._served(live, tasks)
 

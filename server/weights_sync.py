@@ -40,7 +40,7 @@ from adapters_store.merges import DenseDelta
 from adapters_store.store import MergeRecord, TaskRecord
 from server.corrections import Correction, correction
 from server.engine import AdapterHandle, Engine
-from server.models import ModelRegistry, Route
+from server.model_registry import ModelRegistry, Route, RouteKind
 
 log = logging.getLogger(__name__)
 CONTINUAL = "continual"
@@ -90,12 +90,14 @@ class WeightsServing:
         routes: list[Route] = []
         corrections: dict[str, dict[str, Any]] = {}
         if live is None:
-            routes.append(Route(self.registry.base_name, None, "base"))
-            routes.append(Route(CONTINUAL, None, CONTINUAL))
+            routes.append(Route(self.registry.base_name, None, RouteKind.base))
+            routes.append(Route(CONTINUAL, None, RouteKind.continual))
         else:
             delta = await asyncio.to_thread(_live_delta, live)
-            targets: list[tuple[str, str, TaskRecord | None]] = [(self.registry.base_name, "base", None)]
-            targets += [(t.name, "task", t) for t in tasks]
+            targets: list[tuple[str, RouteKind, TaskRecord | None]] = [
+                (self.registry.base_name, RouteKind.base, None)
+            ]
+            targets += [(t.name, RouteKind.task, t) for t in tasks]
             for public, kind, task in targets:
                 label = f"{task.name}@v{task.version}" if task else public
                 name = f"{label}~{live.id}"
@@ -103,7 +105,7 @@ class WeightsServing:
                 corrections[public] = {"adapter": name, **summary}
                 handle = await load(name, path) if path is not None else None
                 routes.append(Route(public, handle, kind, in_weights=None if handle else name))
-            routes.append(Route(CONTINUAL, None, CONTINUAL, in_weights=f"{CONTINUAL}@{live.id}"))
+            routes.append(Route(CONTINUAL, None, RouteKind.continual, in_weights=f"{CONTINUAL}@{live.id}"))
         merge = live.id if live else None
         if merge != self.status.merge:
             await self._swap(live, routes)

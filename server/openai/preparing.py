@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from server.errors import APIError
-from server.models import ModelRegistry
+from server.model_registry import ModelRegistry
 from server.openai.chat_template import ChatTemplate
 from server.openai.protocol import AnyRequest, ChatCompletionRequest, CompletionRequest
 from server.settings import ServerSettings

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from server.errors import ErrorResponse
-from server.models import Route
+from server.model_registry import Route, RouteKind
 from server.openai.protocol import (
     AnyRequest,
     ChatCompletionRequest,
@@ -39,7 +39,7 @@ def _card(request: Request, route: Route) -> ModelCard:
     but the base itself."""
     settings = request.app.state.settings
     root = route.adapter.name if route.adapter else (route.in_weights or str(settings.model))
-    parent = None if route.kind == "base" else request.app.state.registry.base_name
+    parent = None if route.kind is RouteKind.base else request.app.state.registry.base_name
     return ModelCard(
         id=route.name,
         created=route.created,

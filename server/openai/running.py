@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from server.engine import Engine
 from server.errors import APIError
-from server.models import Route
+from server.model_registry import Route
 from server.openai.formats import Piece
 from server.openai.preparing import Prepared
 

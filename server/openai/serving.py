@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from server.engine import Engine
 from server.errors import APIError
 from server.metrics import LaminaMetrics
-from server.models import ModelRegistry, Route
+from server.model_registry import ModelRegistry, Route
 from server.openai.formats import ChatFormat, Choice, CompletionFormat, Format
 from server.openai.preparing import Prepared, RequestPreparer, refusal
 from server.openai.protocol import (

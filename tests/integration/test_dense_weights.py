@@ -25,7 +25,7 @@ from adapters_store.merges import DenseDelta
 from adapters_store.store import AdapterStore
 from server.engine import Engine
 from server.hotswap import AdapterSync
-from server.models import ModelNotFound, ModelRegistry
+from server.model_registry import ModelNotFound, ModelRegistry
 from server.settings import ServerSettings
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]

@@ -14,7 +14,7 @@ from tokenizers.processors import TemplateProcessing
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from server.errors import APIError
-from server.models import ModelRegistry
+from server.model_registry import ModelRegistry
 from server.openai.protocol import ChatCompletionRequest
 from server.openai.serving import CompletionService
 from server.settings import ServerSettings

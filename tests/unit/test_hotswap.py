@@ -16,7 +16,7 @@ from server.engine import AdapterHandle
 from server.engine_adapters import AdapterState
 from server.hotswap import CONTINUAL, AdapterSync
 from server.metrics import LaminaMetrics
-from server.models import ModelNotFound, ModelRegistry
+from server.model_registry import ModelNotFound, ModelRegistry
 from tests.support.store import FP, META, make_adapter
 
 

@@ -21,7 +21,7 @@ from server.app import create_app
 from server.engine import AdapterHandle
 from server.hotswap import AdapterSync
 from server.metrics import LaminaMetrics
-from server.models import ModelRegistry
+from server.model_registry import ModelRegistry
 from server.settings import ServerSettings
 from trainer.config import Example
 from trainer.contract.board import JobBoard, JobStatus

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from server.engine import AdapterHandle
-from server.models import ModelNotFound, ModelRegistry, Route
+from server.model_registry import ModelNotFound, ModelRegistry, Route, RouteKind
 
 V1 = AdapterHandle("continual@m1", 1, "/store/merges/m1")
 V2 = AdapterHandle("continual@m2", 2, "/store/merges/m2")
@@ -25,17 +25,17 @@ def test_unknown_name_raises_with_the_name() -> None:
 
 def test_set_route_returns_the_previous_adapter() -> None:
     registry = ModelRegistry("base")
-    assert registry.set_route(Route("continual", V1, "continual")) is None
-    assert registry.set_route(Route("continual", V2, "continual")) == V1
-    assert registry.resolve("continual").adapter == V2
+    assert registry.set_route(Route("continual", V1, RouteKind.continual)) is None
+    assert registry.set_route(Route("continual", V2, RouteKind.continual)) == V1
+    assert registry.resolve(RouteKind.continual).adapter == V2
 
 
 def test_lease_keeps_a_swapped_out_adapter_in_use_until_released() -> None:
     registry = ModelRegistry("base")
-    registry.set_route(Route("continual", V1, "continual"))
-    with registry.lease("continual") as route:
+    registry.set_route(Route("continual", V1, RouteKind.continual))
+    with registry.lease(RouteKind.continual) as route:
         assert route.adapter == V1
-        registry.set_route(Route("continual", V2, "continual"))
+        registry.set_route(Route("continual", V2, RouteKind.continual))
         assert registry.in_use(V1), "a running request still decodes with v1"
     assert not registry.in_use(V1)
     assert registry.in_use(V2)
@@ -43,7 +43,7 @@ def test_lease_keeps_a_swapped_out_adapter_in_use_until_released() -> None:
 
 def test_lease_is_released_when_the_request_fails() -> None:
     registry = ModelRegistry("base")
-    registry.set_route(Route("task-a", V1, "task"))
+    registry.set_route(Route("task-a", V1, RouteKind.task))
     with pytest.raises(RuntimeError), registry.lease("task-a"):
         raise RuntimeError("engine error")
     registry.drop_route("task-a")
@@ -53,9 +53,15 @@ def test_lease_is_released_when_the_request_fails() -> None:
 def test_replace_routes_flips_every_name_and_drops_removed_tasks_only() -> None:
     registry = ModelRegistry("base")
     registry.replace_routes(
-        [Route("task-a", V1, "task"), Route("task-b", V1, "task"), Route("continual", V1, "continual")]
+        [
+            Route("task-a", V1, RouteKind.task),
+            Route("task-b", V1, RouteKind.task),
+            Route("continual", V1, RouteKind.continual),
+        ]
     )
-    registry.replace_routes([Route("task-a", V2, "task"), Route("continual", V2, "continual")])
+    registry.replace_routes(
+        [Route("task-a", V2, RouteKind.task), Route("continual", V2, RouteKind.continual)]
+    )
     assert {r.name: r.adapter for r in registry.routes()} == {"base": None, "task-a": V2, "continual": V2}
     with pytest.raises(ModelNotFound):
         registry.resolve("task-b")

@@ -20,7 +20,7 @@ from adapters_store.store import AdapterStore
 from server.admin.imports import base_linear_shapes
 from server.engine import AdapterHandle
 from server.hotswap import AdapterSync
-from server.models import ModelRegistry
+from server.model_registry import ModelRegistry
 from trainer.base_model.catalog import MANIFEST_NAME
 from trainer.contract.settings import LaminaSettings
 

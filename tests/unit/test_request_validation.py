@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.errors import APIError
-from server.models import ModelRegistry
+from server.model_registry import ModelRegistry
 from server.openai.protocol import ChatCompletionRequest, CompletionRequest
 from server.openai.serving import CompletionService
 from server.settings import ServerSettings

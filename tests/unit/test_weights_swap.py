@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server.models import ModelRegistry
+from server.model_registry import ModelRegistry
 
 
 async def _request(registry: ModelRegistry, tag: str, release: asyncio.Event, log: list) -> None:

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from server.engine import AdapterHandle
 
@@ -36,13 +37,21 @@ class ModelNotFound(LookupError):
         self.name = name
 
 
+class RouteKind(StrEnum):
+    """What answers for a public model name; ``GET /v1/models`` shows it as each model's ``kind``."""
+
+    base = "base"  # the base model, no adapter
+    task = "task"  # one learned task's own adapter, under the task's name
+    continual = "continual"  # the live merge of every task
+
+
 @dataclass(frozen=True)
 class Route:
     """A public model name and what currently answers for it."""
 
     name: str
     adapter: AdapterHandle | None  # None: the base model's own weights
-    kind: str  # "base" | "task" | "continual"
+    kind: RouteKind
     in_weights: str | None = None  # served from the engine's weights with no adapter: what answers carry
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -52,7 +61,7 @@ class ModelRegistry:
 
     def __init__(self, base_name: str) -> None:
         self.base_name = base_name
-        self._routes: dict[str, Route] = {base_name: Route(base_name, None, "base")}
+        self._routes: dict[str, Route] = {base_name: Route(base_name, None, RouteKind.base)}
         self._in_flight: Counter[int] = Counter()
         self._running = 0  # leases held now, whatever they resolved to
         self._open: asyncio.Event | None = None  # created on first use, in the serving loop
@@ -83,7 +92,7 @@ class ModelRegistry:
         for route in routes:
             self._routes[route.name] = route
         for name, route in list(self._routes.items()):
-            if route.kind == "task" and name not in wanted:
+            if route.kind is RouteKind.task and name not in wanted:
                 del self._routes[name]
 
     @contextmanager
