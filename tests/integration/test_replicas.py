@@ -2,20 +2,20 @@
 store directory and one Redis, as a production deployment runs them.
 
 - tasks posted to either replica train once each, in arrival order;
-- both replicas serve each new live version on its Redis event, long before their ledger poll
-  would have found it, and within the poll interval when no event comes (a replica without Redis, or an event
-  lost while Redis was away: both look the same to the replica);
+- both replicas serve each new live version on its Redis event within the issue's 1 s, long
+  before their ledger poll would have found it, and within the poll interval when no event
+  comes (a replica without Redis, or an event lost while Redis was away: both look the same
+  to the replica);
 - a rollback on one replica reaches the other;
 - streams on ``continual`` on both replicas keep one version each while versions are
   published and rolled back under them (the small CI version of ``bench/streams``).
 
 The replicas poll the ledger every ``POLL_S`` seconds, far longer than ``EVENT_FOLLOW_S``, so
 a replica that only followed the poll would miss that bound (for 8 replica-publishes, by chance
-alone, with odds below 1e-4). The issue's 1 s figure is a speed goal: the benchmarks measure it
-(``bench/swap``, ``bench/streams``); this test asserts that the events drive the swap. A thread watches both
-replicas' ``/ready`` for the whole module and records when each started serving which merge;
-latencies are measured from the ``ts`` of the ledger's ``set_live`` entry. The tests run in
-file order and build on each other's versions.
+alone, with odds below 1e-7). A thread watches both replicas' ``/ready`` for the whole module
+and records when each started serving which merge; latencies are measured from the ``ts`` of
+the ledger's ``set_live`` entry. The tests run in file order and build on each other's
+versions.
 """
 
 from __future__ import annotations
@@ -57,7 +57,11 @@ METHOD = "lori-d"
 SHORT = {"steps": 8, "learning_rate": 0.005, "batch_size": 4, "r": 2, "seed": 0}
 EXAMPLES = [(f"Word {i} means", f" {w}") for i, w in enumerate(["sun", "moon", "star", "sky"])]
 POLL_S = 10.0  # each replica's ledger poll (LAMINA_LEDGER_POLL_S)
-EVENT_FOLLOW_S = 3.0  # a replica following the Redis event, on a loaded 2-core CI machine
+# A replica following the Redis event: the issue's 1 s, plus 0.2 s for this test's sampling (both
+# replicas' /ready in turn every 50 ms, each answer slower on a loaded 2-core machine). Measured
+# 0.02-0.19 s per replica; it was 1.05-1.10 s for one replica of the two while vLLM's workers,
+# pinned to one core, spun on it for a second after each message (server/worker_spin.py).
+EVENT_FOLLOW_S = 1.2
 SYNC_SLACK_S = 1.5  # loading a version and this test's 50 ms /ready sampling, on a loaded 2-core machine
 ADMIN_KEY = "replicas-admin-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -194,6 +198,7 @@ def assert_followed(replicas: Replicas, entries: list[dict], bound_s: float) -> 
             )
             row.append(delay)
         delays.append(row)
+    print(f"followed {[e['merge'] for e in entries]} after (s, per replica): {delays}")
     assert max(max(row) for row in delays) <= bound_s, f"{bound_s} s bound missed: {delays}"
     return delays
 
