@@ -54,3 +54,19 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def machine_line(result: dict[str, Any]) -> str:
+    """One line for a report: the machine, its load, the commit and the date of a result."""
+    m = result["machine"]
+    gpu = f", GPU {m['gpu']}" if "gpu" in m else ""
+    return (
+        f"{m['cpu_model']}, {m['cores']} cores{gpu}, torch {m['torch']}, load average at start "
+        f"{m['load_average_at_start'][0]:.2f}, at end {m.get('load_average_at_end', [0])[0]:.2f}; "
+        f"commit {result['commit']['sha'][:10]}{' (dirty)' if result['commit']['dirty'] else ''}, {result['date']}"
+    )
+
+
+def report_head(title: str, result: dict[str, Any]) -> list[str]:
+    """The first lines of a benchmark's Markdown report: its title, then :func:`machine_line`."""
+    return [f"# {title}", "", f"Machine: {machine_line(result)}", ""]

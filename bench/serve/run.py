@@ -4,7 +4,7 @@
     .venv/bin/python bench/serve/run.py --requests 16 --rounds 1 --ranks 8 --skip-hf   # a quick look
 
 Every configuration is a real ``python -m server serve`` subprocess on a store filled with
-synthetic adapters (``bench/lamina_process.py``; no training needed), measured with the same
+synthetic adapters (``bench/serving_common.py``; no training needed), measured with the same
 closed-loop streaming client (``bench/serve/client.py``):
 
 - ``base``: no adapter;
@@ -47,8 +47,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench import lamina_process as lp  # noqa: E402
-from bench.report import RESULTS, envelope, markdown_table, write_result  # noqa: E402
+from bench import serving_common as common  # noqa: E402
+from bench.report import RESULTS, envelope, markdown_table, report_head, write_result  # noqa: E402
 from bench.serve.client import LoadRun, request_bodies, run_load, summarize  # noqa: E402
 from bench.serve.vllm_bench import run_vllm_bench, vllm_payload  # noqa: E402
 from server.processes import (  # noqa: E402
@@ -115,10 +115,14 @@ def concat_plans(args: argparse.Namespace, work: Path, model_dir: Path) -> list[
         task_rank = min(args.task_rank, rank)
         tasks = -(-rank // task_rank)
         store = work / f"concat-r{rank}" / "store"
-        publications = lp.build_concat_store(store, model_dir, tasks, task_rank)
+        publications = common.build_concat_store(store, model_dir, tasks, task_rank)
         served_rank = int(publications[-1].merge.meta["rank"])
         # served as a LoRA (the weights default is bench/serve/weights.py's subject)
-        settings = {**args.settings, "max_lora_rank": lp.lora_slot(served_rank), "continual_serving": "lora"}
+        settings = {
+            **args.settings,
+            "max_lora_rank": common.lora_slot(served_rank),
+            "continual_serving": "lora",
+        }
         scenarios = [Scenario("base", ["base"]), Scenario(f"continual concat r{served_rank}", ["continual"])]
         if tasks == args.mix_tasks and not has_mix:
             has_mix = True
@@ -140,10 +144,10 @@ def concat_plans(args: argparse.Namespace, work: Path, model_dir: Path) -> list[
 def mix_plan(args: argparse.Namespace, work: Path, model_dir: Path) -> ServerPlan:
     """A server just for the mix, when no concat rank had ``--mix-tasks`` tasks."""
     store = work / "mix" / "store"
-    publications = lp.build_concat_store(store, model_dir, args.mix_tasks, args.task_rank)
+    publications = common.build_concat_store(store, model_dir, args.mix_tasks, args.task_rank)
     settings = {
         **args.settings,
-        "max_lora_rank": lp.lora_slot(args.mix_tasks * args.task_rank),
+        "max_lora_rank": common.lora_slot(args.mix_tasks * args.task_rank),
         "continual_serving": "lora",
     }
     names = [p.task.name for p in publications]
@@ -162,14 +166,14 @@ def weights_plan(args: argparse.Namespace, work: Path, model_dir: Path) -> Serve
     roll back to that merge), so the server writes W0 + ΔW; ``base`` rounds remove the tasks, so
     it writes W0 back and serves ``base`` again (it does not while a weights merge is live)."""
     store_root = work / "dense" / "store"
-    store = lp.open_store(store_root, model_dir)
+    store = common.open_store(store_root, model_dir)
     settings = {**args.settings, "continual_serving": "weights"}
     merged: dict[str, str] = {}
 
     def merge_live(server: ManagedProcess) -> dict[str, Any]:
         started = time.perf_counter()
         if not merged:
-            publications = lp.build_magnitude_store(
+            publications = common.build_magnitude_store(
                 store_root, model_dir, args.dense_tasks, args.task_rank, args.dense_targets, seed=100
             )
             merged["id"], how = publications[-1].merge.id, "publish"
@@ -471,7 +475,7 @@ def _pair(summary: dict[str, Any], a: str, b: str) -> str:
 def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     parts = [
-        *lp.report_head("bench/serve", result),
+        *report_head("bench/serve", result),
         f"{c['concurrency']} concurrent streaming clients, closed loop, {c['requests']} requests per "
         f"configuration per round x {c['rounds']} rounds, max_tokens {c['max_tokens']}, temperature 1 with a "
         "seed per request (the same requests for every configuration). A Lamina row's × base tok/s is the "
@@ -540,9 +544,9 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-weights", action="store_true")
     parser.add_argument("--skip-vllm-bench", action="store_true")
-    lp.add_server_arguments(parser)
+    common.add_server_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "serve.json")
-    args = lp.parse_server_arguments(parser)
+    args = common.parse_server_arguments(parser)
     result = run(args)
     print(table(result["scenarios"]))
     write_result(result, args.out, markdown(result))
@@ -551,7 +555,7 @@ def main() -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k not in ("out", "work")}
     result = envelope("serve", config)
-    model_dir = lp.base_model_dir()
+    model_dir = common.base_model_dir()
     result["base_model"] = str(model_dir)
     with tempfile.TemporaryDirectory(prefix="lamina-serve-bench-") as tmp:
         work = args.work or Path(tmp)

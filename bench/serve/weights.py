@@ -44,8 +44,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from adapters_store.lora import LoraAdapter, LoraModule  # noqa: E402
-from bench import lamina_process as lp  # noqa: E402
-from bench.report import RESULTS, envelope, markdown_table, write_result  # noqa: E402
+from bench import serving_common as common  # noqa: E402
+from bench.report import RESULTS, envelope, markdown_table, report_head, write_result  # noqa: E402
 from bench.serve.run import (  # noqa: E402
     Scenario,
     ServerPlan,
@@ -69,7 +69,7 @@ def sum_task(shapes: dict[str, tuple[int, int]], rank: int, index: int, tasks: i
         A = kaiming_uniform((rank, d_in), seed=module_seed(0, m))  # (r, d_in), one A for all tasks
         owner = (torch.arange(d_out)[:, None] * rank + torch.arange(rank)[None, :]) % tasks  # (d_out, r)
         mask = owner == index
-        B = lp.B_STD * torch.randn(d_out, rank, generator=generator) * mask
+        B = common.B_STD * torch.randn(d_out, rank, generator=generator) * mask
         modules[name] = LoraModule(A=A, B=B, scale=2.0)
         masks[name] = mask
     return LoraAdapter(modules=modules, masks=masks)
@@ -78,7 +78,7 @@ def sum_task(shapes: dict[str, tuple[int, int]], rank: int, index: int, tasks: i
 def zero_task(kind: str, shapes: dict[str, tuple[int, int]], rank: int, tasks: int) -> LoraAdapter:
     """A task whose ΔW is exactly 0 (B = 0; for sum, no mask positions either)."""
     adapter = (
-        sum_task(shapes, rank, tasks, tasks) if kind == "sum" else lp.random_lora(shapes, rank, seed=999)
+        sum_task(shapes, rank, tasks, tasks) if kind == "sum" else common.random_lora(shapes, rank, seed=999)
     )
     modules = {
         n: LoraModule(A=m.A, B=torch.zeros_like(m.B), scale=m.scale) for n, m in adapter.modules.items()
@@ -89,8 +89,8 @@ def zero_task(kind: str, shapes: dict[str, tuple[int, int]], rank: int, tasks: i
 def build_store(kind: str, root: Path, model_dir: Path, counts: list[int], rank: int) -> dict[int, str]:
     """A zero task, then max(counts) tasks of ``kind``; returns task count -> the merge live after
     them, 0 -> the zero task's merge (W0 + 0 in the weights: ``base`` needs no correction there)."""
-    store = lp.open_store(root, model_dir)
-    shapes = lp.target_shapes(model_dir)
+    store = common.open_store(root, model_dir)
+    shapes = common.target_shapes(model_dir)
     total = max(counts)
     method = {"concat": "lori-d", "sum": "loraf", "magnitude": "ps-lora"}[kind]
     meta = {"method": method, "synthetic": True, "zero": True}
@@ -100,7 +100,7 @@ def build_store(kind: str, root: Path, model_dir: Path, counts: list[int], rank:
             meta = {"method": "loraf", "synthetic": True, "seed": 1000 + i}
             publication = store.publish(f"t{i}", sum_task(shapes, rank, i, total), meta, merge="sum")
         else:
-            publication = lp.publish_random(store, f"t{i}", shapes, rank, i, method, kind)
+            publication = common.publish_random(store, f"t{i}", shapes, rank, i, method, kind)
         if i + 1 in counts:
             merges[i + 1] = publication.merge.id
     return merges
@@ -109,7 +109,7 @@ def build_store(kind: str, root: Path, model_dir: Path, counts: list[int], rank:
 def kind_plan(kind: str, args: argparse.Namespace, work: Path, model_dir: Path) -> ServerPlan:
     root = work / kind / "store"
     merges = build_store(kind, root, model_dir, args.tasks, args.task_rank)
-    store = lp.open_store(root, model_dir)
+    store = common.open_store(root, model_dir)
     largest = max(args.tasks)
     settings = {**args.settings, "continual_serving": "weights", "admin_key": ADMIN_KEY}
 
@@ -203,14 +203,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests per scenario per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
-    lp.add_server_arguments(parser)
+    common.add_server_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_weights.json")
-    args = lp.parse_server_arguments(parser)
+    args = common.parse_server_arguments(parser)
     torch.set_num_threads(1)  # building the stores (SVD exports): many small LAPACK calls, see
     # server/corrections.py _one_thread; the servers are other processes and keep their own
     config = {k: v for k, v in vars(args).items() if k not in ("out", "work")}
     result = envelope("serve_weights", config)
-    model_dir = lp.base_model_dir()
+    model_dir = common.base_model_dir()
     with tempfile.TemporaryDirectory(prefix="lamina-serve-weights-") as tmp:
         work = args.work or Path(tmp)
         plans = []
@@ -221,7 +221,7 @@ def main() -> None:
             execute(plan, args, work / "logs")
     record_plans(result, plans)  # every scenario here switches to its live merge first
     text = "\n".join([
-        *lp.report_head("bench/serve/weights.py", result),
+        *report_head("bench/serve/weights.py", result),
         table(result["scenarios"]), "", "Corrections (rank needed / served / relative error) and swap times:", "",
         corrections_table(plans),
     ]) + "\n"  # fmt: skip

@@ -46,8 +46,8 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from bench import lamina_process as lp  # noqa: E402
-from bench.report import RESULTS, envelope, markdown_table, write_result  # noqa: E402
+from bench import serving_common as common  # noqa: E402
+from bench.report import RESULTS, envelope, markdown_table, report_head, write_result  # noqa: E402
 from bench.serve.client import (  # noqa: E402
     PROMPTS,
     RequestResult,
@@ -75,14 +75,14 @@ class Change:
 
 async def run_streams(args: argparse.Namespace, work: Path, redis_url: str | None) -> dict[str, Any]:
     """Start the server, stream with ``args.clients`` clients, publish and roll back under them."""
-    model_dir = lp.base_model_dir()
+    model_dir = common.base_model_dir()
     publisher = Publisher(work / "store", model_dir, args.task_rank, redis_url)
     for _ in range(args.initial_tasks):
         publisher.publish_one()
     total_rank = args.task_rank * (args.initial_tasks + args.publishes)
     settings: dict[str, Any] = {
         **args.settings,
-        "max_lora_rank": lp.lora_slot(total_rank),
+        "max_lora_rank": common.lora_slot(total_rank),
         "admin_key": ADMIN_KEY,
     }
     if redis_url:
@@ -277,7 +277,7 @@ def table(result: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [
-        *lp.report_head("bench/streams", result),
+        *report_head("bench/streams", result),
         f"{c['clients']} clients streaming `model=continual` (max_tokens {c['max_tokens']}, ignore_eos) back to "
         f"back; {c['publishes']} publishes {c['interval']} s apart, then a rollback to the version before the "
         f"last, through POST /admin/rollback. `requests` = those open during the changes; `failed`, `mixed`, "
@@ -306,9 +306,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=["redis", "poll"], default="redis", help="how the server follows")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--stall-window", type=float, default=2.0)
-    lp.add_server_arguments(parser)
+    common.add_server_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "streams.json")
-    args = lp.parse_server_arguments(parser)
+    args = common.parse_server_arguments(parser)
     result = run(args)
     print(table(result))
     write_result(result, args.out, markdown(result))

@@ -4,7 +4,7 @@
     .venv/bin/python bench/swap/run.py --modes poll --publishes 3 --restarts 0   # a quick look
 
 A real ``python -m server serve`` (``server/processes.py``) on a synthetic LoRI-D store
-(``bench/lamina_process.py``).
+(``bench/serving_common.py``).
 ``--clients`` clients stream ``model=continual`` completions back to back, plus one probe client
 whose answers are one token long (so a new version is seen within about one short request, not
 one long one). Meanwhile this process publishes ``--publishes`` new tasks, ``--interval`` seconds
@@ -50,8 +50,8 @@ sys.path.insert(0, str(REPO))
 
 import redis  # noqa: E402
 
-from bench import lamina_process as lp  # noqa: E402
-from bench.report import RESULTS, envelope, markdown_table, write_result  # noqa: E402
+from bench import serving_common as common  # noqa: E402
+from bench.report import RESULTS, envelope, markdown_table, report_head, write_result  # noqa: E402
 from bench.serve.client import (  # noqa: E402
     PROMPTS,
     RequestResult,
@@ -96,14 +96,14 @@ class Publisher:
     """Publishes synthetic tasks into the server's store, one new task (and merge) per call."""
 
     def __init__(self, store_root: Path, model_dir: Path, task_rank: int, redis_url: str | None) -> None:
-        self.store = lp.open_store(store_root, model_dir, redis_url)
-        self.shapes = lp.target_shapes(model_dir)
+        self.store = common.open_store(store_root, model_dir, redis_url)
+        self.shapes = common.target_shapes(model_dir)
         self.task_rank = task_rank
         self.count = 0
 
     def publish_one(self) -> Publish:
         started = time.perf_counter()
-        publication = lp.publish_random(
+        publication = common.publish_random(
             self.store, f"t{self.count}", self.shapes, self.task_rank, self.count, "lori-d", "concat"
         )
         self.count += 1
@@ -120,14 +120,14 @@ def client_body(max_tokens: int):  # type: ignore[no-untyped-def]
 
 async def run_session(args: argparse.Namespace, mode: str, work: Path, restarts: int) -> Session:
     """Start a server for ``mode``, load it, publish under load, then (optionally) restart."""
-    model_dir = lp.base_model_dir()
+    model_dir = common.base_model_dir()
     redis_url = args.redis_url if mode.startswith("redis") else None
     home = work / mode
     publisher = Publisher(home / "store", model_dir, args.task_rank, redis_url)
     for _ in range(args.initial_tasks):
         publisher.publish_one()
     total_rank = args.task_rank * (args.initial_tasks + args.publishes + restarts)
-    settings: dict[str, Any] = {**args.settings, "max_lora_rank": lp.lora_slot(total_rank)}
+    settings: dict[str, Any] = {**args.settings, "max_lora_rank": common.lora_slot(total_rank)}
     settings["continual_serving"] = "lora" if mode.endswith("-lora") else "weights"
     if redis_url:
         settings["redis_url"] = redis_url
@@ -310,7 +310,7 @@ def table(result: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [
-        *lp.report_head("bench/swap", result),
+        *report_head("bench/swap", result),
         f"{c['clients']} clients streaming `model=continual` (max_tokens {c['max_tokens']}) + 1 one-token probe, "
         f"back to back; {c['publishes']} publishes {c['interval']} s apart per mode. `stale` = answers from an "
         "older version to requests sent after the new one had answered. ITL 'near publish' = gaps ending "
@@ -382,9 +382,9 @@ def main() -> None:
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--stall-window", type=float, default=2.0)
-    lp.add_server_arguments(parser)
+    common.add_server_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "swap.json")
-    args = lp.parse_server_arguments(parser)
+    args = common.parse_server_arguments(parser)
     result = run(args)
     print(table(result))
     write_result(result, args.out, markdown(result))

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench import lamina_process as lp
+from bench import serving_common as common
 from tests.support.processes import RedisServer, RunningServer, start_server, stop_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
@@ -113,9 +113,9 @@ def test_without_the_queue_tasks_are_a_503_and_no_job_is_recorded(degraded: Degr
 def test_without_redis_a_publish_goes_live_through_the_ledger_poll(
     degraded: Degraded, base_model_dir: Path
 ) -> None:
-    store = lp.open_store(degraded.home / "store", base_model_dir)  # a writer that cannot announce
-    published = lp.publish_random(
-        store, "synthetic", lp.target_shapes(base_model_dir), 2, 1, "lori-d", "concat"
+    store = common.open_store(degraded.home / "store", base_model_dir)  # a writer that cannot announce
+    published = common.publish_random(
+        store, "synthetic", common.target_shapes(base_model_dir), 2, 1, "lori-d", "concat"
     )
     deadline = time.monotonic() + 30
     while degraded.ready()["live_merge"] != published.merge.id:

@@ -37,7 +37,7 @@ import pytest
 
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
-from bench import lamina_process as lp
+from bench import serving_common as common
 from bench.serve.client import RequestResult, completion_body, loop_until
 from tests.support.processes import RunningServer, start_server, stop_server
 from tests.support.service_stack import (
@@ -283,8 +283,8 @@ def test_streams_on_both_replicas_keep_one_version_across_publishes_and_a_rollba
     """8 streaming clients (4 per replica) on ``continual`` while 2 versions are published (by a
     writer that announces them on Redis, as a worker does) and one is rolled back: no request
     fails and none mixes versions, and streams were in flight across every change."""
-    store = lp.open_store(replicas.store, base_model_dir, REDIS_URL)
-    shapes = lp.target_shapes(base_model_dir)
+    store = common.open_store(replicas.store, base_model_dir, REDIS_URL)
+    shapes = common.target_shapes(base_model_dir)
     results: list[RequestResult] = []
     changes: list[float] = []  # time.perf_counter() of each change, as the client records times
 
@@ -305,7 +305,7 @@ def test_streams_on_both_replicas_keep_one_version_across_publishes_and_a_rollba
             for seed in (1, 2):
                 changes.append(time.perf_counter())
                 await asyncio.to_thread(
-                    lp.publish_random, store, f"stream-{seed}", shapes, 2, seed, METHOD, "concat"
+                    common.publish_random, store, f"stream-{seed}", shapes, 2, seed, METHOD, "concat"
                 )
                 await asyncio.sleep(2.0)
             changes.append(time.perf_counter())

@@ -1,7 +1,7 @@
 """What the serving benchmarks share besides running servers (that is :mod:`server.processes`,
 the one way Lamina's processes are started, waited for and stopped): the options every
-benchmark that runs servers takes, the head of their reports, and filling an adapter store with
-synthetic adapters so that no training is needed to benchmark serving.
+benchmark that runs servers takes, and filling an adapter store with synthetic adapters so
+that no training is needed to benchmark serving.
 
 Synthetic adapters are LoRI-shaped (frozen Kaiming-uniform A, a random B) and published through
 :meth:`AdapterStore.publish`, so the server sees exactly what a trained task would give it: real
@@ -18,7 +18,6 @@ import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -57,22 +56,6 @@ def parse_server_arguments(parser: argparse.ArgumentParser) -> argparse.Namespac
     args = parser.parse_args()
     args.settings = dict(item.split("=", 1) for item in args.settings)
     return args
-
-
-def machine_line(result: dict[str, Any]) -> str:
-    """One line for a report: the machine, its load, the commit and the date of a result."""
-    m = result["machine"]
-    gpu = f", GPU {m['gpu']}" if "gpu" in m else ""
-    return (
-        f"{m['cpu_model']}, {m['cores']} cores{gpu}, torch {m['torch']}, load average at start "
-        f"{m['load_average_at_start'][0]:.2f}, at end {m.get('load_average_at_end', [0])[0]:.2f}; "
-        f"commit {result['commit']['sha'][:10]}{' (dirty)' if result['commit']['dirty'] else ''}, {result['date']}"
-    )
-
-
-def report_head(title: str, result: dict[str, Any]) -> list[str]:
-    """The first lines of a benchmark's Markdown report: its title, then :func:`machine_line`."""
-    return [f"# {title}", "", f"Machine: {machine_line(result)}", ""]
 
 
 def lora_slot(rank: int) -> int:
