@@ -214,7 +214,7 @@ if TYPE_CHECKING:
 
     class _BuiltinKnobs:
         """Types of the built-in knobs, for mypy only (not a model, so no fields): their defaults,
-        bounds and descriptions are the catalogue's; tests/unit/test_catalog.py checks these names
+        bounds and descriptions are the catalogue's; tests/unit/trainer/test_catalog.py checks these names
         against it. A plugin's knobs are read with getattr."""
 
         sparsity: float

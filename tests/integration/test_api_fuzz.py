@@ -35,7 +35,7 @@ def fuzzed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
 
 def test_no_operation_answers_with_a_server_error(fuzzed_server: RunningServer, tmp_path: Path) -> None:
     # The admin key also passes as a user key, so every operation is reached past its auth
-    # check (auth itself is tested in tests/unit/test_auth.py).
+    # check (auth itself is tested in tests/unit/server/test_auth.py).
     command = [
         str(Path(sys.executable).with_name("schemathesis")),
         "run",

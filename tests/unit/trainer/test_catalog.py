@@ -28,7 +28,7 @@ from trainer.methods import catalog
 from trainer.methods.capacity import loraf_mask_size
 from trainer.methods.registry import PARAMETRIZATIONS, REGULARIZERS
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_names_tables_and_literals_are_the_catalogues() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from server import engine_worker
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_the_extension_name_leads_to_the_methods_the_engine_calls() -> None:
