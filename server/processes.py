@@ -114,19 +114,24 @@ def spawn(
 
 def wait_ready(server: ManagedProcess, path: str = "/ready", timeout_s: float = START_TIMEOUT_S) -> float:
     """Poll ``path`` until it answers 200; returns the seconds waited. Raises
-    :class:`ProcessFailed` if the process exits first, or stops it and raises if it never does."""
+    :class:`ProcessFailed` if the process exits first or never answers. On every way out but
+    ready (a Ctrl-C of the caller included) it stops the process first: it runs in a session of
+    its own, so a Ctrl-C in the caller's terminal never reaches it, and nothing else would."""
     started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if server.process.poll() is not None:
-            raise ProcessFailed(
-                f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}"
-            )
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(server.url + path, timeout=2).status_code == 200:
-                return time.monotonic() - started
-        time.sleep(0.25)
-    server.stop()
-    raise ProcessFailed(f"{server.name} not ready after {timeout_s:.0f} s:\n{server.log_tail()}")
+    try:
+        while time.monotonic() - started < timeout_s:
+            if server.process.poll() is not None:
+                raise ProcessFailed(
+                    f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(server.url + path, timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            time.sleep(0.25)
+        raise ProcessFailed(f"{server.name} not ready after {timeout_s:.0f} s:\n{server.log_tail()}")
+    except BaseException:
+        server.stop()  # an exited server's descendants too (vLLM's engine core has its own group)
+        raise
 
 
 def start_server(

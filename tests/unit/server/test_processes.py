@@ -6,6 +6,7 @@ error carrying its log."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -109,6 +110,27 @@ def test_a_server_that_never_answers_is_stopped_and_fails(tmp_path: Path) -> Non
     with pytest.raises(ProcessFailed, match=r"(?s)silent not ready after 2 s:.*loading"):
         wait_ready(server, timeout_s=2)
     assert server.process.returncode is not None
+
+
+def test_a_ctrl_c_while_waiting_stops_the_server_it_was_waiting_for(tmp_path: Path) -> None:
+    """The server runs in its own session, so the caller's Ctrl-C reaches only the caller: the
+    wait must stop it, or a benchmark interrupted during start-up leaves an engine running."""
+    code = "import time; print('loading', flush=True); time.sleep(120)"
+    url = f"http://127.0.0.1:{free_port()}"
+    server = spawn("slow", [sys.executable, "-c", code], {}, tmp_path / "slow.log", url=url)
+
+    def ctrl_c(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, ctrl_c)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            wait_ready(server, timeout_s=60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert server.process.returncode is not None, "the server outlived the interrupted wait"
 
 
 def test_a_log_is_replaced_or_appended_to(tmp_path: Path) -> None:
