@@ -10,7 +10,7 @@ included, see :mod:`server.engine_process`) is killed, so nothing is ever left r
 
 The worker is started through its own entry point (``python -m trainer``, the ``lamina-worker``
 command); this module runs it by command line and imports no trainer code. ``psutil`` (a
-dependency of vLLM, so present wherever a server runs) finds a process's descendants.
+one of Lamina's runtime dependencies) finds a process's descendants.
 """
 
 from __future__ import annotations
@@ -96,17 +96,16 @@ def spawn(
     output to ``log_path`` (appended to with ``append``, so a restarted process keeps the
     earlier one's lines) or, when None, to this process's own stdout and stderr."""
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-    if log_path is None:
-        process = subprocess.Popen(list(command), cwd=cwd, env=full_env, start_new_session=True)
-        return ManagedProcess(name, process, None, url)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a" if append else "w") as log:  # the child holds its own copy
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    # the child holds its own copy of the log file; None inherits this process's output
+    with log_path.open("a" if append else "w") if log_path else contextlib.nullcontext() as log:
         process = subprocess.Popen(
             list(command),
             cwd=cwd,
             env=full_env,
             stdout=log,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT if log else None,
             start_new_session=True,
         )
     return ManagedProcess(name, process, log_path, url)
