@@ -26,10 +26,10 @@ from server.engine import Engine
 from server.errors import install_error_handlers
 from server.finetuning.router import router as finetuning_router
 from server.finetuning.service import FineTuningService
-from server.hotswap import CONTINUAL, AdapterSync
+from server.hotswap import AdapterSync
 from server.limits import BodySizeLimit
 from server.metrics import LaminaMetrics
-from server.model_registry import ModelRegistry
+from server.model_registry import CONTINUAL, ModelRegistry
 from server.openai.router import router as openai_router
 from server.openai.router import tokenizer_router
 from server.openai.serving import CompletionService

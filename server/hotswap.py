@@ -40,11 +40,10 @@ from adapters_store.store import AdapterStore, MergeRecord, TaskRecord
 from server.engine import AdapterHandle, Engine
 from server.engine_adapters import EngineAdapters
 from server.metrics import LaminaMetrics
-from server.model_registry import ModelRegistry, Route, RouteKind
+from server.model_registry import CONTINUAL, ModelRegistry, Route, RouteKind
 from server.weights_sync import WeightsServing
 
 log = logging.getLogger(__name__)
-CONTINUAL = "continual"
 
 
 @dataclass

@@ -37,6 +37,10 @@ class ModelNotFound(LookupError):
         self.name = name
 
 
+CONTINUAL = "continual"
+"""The public model name of the live merge of every task (its route's kind is ``RouteKind.continual``)."""
+
+
 class RouteKind(StrEnum):
     """What answers for a public model name; ``GET /v1/models`` shows it as each model's ``kind``."""
 

@@ -40,10 +40,9 @@ from adapters_store.merges import DenseDelta
 from adapters_store.store import MergeRecord, TaskRecord
 from server.corrections import Correction, correction
 from server.engine import AdapterHandle, Engine
-from server.model_registry import ModelRegistry, Route, RouteKind
+from server.model_registry import CONTINUAL, ModelRegistry, Route, RouteKind
 
 log = logging.getLogger(__name__)
-CONTINUAL = "continual"
 SUMMARY_FILE = "correction.json"
 
 Loader = Callable[[str, Path], Awaitable[AdapterHandle]]

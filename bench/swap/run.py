@@ -60,9 +60,8 @@ from bench.serve.client import (  # noqa: E402
     loop_until,
     percentiles,
 )
+from server.model_registry import CONTINUAL  # noqa: E402
 from server.processes import free_port, lamina_env, start_server  # noqa: E402
-
-CONTINUAL = "continual"
 
 
 @dataclass

@@ -29,7 +29,7 @@ from adapters_store.store import (
 from server.admin.auth import key_fingerprint, require_admin
 from server.admin.imports import base_linear_shapes, parse_peft_lora, refuse
 from server.errors import APIError
-from server.hotswap import CONTINUAL
+from server.model_registry import CONTINUAL
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 

@@ -14,9 +14,9 @@ import pytest
 from adapters_store.store import AdapterStore
 from server.engine import AdapterHandle
 from server.engine_adapters import AdapterState
-from server.hotswap import CONTINUAL, AdapterSync
+from server.hotswap import AdapterSync
 from server.metrics import LaminaMetrics
-from server.model_registry import ModelNotFound, ModelRegistry
+from server.model_registry import CONTINUAL, ModelNotFound, ModelRegistry
 from tests.support.store import FP, META, make_adapter
 
 
