@@ -32,6 +32,7 @@ from server.metrics import LaminaMetrics
 from server.model_registry import CONTINUAL, ModelRegistry
 from server.openai.router import router as openai_router
 from server.openai.router import tokenizer_router
+from server.openai.routing import ContinualRouter
 from server.openai.serving import CompletionService
 from server.request_id import RequestIdMiddleware, install_log_records
 from server.settings import ServerSettings
@@ -112,6 +113,7 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
     app.state.engine = engine
     app.state.registry = registry
     app.state.store = store
+    router = ContinualRouter(settings.continual_routing, settings.base_model_name, settings.model, tokenizer)
     app.state.sync = AdapterSync(
         engine,
         registry,
@@ -124,8 +126,9 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         drain_s=settings.weights_swap_drain_s,
         base_model_dir=settings.model,
         metrics=metrics,
+        router=router,
     )
-    app.state.completions = CompletionService(settings, engine, registry, tokenizer, metrics)
+    app.state.completions = CompletionService(settings, engine, registry, tokenizer, metrics, router)
     app.state.training = training
     app.state.finetuning = FineTuningService(
         training,

@@ -41,6 +41,7 @@ from server.engine import AdapterHandle, Engine
 from server.engine_adapters import EngineAdapters
 from server.metrics import LaminaMetrics
 from server.model_registry import CONTINUAL, ModelRegistry, Route, RouteKind
+from server.openai.routing import ContinualRouter
 from server.weights_sync import WeightsServing
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class AdapterSync:
         base_model_dir: Path | None = None,
         metrics: LaminaMetrics | None = None,
         drain_s: float = 60.0,
+        router: ContinualRouter | None = None,
     ) -> None:
         self.engine, self.registry, self.store = engine, registry, store
         self.metrics = metrics or LaminaMetrics()
@@ -92,6 +94,7 @@ class AdapterSync:
         self.events_url = events_url
         self.poll_interval_s = poll_interval_s
         self.status = SyncStatus(serving=dense_serving)
+        self.router = router  # told the live tasks' routing prototypes on every sync
         self.adapters = EngineAdapters(engine, self.metrics)  # what the engine holds, one record each
         self._lock = asyncio.Lock()  # one sync or sweep at a time: loads never race unloads
         # (live merge, live task ids) as of the last successful sync; None before the first one
@@ -150,6 +153,8 @@ class AdapterSync:
         self.status.live_merge = live.id if live else None
         self.status.tasks = [t.id for t in tasks]
         self._serving = (self.status.live_merge, tuple(self.status.tasks))
+        if self.router is not None:
+            self.router.follow({t.name: t.meta for t in tasks})
         self.metrics.serving(live)
 
     async def _load_task(self, task: TaskRecord) -> AdapterHandle:

@@ -56,6 +56,13 @@ class LaminaMetrics:
             ["endpoint", "model", "version"],
             registry=r,
         )
+        self.continual_routes = Counter(
+            "lamina_continual_routes",
+            "Requests for `continual`, by what answered them: the live merge (the prompt matched a learned "
+            "task), a task's own model (LAMINA_CONTINUAL_ROUTING=task) or the base model itself.",
+            ["to"],
+            registry=r,
+        )
         self.hot_swaps = Counter(
             "lamina_hot_swaps",
             "Store changes (publish, rollback, task removal) this server has swapped in without a restart.",

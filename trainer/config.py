@@ -155,6 +155,15 @@ class SharedHyperparameters(BaseModel):
             "0 trains on every example.",
         ),
     ] = 0.1
+    applies_to: Annotated[
+        Literal["matching", "all"],
+        Field(
+            description='Which prompts `model="continual"` answers with the merge for this task: "matching" '
+            "(prompts like the task's own; every other prompt gets the base model itself) or \"all\" (a "
+            "task meant to change every answer: a style, a persona, a language; while it is live, every "
+            "prompt gets the merge)."
+        ),
+    ] = "matching"
     max_grad_norm: Annotated[
         float | None,
         Field(gt=0, description="Clip the gradients' global L2 norm to this; None: no clipping."),

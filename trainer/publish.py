@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapters_store.interface import Fence
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import build_merge
+from adapters_store.routing import RoutePrototype
 from adapters_store.store import AdapterStore, Publication
 from adapters_store.subspace import Subspace, occupancy
 from trainer.admission import admit
@@ -28,6 +29,7 @@ from trainer.config import ChatExample, Hyperparameters, MethodSpec, TrainingExa
 from trainer.loop import TrainResult, train_task
 from trainer.methods import catalog
 from trainer.methods.registry import PARAMETRIZATIONS
+from trainer.routing import fit_task_prototype
 from trainer.served import merge_deltas
 from trainer.subspace import base_subspace, grow_subspace, target_names
 
@@ -41,6 +43,7 @@ class TrainedTask:
     result: TrainResult
     history: list[LoraAdapter]  # the live tasks it was trained after, oldest first
     subspace: Subspace | None  # the protected subspace once it is live (inflora), else None
+    routing: RoutePrototype | None = None  # which prompts `continual` answers with the merge for it
 
     @property
     def hyperparameters(self) -> Hyperparameters:
@@ -171,7 +174,8 @@ def train_for_store(
         result.metrics.update(
             subspace_metrics(subspace), subspace_seconds=round(time.perf_counter() - started, 3)
         )
-    return TrainedTask(result=result, history=history, subspace=subspace)
+    routing = fit_task_prototype(model, tokenizer, examples, store.fingerprint, hp.applies_to)
+    return TrainedTask(result=result, history=history, subspace=subspace, routing=routing)
 
 
 def _seed_subspace(
@@ -224,6 +228,7 @@ def publish_trained(
         "hyperparameters": trained.hyperparameters.model_dump(mode="json"),
         "data_hash": data_hash(examples),
         "metrics": trained.result.metrics,
+        **({"routing": trained.routing.to_dict()} if trained.routing is not None else {}),
         **(extra_meta or {}),
     }
     return store.publish(

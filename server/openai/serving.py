@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from server.engine import Engine
 from server.errors import APIError
 from server.metrics import LaminaMetrics
-from server.model_registry import ModelRegistry, Route
+from server.model_registry import CONTINUAL, ModelRegistry, Route
 from server.openai.formats import ChatFormat, Choice, CompletionFormat, Format
 from server.openai.preparing import Prepared, RequestPreparer, refusal
 from server.openai.protocol import (
@@ -37,6 +37,7 @@ from server.openai.protocol import (
     Usage,
     _new_id,
 )
+from server.openai.routing import ContinualRouter
 from server.openai.running import run_pieces
 from server.settings import ServerSettings
 from trainer.contract.logs import set_log_context
@@ -60,6 +61,7 @@ class CompletionService:
         registry: ModelRegistry,
         tokenizer: PreTrainedTokenizerBase,
         metrics: LaminaMetrics | None = None,
+        router: ContinualRouter | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -67,6 +69,9 @@ class CompletionService:
         self.tokenizer = tokenizer
         self.metrics = metrics or LaminaMetrics()
         self.preparer = RequestPreparer(settings, registry, tokenizer)
+        self.router = router or ContinualRouter(
+            settings.continual_routing, registry.base_name, settings.model, tokenizer
+        )
 
     def prepare(self, request: AnyRequest) -> Prepared:
         """Check ``request`` and render it into prompts and sampling parameters; every refusal
@@ -77,6 +82,15 @@ class CompletionService:
     def model_name(self, request: AnyRequest) -> str:
         """``model`` as sent; like vLLM, a request without one asks for the base model."""
         return self.preparer.model_name(request)
+
+    def served_name(self, request: AnyRequest) -> str:
+        """The name whose route answers: ``model`` itself, or for ``continual`` what its router
+        picks for this prompt (the merge, a task's model or the base; ``system_fingerprint`` shows it)."""
+        name = self.model_name(request)
+        served = self.router.served_name(request, name)
+        if name != served or name == CONTINUAL:
+            self.metrics.continual_routes.labels(to=_route_label(served, self.registry)).inc()
+        return served
 
     def _require_ready(self) -> None:
         if not self.engine.ready:
@@ -152,7 +166,7 @@ class CompletionService:
         form = self._format(request, prepared)
         response_id, n = _new_id(form.id_prefix), request.n or 1
         choices: dict[int, Choice] = {}
-        async with self.registry.request(self.model_name(request)) as route:
+        async with self.registry.request(self.served_name(request)) as route:
             set_log_context(model=self.model_name(request), version=self.fingerprint(route))
             async for piece in run_pieces(self.engine, route, prepared, n, response_id, request.cache_salt):
                 choices.setdefault(piece.index, form.new_choice(piece.index)).add(piece)
@@ -177,7 +191,7 @@ class CompletionService:
         async def events() -> AsyncIterator[str]:
             completion_tokens = 0
             try:
-                async with self.registry.request(self.model_name(request)) as route:
+                async with self.registry.request(self.served_name(request)) as route:
                     fingerprint = self.fingerprint(route)
                     set_log_context(model=self.model_name(request), version=fingerprint)
 
@@ -223,6 +237,13 @@ class CompletionService:
             usage.prompt_tokens,
             usage.completion_tokens,
         )
+
+
+def _route_label(served: str, registry: ModelRegistry) -> str:
+    """``base``, ``merge`` or ``task``: what a ``continual`` request was answered by."""
+    if served == registry.base_name:
+        return "base"
+    return "merge" if served == CONTINUAL else "task"
 
 
 def _usage(prompts: list[list[int]], completion_tokens: int) -> Usage:

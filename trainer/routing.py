@@ -1,0 +1,89 @@
+"""A task's routing prototype, fitted when it is published (:mod:`adapters_store.routing` holds
+the signal and the decision; this module brings the base model's own text and the examples).
+
+The general side of the calibration is text the *base* model samples itself: short prefixes from
+the BOS token, at temperature 1 with nucleus 0.95 and a fixed seed that differs from the one the
+general-ability evaluation samples with, so the evaluation's prompts are never the ones the
+threshold was fitted on. It depends on the base model alone, so one process computes it once per
+base-model fingerprint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from adapters_store.routing import AppliesTo, PromptEmbedder, RoutePrototype, fit_prototype, routing_text
+from trainer.config import ChatExample, TrainingExample
+
+GENERAL_SAMPLES = 256  # base-sampled prefixes the thresholds are calibrated against
+GENERAL_TOKENS = (6, 24)  # their lengths in tokens, drawn uniformly per prefix
+GENERAL_SEED = 1_234  # not the general-ability evaluation's seed
+_general_cache: dict[str, torch.Tensor] = {}
+
+
+def example_text(example: TrainingExample) -> str:
+    """What a request for this example would route on: its prompt, or its conversation's
+    system and user turns before the answer."""
+    if isinstance(example, ChatExample):
+        *context, _answer = example.messages
+        return routing_text(messages=[(m.role, m.content) for m in context])
+    return routing_text(example.prompt)
+
+
+@torch.no_grad()
+def sample_general_texts(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int = GENERAL_SAMPLES, seed: int = GENERAL_SEED
+) -> list[str]:
+    """``n`` short texts the model samples from its BOS token (its own notion of ordinary text)."""
+    device = next(model.parameters()).device
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            lengths = torch.randint(GENERAL_TOKENS[0], GENERAL_TOKENS[1] + 1, (n,))
+            start = torch.full((n, 1), start_id, device=device)
+            sequences = model.generate(  # type: ignore[operator]
+                start,
+                attention_mask=torch.ones_like(start),
+                do_sample=True,
+                temperature=1.0,
+                top_p=0.95,
+                top_k=0,
+                max_new_tokens=int(lengths.max()),
+                pad_token_id=tokenizer.eos_token_id,
+            )  # (n, 1 + new)
+    finally:
+        model.train(was_training)
+    texts = [
+        str(tokenizer.decode(row[1 : 1 + int(k)], skip_special_tokens=True)).strip()
+        for row, k in zip(sequences, lengths, strict=True)
+    ]
+    return [t for t in texts if t]
+
+
+def general_vectors(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, embedder: PromptEmbedder, fingerprint: str
+) -> torch.Tensor:
+    """The routing vectors of base-sampled text, computed once per process and base model."""
+    if fingerprint not in _general_cache:
+        _general_cache[fingerprint] = embedder.embed(sample_general_texts(model, tokenizer))
+    return _general_cache[fingerprint]
+
+
+def fit_task_prototype(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[TrainingExample],
+    fingerprint: str,
+    applies_to: AppliesTo = "matching",
+) -> RoutePrototype:
+    """The task's prototype from its training prompts, against base-sampled text. Call it on the
+    base model (no task's ΔW merged in): the general text must be the base model's own."""
+    embedder = PromptEmbedder.from_model(model, tokenizer)
+    task = embedder.embed([example_text(e) for e in examples])
+    return fit_prototype(task, general_vectors(model, tokenizer, embedder, fingerprint), applies_to)
