@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 
 from tests.support import service_stack
@@ -96,6 +97,50 @@ def test_learns_a_then_b_and_keeps_a(stack: Stack) -> None:
     # Each task's own model is the model as it was when the task was learned.
     assert accuracy(stack, "opposites", TASK_B) >= 0.8
     assert accuracy(stack, "codes", TASK_A) >= 0.8, "A's own model must not change"
+
+
+GENERAL_PROMPTS = [  # plain text, like none of the tasks' prompts
+    "The weather today is",
+    "Once upon a time there was",
+    "My favourite food is",
+    "The history of the city",
+    "She opened the door and",
+    "In the morning we",
+]
+
+
+def _one_by_one(stack: Stack, model: str, prompts: list[str]) -> list[tuple[str, str | None]]:
+    """Greedy answers and system_fingerprints, one request per prompt (a request is routed whole)."""
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    out = []
+    for prompt in prompts:
+        result = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+        out.append((result.choices[0].text, result.system_fingerprint))
+    return out
+
+
+def _routes(stack: Stack) -> dict[str, float]:
+    """lamina_continual_routes_total by destination, from /metrics."""
+    counts: dict[str, float] = {}
+    for line in httpx.get(f"{stack.url}/metrics", headers=ADMIN).text.splitlines():
+        if line.startswith("lamina_continual_routes_total{"):
+            counts[line.split('to="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_continual_gives_general_prompts_the_base_answer(stack: Stack) -> None:
+    """After two tasks, a prompt like neither task's gets the base model's own greedy answer on
+    `continual` (it is routed to the base), while both tasks' prompts are still answered."""
+    assert {"codes", "opposites"} <= served_models(stack)
+    before = _routes(stack).get("base", 0)
+    base = _one_by_one(stack, "base", GENERAL_PROMPTS)
+    continual = _one_by_one(stack, "continual", GENERAL_PROMPTS)
+    assert [text for text, _ in continual] == [text for text, _ in base]
+    assert [fp for _, fp in continual] == [fp for _, fp in base], "answered by the base itself"
+    assert _routes(stack)["base"] - before == len(GENERAL_PROMPTS)
+    task_prompts = [p for p, _ in TASK_A[:3] + TASK_B[:3]]
+    assert all(fp != base[0][1] for _, fp in _one_by_one(stack, "continual", task_prompts))
+    assert accuracy(stack, "continual", TASK_A) >= 0.8 and accuracy(stack, "continual", TASK_B) >= 0.8
 
 
 def _live_state(stack: Stack) -> tuple[str | None, list[str]]:
@@ -283,3 +328,19 @@ def test_a_plugins_regularizer_trains_through_post_tasks(stack: Stack) -> None:
     assert bad.json()["error"]["param"] == "hyperparameters.toy_ridge_lambda"
     other = service_stack.post_task(stack, "ridge-3", facts, "toy-ridge", {})
     assert other.status_code == 409 and other.json()["error"]["param"] == "method"  # known, not this store's
+
+
+def test_a_task_for_every_prompt_reaches_general_prompts(stack: Stack) -> None:
+    """hyperparameters.applies_to = "all" (a style, a persona): while the task is live, `continual`
+    answers every prompt with the merge, general prompts included."""
+    style = [(p, " indeed") for p in ("Tell me more", "What now", "Go on", "And then", "Why so", "Say it")]
+    response = post_task(stack, "indeed", style, hyperparameters={**HYPERPARAMETERS, "applies_to": "all"})
+    assert response.status_code == 202, response.text
+    job = wait_for(stack, response.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    wait_until_served(stack, job["merge_id"])
+    before = _routes(stack).get("merge", 0)
+    base = _one_by_one(stack, "base", GENERAL_PROMPTS)
+    continual = _one_by_one(stack, "continual", GENERAL_PROMPTS)
+    assert all(fp != base_fp for (_, fp), (_, base_fp) in zip(continual, base, strict=True))
+    assert _routes(stack)["merge"] - before == len(GENERAL_PROMPTS)
