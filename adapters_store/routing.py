@@ -209,6 +209,12 @@ def router_from_metas(metas: Mapping[str, Mapping[str, Any]]) -> Router:
     for name, meta in metas.items():
         data = meta.get("routing")
         if data is None:
-            data = {"signal": SIGNAL, "applies_to": "all", "threshold": 0.0, "centroid": [0.0], "center": [0.0]}
+            data = {
+                "signal": SIGNAL,
+                "applies_to": "all",
+                "threshold": 0.0,
+                "centroid": [0.0],
+                "center": [0.0],
+            }
         prototypes[name] = RoutePrototype.from_dict(data)
     return Router(prototypes)

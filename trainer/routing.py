@@ -35,7 +35,10 @@ def example_text(example: TrainingExample) -> str:
 
 @torch.no_grad()
 def sample_general_texts(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int = GENERAL_SAMPLES, seed: int = GENERAL_SEED
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    n: int = GENERAL_SAMPLES,
+    seed: int = GENERAL_SEED,
 ) -> list[str]:
     """``n`` short texts the model samples from its BOS token (its own notion of ordinary text)."""
     device = next(model.parameters()).device

@@ -83,8 +83,6 @@ def _turns(messages: Iterable[Any]) -> list[tuple[str, str]]:
         get = message.get if isinstance(message, Mapping) else lambda k, m=message: getattr(m, k, None)
         content = get("content")
         if isinstance(content, list):
-            content = " ".join(
-                str(part.get("text", "")) for part in content if isinstance(part, Mapping)
-            )
+            content = " ".join(str(part.get("text", "")) for part in content if isinstance(part, Mapping))
         turns.append((str(get("role") or ""), content or ""))
     return turns

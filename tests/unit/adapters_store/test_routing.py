@@ -45,7 +45,9 @@ def test_the_nearest_task_wins_and_the_rest_goes_to_the_base() -> None:
     east, west = torch.zeros(8), torch.zeros(8)
     east[0], west[1] = 5.0, 5.0
     noise = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)) * 0.3
-    router = Router({"east": fit_prototype(east + noise, general), "west": fit_prototype(west + noise, general)})
+    router = Router(
+        {"east": fit_prototype(east + noise, general), "west": fit_prototype(west + noise, general)}
+    )
     decisions = router.decide(torch.stack([east, west, general.mean(0) + 0.01]))
     assert [d.task for d in decisions] == ["east", "west", None]
     assert decisions[0].margin > 0 > decisions[2].margin
@@ -74,7 +76,12 @@ def test_prototype_round_trips_through_json() -> None:
 
 
 def test_routing_text_reads_system_and_user_turns_only() -> None:
-    turns = [("system", "Be brief."), ("user", "Code word for river?"), ("assistant", "lamp"), ("user", "and sea?")]
+    turns = [
+        ("system", "Be brief."),
+        ("user", "Code word for river?"),
+        ("assistant", "lamp"),
+        ("user", "and sea?"),
+    ]
     assert routing_text(messages=turns) == "Be brief.\nCode word for river?\nand sea?"
     chat = ChatExample(
         messages=(ChatMessage("user", "Code word for river?"), ChatMessage("assistant", "lamp"))
