@@ -169,6 +169,7 @@ class Decision:
 
     task: str | None
     margin: float  # the best cosine minus that task's threshold (negative: routed to the base)
+    everything: bool = False  # a live task applies to every prompt: the merge answers it
 
 
 class Router:
@@ -183,7 +184,7 @@ class Router:
         (the merge has nothing of its own to add); a task that applies to every prompt takes all."""
         n = vectors.shape[0]
         if self.everything:
-            return [Decision(self.everything[-1], float("inf"))] * n
+            return [Decision(self.everything[-1], float("inf"), everything=True)] * n
         if not self.prototypes:
             return [Decision(None, float("-inf"))] * n
         names = list(self.prototypes)

@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -90,6 +91,7 @@ def train_and_publish(
     loraf_grow_rank: int = 0,
     hooks: Hooks | None = None,
     extra_meta: dict[str, Any] | None = None,
+    cache_dir: Path | None = None,
 ) -> tuple[TrainedTask, Publication]:
     """Admit the task named ``name``, train it on the store's live state and publish it.
 
@@ -110,7 +112,8 @@ def train_and_publish(
        none of it.
 
     The meta records the rank asked for (``requested_rank``) beside the rank admission settled,
-    then ``extra_meta``. Raises :class:`trainer.admission.AdmissionError` on a refusal, and
+    then ``extra_meta``. ``cache_dir`` keeps what depends on the base model alone (the routing
+    calibration's sampled text) for later jobs and stores. Raises :class:`trainer.admission.AdmissionError` on a refusal, and
     whatever a hook raises."""
     hooks = hooks or Hooks()
     requested_rank = hp.r
@@ -126,6 +129,7 @@ def train_and_publish(
         hp,
         progress=hooks.progress,
         should_stop=hooks.should_stop,
+        cache_dir=cache_dir,
     )
     fence = hooks.before_publish()
     meta = {"requested_rank": requested_rank, **(extra_meta or {})}
@@ -143,6 +147,7 @@ def train_for_store(
     *,
     progress: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    cache_dir: Path | None = None,
 ) -> TrainedTask:
     """Train ``examples`` on the store's live tasks; for methods that protect inputs, also
     measure the grown subspace on the model that will be served once this task is live."""
@@ -174,7 +179,7 @@ def train_for_store(
         result.metrics.update(
             subspace_metrics(subspace), subspace_seconds=round(time.perf_counter() - started, 3)
         )
-    routing = fit_task_prototype(model, tokenizer, examples, store.fingerprint, hp.applies_to)
+    routing = fit_task_prototype(model, tokenizer, examples, store.fingerprint, hp.applies_to, cache_dir)
     return TrainedTask(result=result, history=history, subspace=subspace, routing=routing)
 
 

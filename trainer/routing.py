@@ -4,17 +4,21 @@ the signal and the decision; this module brings the base model's own text and th
 The general side of the calibration is text the *base* model samples itself: short prefixes from
 the BOS token, at temperature 1 with nucleus 0.95 and a fixed seed that differs from the one the
 general-ability evaluation samples with, so the evaluation's prompts are never the ones the
-threshold was fitted on. It depends on the base model alone, so one process computes it once per
-base-model fingerprint.
+threshold was fitted on. It depends on the base model alone, so it is computed once per
+base-model fingerprint and kept in memory and, given a cache directory (the worker's
+``<LAMINA_HOME>/cache``), on disk for every later process and store: sampling costs SmolLM2-135M
+tens of CPU seconds, the embedded model about one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from adapters_store.atomic import write_atomically
 from adapters_store.routing import AppliesTo, PromptEmbedder, RoutePrototype, fit_prototype, routing_text
 from trainer.config import ChatExample, TrainingExample
 
@@ -69,13 +73,34 @@ def sample_general_texts(
     return [t for t in texts if t]
 
 
+CACHE_VERSION = 1  # part of the file name: bump when what is sampled changes
+
+
 def general_vectors(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, embedder: PromptEmbedder, fingerprint: str
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    embedder: PromptEmbedder,
+    fingerprint: str,
+    cache_dir: Path | None = None,
 ) -> torch.Tensor:
-    """The routing vectors of base-sampled text, computed once per process and base model."""
-    if fingerprint not in _general_cache:
-        _general_cache[fingerprint] = embedder.embed(sample_general_texts(model, tokenizer))
-    return _general_cache[fingerprint]
+    """The routing vectors of base-sampled text, computed once per base model: kept in this
+    process, and in ``cache_dir/routing`` when one is given (an unreadable file is recomputed)."""
+    if fingerprint in _general_cache:
+        return _general_cache[fingerprint]
+    path = None if cache_dir is None else cache_dir / "routing" / f"{fingerprint}-v{CACHE_VERSION}.pt"
+    vectors = None
+    if path is not None and path.exists():
+        try:
+            vectors = torch.load(path, weights_only=True)
+        except Exception:  # a truncated or foreign file: sample again
+            vectors = None
+    if vectors is None:
+        vectors = embedder.embed(sample_general_texts(model, tokenizer))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, lambda tmp: torch.save(vectors, tmp))
+    _general_cache[fingerprint] = vectors
+    return vectors
 
 
 def fit_task_prototype(
@@ -84,9 +109,11 @@ def fit_task_prototype(
     examples: Sequence[TrainingExample],
     fingerprint: str,
     applies_to: AppliesTo = "matching",
+    cache_dir: Path | None = None,
 ) -> RoutePrototype:
     """The task's prototype from its training prompts, against base-sampled text. Call it on the
     base model (no task's ΔW merged in): the general text must be the base model's own."""
     embedder = PromptEmbedder.from_model(model, tokenizer)
     task = embedder.embed([example_text(e) for e in examples])
-    return fit_prototype(task, general_vectors(model, tokenizer, embedder, fingerprint), applies_to)
+    general = general_vectors(model, tokenizer, embedder, fingerprint, cache_dir)
+    return fit_prototype(task, general, applies_to)

@@ -142,6 +142,7 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
                 loraf_grow_rank=settings.loraf_grow_rank,
                 hooks=_job_hooks(settings, board, job, me, claim_held),
                 extra_meta={"job_id": job.id},
+                cache_dir=settings.home / "cache",
             )
             board.update_claimed(
                 job.id,

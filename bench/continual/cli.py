@@ -138,6 +138,18 @@ def continual(
         list[str] | None,
         typer.Option("--set", help="A hyper-parameter for every task, e.g. --set subspace_energy=0.99."),
     ] = None,
+    routing: Annotated[
+        str,
+        typer.Option(
+            help="What `continual` serves per prompt, as the server's LAMINA_CONTINUAL_ROUTING: task "
+            "(default: the matching task's own model, the base for the rest), merge (the merge for prompts "
+            "like a task's), off (the merge for everything)."
+        ),
+    ] = "task",
+    no_general: Annotated[
+        bool,
+        typer.Option("--no-general", help="Skip the general-ability set (trainer/suite/general.py)."),
+    ] = False,
     no_probe: Annotated[
         bool, typer.Option("--no-probe", help="Skip the general-ability probe (trainer/suite/probe.py).")
     ] = False,
@@ -171,6 +183,8 @@ def continual(
         "work_dir": work_dir,
         "training": training or ("table" if model is None else "auto"),
         "probe": not no_probe,
+        "general": not no_general,
+        "routing": routing,
         "overrides": tuple(_override(item) for item in set_ or []),
     }
     if seed is not None:

@@ -72,6 +72,15 @@ class BenchmarkConfig:
     training: str = "table"  # "table": TASK_TRAINING, the same for every method; "auto": trainer.auto's rules
     overrides: tuple[tuple[str, Any], ...] = ()  # hyper-parameters set for every task (a sweep's knob)
     probe: bool = True  # score the general-ability probe (trainer.suite.probe) after every task
+    general: bool = True  # score the general-ability set (trainer.suite.general) after every task
+    general_samples: int = 800  # base-sampled prompts in that set (plus its known-answer questions)
+    general_questions: int | None = None  # at most this many candidate questions (tests); None: all
+    general_cache: Path | None = (
+        None  # where that set is kept per base model; None: <LAMINA_HOME>/cache/general
+    )
+    routing: str = (
+        "task"  # what `continual` serves per prompt, as LAMINA_CONTINUAL_ROUTING: task | merge | off
+    )
     # Admission's limits, as LAMINA_MAX_LORA_RANK and LAMINA_LORAF_GROW_RANK set them for a server.
     # A concat merge of orders 4-6 (15 tasks of rank 8: 120) needs max_lora_rank 128.
     max_lora_rank: int = field(default_factory=lambda: server_default("max_lora_rank"))
@@ -98,10 +107,16 @@ class BenchmarkConfig:
             raise ValueError(f"training must be 'table' or 'auto', got {self.training!r}")
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {self.max_lora_rank}")
+        if self.routing not in ("merge", "task", "off"):
+            raise ValueError(f"routing must be 'merge', 'task' or 'off', got {self.routing!r}")
         if self.loraf_grow_rank < 0:
             raise ValueError(f"loraf_grow_rank must be >= 0, got {self.loraf_grow_rank}")
         if self.n_tasks is not None and not 1 <= self.n_tasks <= len(get_order(self.order)):
             raise ValueError(f"n_tasks must be in 1..{len(get_order(self.order))}, got {self.n_tasks}")
+
+    def general_cache_dir(self) -> Path:
+        """Where the general-ability set is kept per base model (built once, reused by every run)."""
+        return self.general_cache or LaminaSettings().home / "cache" / "general"
 
     def task_names(self) -> tuple[str, ...]:
         return get_order(self.order)[: self.n_tasks]

@@ -20,7 +20,9 @@ from trainer.suite.metrics import (
     forward_transfer,
 )
 
-METRIC_NAMES: tuple[str, ...] = ("AA", "BWT", "FWT", "FWT0", "FR", "GA", "ACR", "occupancy")
+METRIC_NAMES: tuple[str, ...] = (
+    "AA", "BWT", "FWT", "FWT0", "FR", "GA", "GA_agree", "GA_kl", "GA_known", "ACR", "occupancy",
+)  # fmt: skip
 
 
 @dataclass
@@ -42,6 +44,7 @@ class MethodRun:
     probe: list[float | None] = field(default_factory=list)  # general ability after each task
     subspace_reserved: list[float] = field(default_factory=list)  # inflora: fullest module after each task
     refused: list[int] = field(default_factory=list)  # tasks the store had no capacity for
+    general: list[dict[str, Any]] = field(default_factory=list)  # GeneralScore.to_dict() after each task
 
 
 @dataclass
@@ -60,6 +63,7 @@ class BenchmarkResult:
     git_commit: str | None
     base_fingerprint: str = ""  # adapters_store.fingerprint of the base model the numbers are for
     probe_size: int = 0  # questions the base model answered, which the probe keeps
+    general_size: dict[str, int] = field(default_factory=dict)  # the general set's prompts and questions
 
     def runs_of(self, method: str) -> list[MethodRun]:
         return [run for run in self.runs if run.method == method]

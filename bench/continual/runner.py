@@ -14,6 +14,13 @@ Two references are measured once per run:
   and scored on its own test split — what a task can reach when nothing else shares the
   adapter. It is also FWT's "trained from scratch" accuracy (PS-LoRA A.2).
 
+What ``continual`` serves is routed by input (:mod:`adapters_store.routing`, the server's
+``LAMINA_CONTINUAL_ROUTING``; the config's ``routing``): each test prompt goes where the server
+would send it — the live merge, the matching task's own model, or the base model itself — and
+is scored on that model. General ability is measured the same way on the general-ability set
+(:mod:`trainer.suite.general`: agreement with the base's greedy answers, KL from the base and
+known-answer accuracy, each with its 95 % interval) after every task.
+
 Nothing here trains or merges by itself: a method that the service runs differently would be
 measured wrongly, so every number goes through the service's own code path.
 
@@ -41,6 +48,8 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters_store.fingerprint import fingerprint_model
+from adapters_store.lora import LoraAdapter
+from adapters_store.routing import PromptEmbedder, Router, router_from_metas
 from adapters_store.store import AdapterStore
 from bench import provenance
 from bench.continual.config import UPPER_BOUND, UPPER_BOUND_METHOD, BenchmarkConfig
@@ -52,9 +61,12 @@ from trainer.evaluate import greedy_completions
 from trainer.loop import load_base, select_device
 from trainer.methods.parametrizations import CapacityError
 from trainer.publish import Hooks, train_and_publish
+from trainer.routing import example_text
 from trainer.served import merge_deltas, merged_into
 from trainer.suite import Task, accuracy, get_task
-from trainer.suite.probe import build_probe, probe_accuracy
+from trainer.suite.general import GeneralScore, GeneralSet, Interval, load_or_build, score_general, wilson
+from trainer.suite.probe import answered as probe_answered
+from trainer.suite.probe import build_probe
 
 log = logging.getLogger(__name__)
 CAPACITY_CODES = ("capacity_exceeded", "rank_exceeded")  # admission's refusals for a full store
@@ -138,7 +150,9 @@ class _Context:
     suite: _Suite
     stores: Path
     progress: Progress
+    embedder: PromptEmbedder | None = None  # the routing signal (the base's input embeddings)
     probe: list[Example] = field(default_factory=list)  # what the base model knows (trainer.suite.probe)
+    general: GeneralSet | None = None  # the general-ability set (trainer.suite.general)
     trainings_done: int = 0
     trainings_total: int = 0
 
@@ -154,6 +168,103 @@ class _Context:
     def new_store(self, label: str) -> AdapterStore:
         root = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.stores))
         return AdapterStore(root, self.fingerprint, base_model=str(self.config.model_dir))
+
+
+MERGE = "<merge>"  # a routing target: the live merge (None is the base model)
+
+
+def routing_targets(ctx: _Context, router: Router | None, texts: Sequence[str]) -> list[str | None]:
+    """Where the server would send each prompt of a ``continual`` request: MERGE, a task's name
+    (routing "task") or None (the base model itself). No router: the merge takes everything."""
+    if router is None or ctx.config.routing == "off":
+        return [MERGE] * len(texts)
+    assert ctx.embedder is not None
+    if not router.prototypes:
+        return [None] * len(texts)
+    decisions = router.decide(ctx.embedder.embed(list(texts)))
+    if ctx.config.routing == "task":
+        return [MERGE if d.everything else d.task for d in decisions]
+    return [MERGE if d.task is not None else None for d in decisions]
+
+
+class _Served:
+    """The ΔW of each model a routed prompt can land on, loaded once per evaluation round."""
+
+    def __init__(self, store: AdapterStore) -> None:
+        self.store = store
+        self._deltas: dict[str | None, dict[str, torch.Tensor]] = {None: {}}
+
+    def deltas(self, target: str | None) -> dict[str, torch.Tensor]:
+        if target not in self._deltas:
+            if target == MERGE:
+                self._deltas[target] = live_deltas(self.store)
+            else:  # a task's own model, as ``model=<task>`` serves it
+                record = next(t for t in self.store.tasks() if t.name == target)
+                self._deltas[target] = LoraAdapter.load_peft(record.serving_path).deltas()
+        return self._deltas[target]
+
+
+def _groups(targets: Sequence[str | None]) -> dict[str | None, list[int]]:
+    groups: dict[str | None, list[int]] = {}
+    for index, target in enumerate(targets):
+        groups.setdefault(target, []).append(index)
+    return groups
+
+
+def evaluate_routed(ctx: _Context, served: _Served, router: Router | None, task_index: int) -> float:
+    """A task's test accuracy on ``continual`` as routed: each prompt scored on the model it lands on."""
+    task, test = ctx.suite.tasks[task_index], ctx.suite.test[task_index]
+    predictions = [""] * len(test)
+    for target, indices in _groups(routing_targets(ctx, router, [example_text(e) for e in test])).items():
+        prompts = [encode_prompt(ctx.tokenizer, test[k].prompt) for k in indices]
+        with merged_into(ctx.model, served.deltas(target)):
+            outputs = greedy_completions(
+                ctx.model, ctx.tokenizer, prompts, task.max_new_tokens, ctx.config.eval_batch_size
+            )
+        for k, output in zip(indices, outputs, strict=True):
+            predictions[k] = output
+    return accuracy(predictions, test)
+
+
+def general_routed(ctx: _Context, served: _Served, router: Router | None) -> GeneralScore | None:
+    """The general-ability scores of ``continual`` as routed: prompts sent to the base are the
+    base's own answers (not run); each other group is scored on the model it lands on."""
+    if ctx.general is None:
+        return None
+    targets = routing_targets(ctx, router, ctx.general.prompts)
+    scores = []
+    for target, indices in _groups(targets).items():
+        if target is None:
+            continue
+        chosen = set(indices)
+        to_base = [k not in chosen for k in range(len(targets))]
+        with merged_into(ctx.model, served.deltas(target)):
+            scores.append(score_general(ctx.model, ctx.tokenizer, ctx.general, to_base=to_base))
+    if not scores:
+        return score_general(ctx.model, ctx.tokenizer, ctx.general, to_base=[True] * len(targets))
+    return combine_scores(scores)
+
+
+def combine_scores(scores: Sequence[GeneralScore]) -> GeneralScore:
+    """One score from several groups' scores, each taken with every prompt outside its group
+    counted as the base's own answer: their disagreements, misses and KL add up."""
+    first = scores[0]
+    n, n_questions = first.agreement.n, first.accuracy.n
+    disagree = sum(round((1 - s.agreement.value) * n) for s in scores)
+    missed = sum(round((1 - s.accuracy.value) * n_questions) for s in scores)
+    kl = sum(s.kl.value for s in scores)
+    half = sum((s.kl.high - s.kl.low) / 2 for s in scores)  # conservative: the groups' widths add
+    return GeneralScore(
+        agreement=wilson(n - disagree, n),
+        kl=Interval(kl, max(kl - half, 0.0), kl + half, first.kl.n),
+        accuracy=wilson(n_questions - missed, n_questions),
+        base_accuracy=first.base_accuracy,
+    )
+
+
+def live_router(store: AdapterStore) -> Router:
+    """The router a server builds from the store's live tasks (their prototypes in meta)."""
+    return router_from_metas({t.name: t.meta for t in store.tasks()})
 
 
 def add_task(
@@ -180,6 +291,7 @@ def add_task(
             loraf_grow_rank=ctx.config.loraf_grow_rank,
             hooks=Hooks(progress=ctx.progress.step),
             extra_meta={"benchmark": {"order": ctx.config.order, "seed": seed}},
+            cache_dir=ctx.config.general_cache_dir().parent,
         )
     except AdmissionError as error:
         if error.code in CAPACITY_CODES:
@@ -213,6 +325,7 @@ def run_method(
     probe: list[float | None] = []
     reserved: list[float] = []
     refused: list[int] = []
+    general: list[dict[str, Any]] = []
     for i, task in enumerate(ctx.suite.tasks):
         try:
             seconds, trained = add_task(
@@ -228,14 +341,18 @@ def run_method(
             if "subspace_reserved_max" in trained:  # inflora: how full the fullest module is now
                 reserved.append(float(trained["subspace_reserved_max"]))
         started = time.perf_counter()
-        with merged_into(ctx.model, live_deltas(store)):
-            for j in range(min(i + 2, size)):
-                acc[i][j] = ctx.evaluate(j)
-            if ctx.probe:
-                probe.append(probe_accuracy(ctx.model, ctx.tokenizer, ctx.probe))
+        served, router = _Served(store), live_router(store)
+        for j in range(min(i + 2, size)):
+            acc[i][j] = evaluate_routed(ctx, served, router, j)
+        if ctx.probe:
+            probe.append(probe_routed(ctx, served, router))
+        score = general_routed(ctx, served, router)
+        if score is not None:
+            general.append(score.to_dict())
         eval_seconds += time.perf_counter() - started
     metrics = matrix_metrics(acc, scratch, zero_shot)
     metrics["GA"] = probe[-1] if probe else None
+    metrics.update(general_metrics(general[-1] if general else None))
     store_stats, stats_error = store_statistics(store)
     metrics.update(store_stats)
     return MethodRun(
@@ -250,7 +367,30 @@ def run_method(
         probe,
         reserved,
         refused,
+        general,
     )
+
+
+def probe_routed(ctx: _Context, served: _Served, router: Router | None) -> float | None:
+    """Share of the probe ``continual`` still answers, each question on the model it is routed to."""
+    if not ctx.probe:
+        return None
+    answered = 0
+    for target, indices in _groups(routing_targets(ctx, router, [q.prompt for q in ctx.probe])).items():
+        with merged_into(ctx.model, served.deltas(target)):
+            answered += sum(probe_answered(ctx.model, ctx.tokenizer, [ctx.probe[k] for k in indices]))
+    return answered / len(ctx.probe)
+
+
+def general_metrics(score: dict[str, Any] | None) -> dict[str, float | None]:
+    """The general-ability columns of the summary: agreement, KL and known-answer accuracy."""
+    if score is None:
+        return {"GA_agree": None, "GA_kl": None, "GA_known": None}
+    return {
+        "GA_agree": score["agreement"]["value"],
+        "GA_kl": score["kl"]["value"],
+        "GA_known": score["accuracy"]["value"],
+    }
 
 
 def run_upper_bound(ctx: _Context, seed: int) -> list[float]:
@@ -310,8 +450,18 @@ def run_benchmark(config: BenchmarkConfig, progress: Progress | None = None) -> 
             trainings_total=per_seed * len(config.seeds),
         )
         zero_shot = [ctx.evaluate(i) for i in range(size)]
+        ctx.embedder = PromptEmbedder.from_model(ctx.model, ctx.tokenizer)
         if config.probe:
             ctx.probe = build_probe(ctx.model, ctx.tokenizer)
+        if config.general:
+            ctx.general = load_or_build(
+                config.general_cache_dir(),
+                fingerprint,
+                ctx.model,
+                ctx.tokenizer,
+                n_sampled=config.general_samples,
+                max_questions=config.general_questions,
+            )
         upper: dict[int, list[float]] = {}
         runs: list[MethodRun] = []
         for seed in config.seeds:
@@ -336,7 +486,14 @@ def run_benchmark(config: BenchmarkConfig, progress: Progress | None = None) -> 
         git_commit=commit,
         base_fingerprint=fingerprint,
         probe_size=len(ctx.probe),
+        general_size=_general_size(ctx.general),
     )
+
+
+def _general_size(general: GeneralSet | None) -> dict[str, int]:
+    if general is None:
+        return {}
+    return {"prompts": len(general.prompts), "questions": len(general.questions)}
 
 
 @contextmanager

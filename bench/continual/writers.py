@@ -26,6 +26,9 @@ def result_to_dict(result: BenchmarkResult) -> dict[str, Any]:
     config = asdict(result.config)
     config["model_dir"] = str(result.config.model_dir)
     config["work_dir"] = None if result.config.work_dir is None else str(result.config.work_dir)
+    config["general_cache"] = (
+        None if result.config.general_cache is None else str(result.config.general_cache)
+    )
     return {
         "benchmark": "continual",
         "started_at": result.started_at,
@@ -47,6 +50,7 @@ def result_to_dict(result: BenchmarkResult) -> dict[str, Any]:
         "test_sizes": result.test_sizes,
         "zero_shot": result.zero_shot,
         "probe_size": result.probe_size,
+        "general_size": result.general_size,
         "upper_bound": {str(seed): scores for seed, scores in result.upper_bound.items()},
         "summary": result.summary(),
         "runs": [asdict(run) for run in result.runs],
@@ -68,6 +72,8 @@ def load_result(path: Path) -> BenchmarkResult:
     config["methods"], config["seeds"] = tuple(config["methods"]), tuple(config["seeds"])
     config["model_dir"] = Path(config["model_dir"])
     config["work_dir"] = None if config["work_dir"] is None else Path(config["work_dir"])
+    if config.get("general_cache") is not None:
+        config["general_cache"] = Path(config["general_cache"])
     config["overrides"] = tuple(tuple(pair) for pair in config.get("overrides", ()))
     return BenchmarkResult(
         config=BenchmarkConfig(**config),
@@ -82,7 +88,15 @@ def load_result(path: Path) -> BenchmarkResult:
         git_commit=document["git_commit"],
         base_fingerprint=document["base_model"]["fingerprint"],
         probe_size=document.get("probe_size", 0),
+        general_size=document.get("general_size", {}),
     )
+
+
+def _general_note(result: BenchmarkResult) -> str:
+    size = result.general_size
+    if not size:
+        return "not measured"
+    return f"{size['prompts']} prompts, {size['questions']} of them known-answer questions"
 
 
 def _fmt(value: float | None, percent: bool = True, std: float | None = None) -> str:
@@ -98,23 +112,25 @@ def markdown_table(result: BenchmarkResult) -> str:
     """The summary table: one row per method (mean over seeds), then the per-task references."""
     summary = result.summary()
     lines = [
-        "| method | AA ↑ | BWT ↑ | FWT ↑ | FWT0 ↑ | FR ↓ | GA ↑ | ACR | occupancy | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | AA ↑ | BWT ↑ | FWT ↑ | FWT0 ↑ | FR ↓ | GA ↑ | agree ↑ | KL ↓ | known ↑ "
+        "| ACR | occupancy | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method in result.config.methods:
         row = summary[method]
         seconds = statistics.fmean(r.train_seconds for r in result.runs_of(method))
-        cells = [_fmt(row[m], std=row[f"{m}_std"]) for m in ("AA", "BWT", "FWT", "FWT0", "FR", "GA")]
+        cells = [
+            _fmt(row[m], std=row[f"{m}_std"]) for m in ("AA", "BWT", "FWT", "FWT0", "FR", "GA", "GA_agree")
+        ]
+        cells.append(_fmt(row["GA_kl"], percent=False, std=row["GA_kl_std"]))
+        cells.append(_fmt(row["GA_known"], std=row["GA_known_std"]))
         cells += [_fmt(row[m], percent=False, std=row[f"{m}_std"]) for m in ("ACR", "occupancy")]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     upper = result.upper_bound_mean()
+    rest = " | –" * (lines[1].count("|") - 3)  # every column after AA
     if upper is not None:
-        lines.append(
-            f"| {UPPER_BOUND} (upper bound) | {_fmt(statistics.fmean(upper))} | – | – | – | – | – | – | – | – |"
-        )
-    lines.append(
-        f"| zero-shot (base) | {_fmt(statistics.fmean(result.zero_shot))} | – | – | – | – | – | – | – | – |"
-    )
+        lines.append(f"| {UPPER_BOUND} (upper bound) | {_fmt(statistics.fmean(upper))}{rest} |")
+    lines.append(f"| zero-shot (base) | {_fmt(statistics.fmean(result.zero_shot))}{rest} |")
     return "\n".join(lines)
 
 
@@ -163,7 +179,13 @@ def markdown_report(result: BenchmarkResult) -> str:
         "FWT0: mean a_before-training − a_zero-shot, tasks 2..T (A.2's literal a_{i,i−1}; GEM's FWT). "
         "FR: mean drop from the best to the final accuracy (N-LoRA eq. 6). "
         f"GA: share of the general-ability probe ({result.probe_size} questions the base model answers; "
-        "trainer/suite/probe.py) that the live merge still answers after the last task. "
+        "trainer/suite/probe.py) that `continual` still answers after the last task. "
+        f"agree, KL, known: the general-ability set ({_general_note(result)}; trainer/suite/general.py) "
+        "after the last task: share of prompts whose first 32 greedy tokens equal the base's, mean "
+        "per-token KL(base ‖ continual) in nats on the base's sampled continuations, and accuracy on "
+        "known-answer questions the base answers (100 % for the base); 95 % intervals in the JSON. "
+        f"`continual` is routed by input (routing: {config.routing}): each prompt is scored on the "
+        "model the server sends it to (the merge, a task's model, or the base itself). "
         "ACR (N-LoRA eq. 10) and occupancy (share of B positions owned) from `adapters_store.stats` "
         "on the live task adapters after the last task; – where not available. "
         "With several seeds: mean ± sample standard deviation over seeds.",

@@ -3,10 +3,12 @@
 The hot-swap sync hands this object the live tasks' routing prototypes
 (:mod:`adapters_store.routing`); a request for ``continual`` is then served by
 
-- ``merge`` (default, ``LAMINA_CONTINUAL_ROUTING``): the live merge when its prompt matches a
-  learned task, otherwise the base model itself, so general prompts get the base's own answers;
-- ``task``: the matching task's own model (``model=<task>``: for methods that train on top of the
-  earlier tasks, the model as it was when that task was learned), otherwise the base;
+- ``task`` (default, ``LAMINA_CONTINUAL_ROUTING``): the matching task's own model (``model=<task>``:
+  for methods that train on top of the earlier tasks, the model as it was when that task was
+  learned), otherwise the base model itself, so general prompts get the base's own answers and a
+  task's prompts the model that learned it (nothing a later task did can move them); while a task
+  that applies to every prompt is live, the merge (which holds it);
+- ``merge``: the live merge when the prompt matches a learned task, otherwise the base;
 - ``off``: the live merge for every prompt (the behaviour before routing).
 
 The decision reads the request's text (a completion's prompt; a chat's system and user turns,
@@ -58,7 +60,7 @@ class ContinualRouter:
         decision = self.router.decide(self._vector(request).unsqueeze(0))[0]
         if decision.task is None:
             return self.base_name
-        return decision.task if self.mode == "task" else CONTINUAL
+        return decision.task if self.mode == "task" and not decision.everything else CONTINUAL
 
     def _vector(self, request: AnyRequest) -> torch.Tensor:
         if self._embedder is None:

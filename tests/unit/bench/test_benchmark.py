@@ -103,6 +103,10 @@ def small_run(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         model_dir=base_model_dir,
         work_dir=tmp_path_factory.mktemp("stores"),
         threads=1,  # 2 threads on a shared 2-core CI box oversubscribe and run several times slower
+        general_samples=24,  # the plumbing, not the resolution: a real run samples 800
+        general_questions=30,  # and keeps every candidate question
+        routing="off",  # every prompt on the live merge, which the matrix test below recomputes
+        general_cache=tmp_path_factory.mktemp("general"),
     )
     threads = torch.get_num_threads()
     result = run_benchmark(config)
@@ -162,7 +166,15 @@ def test_writers_produce_valid_json_markdown_and_png(small_run: BenchmarkResult,
     assert set(document["task_training"]) == set(small_run.tasks)
 
     markdown = paths["md"].read_text()
-    assert "| method | AA ↑ | BWT ↑ | FWT ↑ | FWT0 ↑ | FR ↓ | GA ↑ | ACR | occupancy | train s |" in markdown
+    assert (
+        "| method | AA ↑ | BWT ↑ | FWT ↑ | FWT0 ↑ | FR ↓ | GA ↑ | agree ↑ | KL ↓ | known ↑ | ACR | occupancy | train s |"
+        in markdown
+    )
+    assert document["general_size"]["prompts"] >= 24
+    for run in document["runs"]:  # the general-ability set scored after every task, with its interval
+        assert len(run["general"]) == 2
+        agreement = run["general"][-1]["agreement"]
+        assert agreement["low"] <= agreement["value"] <= agreement["high"] and agreement["n"] >= 24
     assert document["probe_size"] == small_run.probe_size > 0  # the embedded model knows a few sums
     assert all(len(run["probe"]) == len(small_run.tasks) for run in document["runs"])
     assert "| seq-lora |" in markdown and "| lori-s |" in markdown and "### lori-s" in markdown

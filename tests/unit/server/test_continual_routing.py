@@ -97,3 +97,11 @@ def test_task_mode_names_the_task_and_off_mode_keeps_the_merge(
 def test_no_live_task_leaves_continual_as_it_is(base_model_dir: Path) -> None:
     routed = router(base_model_dir, {})
     assert routed.served_name(CompletionRequest(model="continual", prompt="x"), "continual") == "continual"
+
+
+def test_a_task_for_every_prompt_takes_them_to_the_merge_in_every_mode(base_model_dir: Path) -> None:
+    metas = {"style": {"routing": {"signal": "embedding-mean-v1", "applies_to": "all", "threshold": 1.0,
+                                   "centroid": [0.0], "center": [0.0]}}}  # fmt: skip
+    general = CompletionRequest(model="continual", prompt="The weather today is")
+    for mode in ("merge", "task"):
+        assert router(base_model_dir, metas, mode).served_name(general, "continual") == "continual"
