@@ -75,12 +75,9 @@ class BenchmarkConfig:
     general: bool = True  # score the general-ability set (trainer.suite.general) after every task
     general_samples: int = 800  # base-sampled prompts in that set (plus its known-answer questions)
     general_questions: int | None = None  # at most this many candidate questions (tests); None: all
-    general_cache: Path | None = (
-        None  # where that set is kept per base model; None: <LAMINA_HOME>/cache/general
-    )
-    routing: str = (
-        "task"  # what `continual` serves per prompt, as LAMINA_CONTINUAL_ROUTING: task | merge | off
-    )
+    # what depends on the base model alone (the general set, routing samples); None: <LAMINA_HOME>/cache
+    cache: Path | None = None
+    routing: str = "task"  # what `continual` serves per prompt (LAMINA_CONTINUAL_ROUTING): task | merge | off
     # Admission's limits, as LAMINA_MAX_LORA_RANK and LAMINA_LORAF_GROW_RANK set them for a server.
     # A concat merge of orders 4-6 (15 tasks of rank 8: 120) needs max_lora_rank 128.
     max_lora_rank: int = field(default_factory=lambda: server_default("max_lora_rank"))
@@ -114,9 +111,10 @@ class BenchmarkConfig:
         if self.n_tasks is not None and not 1 <= self.n_tasks <= len(get_order(self.order)):
             raise ValueError(f"n_tasks must be in 1..{len(get_order(self.order))}, got {self.n_tasks}")
 
-    def general_cache_dir(self) -> Path:
-        """Where the general-ability set is kept per base model (built once, reused by every run)."""
-        return self.general_cache or LaminaSettings().home / "cache" / "general"
+    def cache_dir(self) -> Path:
+        """Where what depends on the base model alone is kept (built once, reused by every run and
+        by the worker: the general-ability set under ``general/``, routing samples under ``routing/``)."""
+        return self.cache or LaminaSettings().home / "cache"
 
     def task_names(self) -> tuple[str, ...]:
         return get_order(self.order)[: self.n_tasks]

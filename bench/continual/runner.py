@@ -291,7 +291,7 @@ def add_task(
             loraf_grow_rank=ctx.config.loraf_grow_rank,
             hooks=Hooks(progress=ctx.progress.step),
             extra_meta={"benchmark": {"order": ctx.config.order, "seed": seed}},
-            cache_dir=ctx.config.general_cache_dir().parent,
+            cache_dir=ctx.config.cache_dir(),
         )
     except AdmissionError as error:
         if error.code in CAPACITY_CODES:
@@ -455,7 +455,7 @@ def run_benchmark(config: BenchmarkConfig, progress: Progress | None = None) -> 
             ctx.probe = build_probe(ctx.model, ctx.tokenizer)
         if config.general:
             ctx.general = load_or_build(
-                config.general_cache_dir(),
+                config.cache_dir() / "general",
                 fingerprint,
                 ctx.model,
                 ctx.tokenizer,

@@ -26,9 +26,7 @@ def result_to_dict(result: BenchmarkResult) -> dict[str, Any]:
     config = asdict(result.config)
     config["model_dir"] = str(result.config.model_dir)
     config["work_dir"] = None if result.config.work_dir is None else str(result.config.work_dir)
-    config["general_cache"] = (
-        None if result.config.general_cache is None else str(result.config.general_cache)
-    )
+    config["cache"] = None if result.config.cache is None else str(result.config.cache)
     return {
         "benchmark": "continual",
         "started_at": result.started_at,
@@ -72,8 +70,8 @@ def load_result(path: Path) -> BenchmarkResult:
     config["methods"], config["seeds"] = tuple(config["methods"]), tuple(config["seeds"])
     config["model_dir"] = Path(config["model_dir"])
     config["work_dir"] = None if config["work_dir"] is None else Path(config["work_dir"])
-    if config.get("general_cache") is not None:
-        config["general_cache"] = Path(config["general_cache"])
+    if config.get("cache") is not None:
+        config["cache"] = Path(config["cache"])
     config["overrides"] = tuple(tuple(pair) for pair in config.get("overrides", ()))
     return BenchmarkResult(
         config=BenchmarkConfig(**config),

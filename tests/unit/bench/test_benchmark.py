@@ -106,7 +106,7 @@ def small_run(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         general_samples=24,  # the plumbing, not the resolution: a real run samples 800
         general_questions=30,  # and keeps every candidate question
         routing="off",  # every prompt on the live merge, which the matrix test below recomputes
-        general_cache=tmp_path_factory.mktemp("general"),
+        cache=tmp_path_factory.mktemp("cache"),
     )
     threads = torch.get_num_threads()
     result = run_benchmark(config)
