@@ -171,7 +171,8 @@ def markdown_report(result: BenchmarkResult) -> str:
         f"Commit {result.git_commit}; base model fingerprint "
         f"{result.base_fingerprint}. Started {result.started_at}.",
         "",
-        'Accuracies in %, exact match, greedy decoding on the live merge (`model="continual"`). '
+        'Accuracies in %, exact match, greedy decoding of `model="continual"` as the server routes each '
+        f"prompt (routing: {config.routing}). "
         "AA: mean final accuracy (N-LoRA eq. 5). BWT: mean a_final − a_just-learned (PS-LoRA A.2). "
         "FWT: mean a_just-learned − a_trained-alone, tasks 2..T (PS-LoRA A.2 as its Table 2 computes it). "
         "FWT0: mean a_before-training − a_zero-shot, tasks 2..T (A.2's literal a_{i,i−1}; GEM's FWT). "

@@ -52,6 +52,13 @@ from transformers import PreTrainedTokenizerBase
 from trainer.chat import encode_prompt
 from trainer.config import Example
 from trainer.suite import probe
+from trainer.suite.intervals import Interval, mean_interval, topk_kl, wilson
+from trainer.suite.questions import candidate_questions
+
+__all__ = [  # the intervals are part of what a score is made of
+    "GeneralScore", "GeneralSet", "Interval", "build_general_set", "candidate_questions",
+    "load_or_build", "mean_interval", "score_general", "topk_kl", "wilson",
+]  # fmt: skip
 
 GENERAL_VERSION = 1  # part of the cache key: bump when what a built set holds changes
 MAX_AGREE_TOKENS = 32  # greedy tokens compared for agreement
@@ -63,160 +70,6 @@ TOP_P = 0.95  # nucleus of the base's sampling (as trainer.subspace.base_subspac
 BUILD_BATCH_SIZE = 64  # rows per decoding batch; fixed, so a set depends only on model, n_sampled, seed
 FORWARD_BATCH_SIZE = 16  # rows per teacher-forced forward pass: each holds (rows, 32, vocab) logits
 MAX_SAMPLE_ROUNDS = 8  # rounds of prompt sampling before settling for fewer (blank or repeated ones)
-
-# Well-known countries whose capital's first word is unambiguous (no accents, no rival capitals).
-_CAPITALS = {
-    "the Netherlands": "Amsterdam", "Switzerland": "Bern", "the Czech Republic": "Prague",
-    "Iceland": "Reykjavik", "Romania": "Bucharest", "Bulgaria": "Sofia", "Serbia": "Belgrade",
-    "Croatia": "Zagreb", "Slovakia": "Bratislava", "Slovenia": "Ljubljana", "Belarus": "Minsk",
-    "Lithuania": "Vilnius", "Latvia": "Riga", "Estonia": "Tallinn", "Albania": "Tirana",
-    "Scotland": "Edinburgh", "Wales": "Cardiff", "Luxembourg": "Luxembourg", "Malta": "Valletta",
-    "Cyprus": "Nicosia", "Armenia": "Yerevan", "Azerbaijan": "Baku", "Uzbekistan": "Tashkent",
-    "Afghanistan": "Kabul", "Pakistan": "Islamabad", "India": "New", "Bangladesh": "Dhaka",
-    "Nepal": "Kathmandu", "Vietnam": "Hanoi", "Cambodia": "Phnom", "Laos": "Vientiane",
-    "Malaysia": "Kuala", "Indonesia": "Jakarta", "the Philippines": "Manila", "South Korea": "Seoul",
-    "North Korea": "Pyongyang", "Taiwan": "Taipei", "Saudi Arabia": "Riyadh", "Iraq": "Baghdad",
-    "Syria": "Damascus", "Jordan": "Amman", "Lebanon": "Beirut", "Qatar": "Doha", "Oman": "Muscat",
-    "the United Arab Emirates": "Abu", "Australia": "Canberra", "New Zealand": "Wellington",
-    "Fiji": "Suva", "Venezuela": "Caracas", "Ecuador": "Quito", "Uruguay": "Montevideo",
-    "Jamaica": "Kingston", "Haiti": "Port-au-Prince", "Panama": "Panama", "Costa Rica": "San",
-    "Guatemala": "Guatemala", "Honduras": "Tegucigalpa", "Nicaragua": "Managua",
-    "the Dominican Republic": "Santo", "the Bahamas": "Nassau", "the United States": "Washington",
-    "the United Kingdom": "London", "Nigeria": "Abuja", "Ghana": "Accra", "Ethiopia": "Addis",
-    "Morocco": "Rabat", "Algeria": "Algiers", "Tunisia": "Tunis", "Libya": "Tripoli",
-    "Sudan": "Khartoum", "Uganda": "Kampala", "Rwanda": "Kigali", "Senegal": "Dakar",
-    "Zimbabwe": "Harare", "Zambia": "Lusaka", "Angola": "Luanda", "Mozambique": "Maputo",
-    "Somalia": "Mogadishu", "Mali": "Bamako", "Niger": "Niamey", "Botswana": "Gaborone",
-    "Namibia": "Windhoek", "Singapore": "Singapore", "Monaco": "Monaco", "Liechtenstein": "Vaduz",
-    "Bosnia": "Sarajevo", "Montenegro": "Podgorica", "North Macedonia": "Skopje",
-    "Kyrgyzstan": "Bishkek", "Tajikistan": "Dushanbe", "Bhutan": "Thimphu", "Barbados": "Bridgetown",
-    "Papua New Guinea": "Port", "Samoa": "Apia", "Madagascar": "Antananarivo",
-}  # fmt: skip
-_OPPOSITES = [
-    ("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"), ("day", "night"),
-    ("black", "white"), ("left", "right"), ("north", "south"), ("east", "west"), ("true", "false"),
-    ("yes", "no"), ("win", "lose"), ("love", "hate"), ("rich", "poor"), ("wet", "dry"),
-    ("top", "bottom"), ("front", "back"), ("inside", "outside"), ("push", "pull"), ("buy", "sell"),
-    ("early", "late"), ("first", "last"), ("empty", "full"), ("thick", "thin"), ("wide", "narrow"),
-    ("deep", "shallow"), ("strong", "weak"), ("loud", "quiet"), ("cheap", "expensive"),
-    ("friend", "enemy"), ("war", "peace"), ("life", "death"), ("question", "answer"),
-    ("above", "below"), ("before", "after"), ("male", "female"), ("positive", "negative"),
-    ("always", "never"), ("everything", "nothing"), ("success", "failure"), ("increase", "decrease"),
-    ("import", "export"), ("maximum", "minimum"), ("majority", "minority"), ("visible", "invisible"),
-    ("possible", "impossible"), ("legal", "illegal"), ("accept", "reject"), ("remember", "forget"),
-    ("summer", "winter"), ("odd", "even"), ("asleep", "awake"), ("boy", "girl"), ("man", "woman"),
-    ("plus", "minus"), ("on", "off"), ("clean", "dirty"), ("sunrise", "sunset"),
-]  # fmt: skip
-_SUM_RANGE = range(21)  # "a + b =" for a, b in 0..20
-
-
-def candidate_questions() -> list[Example]:
-    """Every templated known-answer question, the probe's first, each prompt once.
-
-    Templated so there are hundreds (a share over a dozen questions resolves nothing); the base
-    decides which it knows in :func:`build_general_set`.
-    """
-    candidates = [
-        *probe.CANDIDATES,
-        *(Example(f"The capital of {country} is", f" {city}") for country, city in _CAPITALS.items()),
-        *(Example(f"{a} + {b} =", f" {a + b}") for a in _SUM_RANGE for b in _SUM_RANGE),
-        *(Example(f"The opposite of {word} is", f" {other}") for word, other in _OPPOSITES),
-    ]
-    seen: set[str] = set()
-    unique = []
-    for question in candidates:
-        if question.prompt not in seen:
-            seen.add(question.prompt)
-            unique.append(question)
-    return unique
-
-
-# ---------------------------------------------------------------------------------------------
-# Intervals
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A point estimate with its 95 % confidence interval over ``n`` observations."""
-
-    value: float
-    low: float
-    high: float
-    n: int
-
-    def to_dict(self) -> dict[str, float | int]:
-        return {"value": self.value, "low": self.low, "high": self.high, "n": self.n}
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> Interval:
-    """The share ``successes / n`` with its Wilson score interval.
-
-    Wilson rather than the normal approximation because the shares here sit near 1, where the
-    normal interval runs past 1 and is too narrow. ``n == 0``: value NaN, interval [0, 1].
-    """
-    if n == 0:
-        return Interval(math.nan, 0.0, 1.0, 0)
-    if not 0 <= successes <= n:
-        raise ValueError(f"successes {successes} outside 0..{n}")
-    p = successes / n
-    denominator = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    low = 0.0 if successes == 0 else max(0.0, center - half)  # exact at the ends (no rounding)
-    high = 1.0 if successes == n else min(1.0, center + half)
-    return Interval(p, low, high, n)
-
-
-def mean_interval(values: Sequence[float], z: float = 1.96) -> Interval:
-    """The mean of ``values`` with a normal-approximation interval (sample standard deviation).
-
-    The per-prompt KLs are many independent draws, so the mean is close to normal. Fewer than
-    two values leave the spread unknown: the bounds are NaN (and the value too for none).
-    """
-    n = len(values)
-    if n == 0:
-        return Interval(math.nan, math.nan, math.nan, 0)
-    mean = math.fsum(values) / n
-    if n == 1:
-        return Interval(mean, math.nan, math.nan, 1)
-    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-    half = z * math.sqrt(variance / n)
-    return Interval(mean, mean - half, mean + half, n)
-
-
-# ---------------------------------------------------------------------------------------------
-# The coarsened KL
-
-
-def topk_kl(
-    base_logprobs_topk: torch.Tensor,
-    base_ids_topk: torch.Tensor,
-    model_logprobs_full: torch.Tensor,
-    base_rest_logprob: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-position KL(base ‖ model) over ``k + 1`` buckets: the base's top-k ids and the rest.
-
-    ``base_logprobs_topk`` and ``base_ids_topk`` are (..., k), ``model_logprobs_full`` (..., V)
-    normalized log-probs; the result is (...). Coarsening both distributions the same way keeps
-    a lower bound on the full KL (the data-processing inequality) while storing only k + 1
-    numbers per position of the base. ``base_rest_logprob`` (...) is the log of the base's mass
-    outside its top k, exact when stored from the full distribution; without it the rest is
-    taken as 1 − Σ top-k (less precise when the top k hold nearly all the mass).
-    """
-    ids = base_ids_topk.long()
-    base = base_logprobs_topk.float()
-    full = model_logprobs_full.float()
-    model_topk = full.gather(-1, ids)  # (..., k)
-    model_rest = full.scatter(-1, ids, -math.inf).logsumexp(-1)  # (...)
-    if base_rest_logprob is None:
-        base_rest = torch.log((1 - base.exp().sum(-1)).clamp(min=0))
-    else:
-        base_rest = base_rest_logprob.float()
-    head = (base.exp() * (base - model_topk)).sum(-1)
-    base_rest_mass = base_rest.exp()
-    rest = torch.where(base_rest_mass > 0, base_rest_mass * (base_rest - model_rest), torch.zeros_like(head))
-    return head + rest
-
 
 # ---------------------------------------------------------------------------------------------
 # The set

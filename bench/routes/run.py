@@ -1,0 +1,104 @@
+"""How often ``continual``'s router is wrong, both ways: a suite order's unseen test prompts sent
+to their own task, another task or the base, and the general-ability set's prompts sent to a task.
+
+The prototypes are fitted exactly as a publish fits them (:func:`trainer.routing.fit_task_prototype`,
+the base model's own samples as the general side), on each task's training split alone; no task is
+trained, since the routing signal reads the base model's input embeddings only.
+
+    python -m bench.routes.run [--model NAME|DIR] [--order 4] [--n-test 50]
+
+prints a table and writes ``bench/results/routes-<model>-order<N>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from adapters_store.fingerprint import fingerprint_model
+from adapters_store.routing import PromptEmbedder, Router
+from bench import provenance
+from trainer.base_model.catalog import resolve_model
+from trainer.contract.settings import LaminaSettings
+from trainer.loop import load_base
+from trainer.routing import example_text, fit_task_prototype
+from trainer.suite import get_order, get_task
+from trainer.suite.general import load_or_build
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="catalogue name or directory (default: embedded)")
+    parser.add_argument("--order", type=int, default=4)
+    parser.add_argument("--n-test", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    settings = LaminaSettings()
+    model_dir = resolve_model(args.model, settings.home) if args.model else settings.model
+    torch.set_num_threads(1)
+    load_at_start = provenance.load_average()
+    model, tokenizer = load_base(model_dir)
+    fingerprint = fingerprint_model(Path(model_dir))
+    cache = settings.home / "cache"
+    embedder = PromptEmbedder.from_model(model, tokenizer)
+    prototypes, tests = {}, {}
+    for name in get_order(args.order):
+        train, test = get_task(name).split(seed=0, n_train=200, n_test=args.n_test)
+        prototypes[name] = fit_task_prototype(model, tokenizer, train, fingerprint, cache_dir=cache)
+        tests[name] = embedder.embed([example_text(e) for e in test])
+    router = Router(prototypes)
+    per_task = {}
+    for name, vectors in tests.items():
+        decisions = router.decide(vectors)
+        per_task[name] = {
+            "n": len(decisions),
+            "own": sum(d.task == name for d in decisions),
+            "other": sum(d.task not in (None, name) for d in decisions),
+            "base": sum(d.task is None for d in decisions),
+        }
+    general = load_or_build(cache / "general", fingerprint, model, tokenizer)
+    sent = sum(router.to_merge(embedder.embed(general.prompts)))
+    started = time.perf_counter()
+    for prompt in general.prompts[:200]:
+        router.decide(embedder.embed([prompt]))
+    decision_ms = 1000 * (time.perf_counter() - started) / 200
+    total = sum(t["n"] for t in per_task.values())
+    report = {
+        "model": str(model_dir),
+        "fingerprint": fingerprint,
+        "order": args.order,
+        "git_commit": provenance.commit_label(),
+        "machine": {
+            **provenance.machine("cpu"),
+            "load_average_at_start": load_at_start,
+            "load_average_at_end": provenance.load_average(),
+        },  # fmt: skip
+        "task_prompts": total,
+        "to_own_task": sum(t["own"] for t in per_task.values()) / total,
+        "to_another_task": sum(t["other"] for t in per_task.values()) / total,
+        "to_base": sum(t["base"] for t in per_task.values()) / total,
+        "per_task": per_task,
+        "general_prompts": len(general.prompts),
+        "general_to_a_task": sent,
+        "decision_ms": round(decision_ms, 3),
+    }
+    print(
+        "| task prompts | own task | another task | base | general prompts | sent to a task | decision ms |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {total} | {100 * report['to_own_task']:.1f} % | {100 * report['to_another_task']:.1f} % | "
+        f"{100 * report['to_base']:.1f} % | {len(general.prompts)} | {sent} | {decision_ms:.2f} |"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"routes-{Path(model_dir).name}-order{args.order}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
