@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from adapters_store.atomic import write_atomically
 from adapters_store.interface import Fence
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import build_merge
@@ -156,7 +158,9 @@ def train_for_store(
     protects_inputs = getattr(PARAMETRIZATIONS[method.parametrization], "protects_inputs", False)
     seed_metrics: dict[str, Any] = {}
     if protects_inputs and previous is None and hp.subspace_base_energy > 0:
-        previous, seed_metrics = _seed_subspace(model, tokenizer, method, hp, history)
+        previous, seed_metrics = _seed_subspace(
+            model, tokenizer, method, hp, history, store.fingerprint, cache_dir
+        )
     result = train_task(
         model,
         tokenizer,
@@ -183,30 +187,53 @@ def train_for_store(
     return TrainedTask(result=result, history=history, subspace=subspace, routing=routing)
 
 
+SEED_CACHE_VERSION = 1  # part of the seed cache's file names: bump when base_subspace changes
+
+
 def _seed_subspace(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     method: MethodSpec,
     hp: Hyperparameters,
     history: list[LoraAdapter],
+    fingerprint: str,
+    cache_dir: Path | None = None,
 ) -> tuple[Subspace, dict[str, Any]]:
     """The subspace a store's first inflora task starts from: the served model's own inputs on
     text it samples (:func:`trainer.subspace.base_subspace`), leaving room for
-    BASE_MIN_FREE_TASKS tasks of rank r in every module."""
+    BASE_MIN_FREE_TASKS tasks of rank r in every module.
+
+    On an empty store the served model is the base alone, so the seed depends on the base model
+    and the settings only: with a ``cache_dir`` it is computed once per base model and read back
+    by every later store (it costs SmolLM2-135M a minute or more, the embedded model seconds)."""
     started = time.perf_counter()
-    served = merge_deltas(build_merge(method.merge, history)) if history else {}
-    seed = base_subspace(
-        model,
-        tokenizer,
-        target_names(model, hp.target_modules),
-        served,
-        hp.subspace_base_energy,
-        min_free=BASE_MIN_FREE_TASKS * hp.r,
-    )
+    names = target_names(model, hp.target_modules)
+    min_free = BASE_MIN_FREE_TASKS * hp.r
+    settings = hashlib.sha256(json.dumps([names, hp.subspace_base_energy, min_free]).encode()).hexdigest()[:16]
+    cached = None
+    if cache_dir is not None and not history:
+        cached = cache_dir / "seed" / f"{fingerprint}-{settings}-v{SEED_CACHE_VERSION}.safetensors"
+    seed = _read_seed(cached, hp.subspace_base_energy)
+    if seed is None:
+        served = merge_deltas(build_merge(method.merge, history)) if history else {}
+        seed = base_subspace(model, tokenizer, names, served, hp.subspace_base_energy, min_free=min_free)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(cached, lambda tmp: save_file(dict(seed.bases), str(tmp)))
     metrics = {
         key.replace("subspace_", "subspace_base_", 1): value for key, value in subspace_metrics(seed).items()
     }
     return seed, {**metrics, "subspace_base_seconds": round(time.perf_counter() - started, 3)}
+
+
+def _read_seed(path: Path | None, energy: float) -> Subspace | None:
+    """A cached seed, or None (no cache, none yet, or an unreadable file: computed again)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        return Subspace(bases=load_file(str(path)), energy=energy)
+    except Exception:
+        return None
 
 
 def publish_trained(

@@ -87,3 +87,29 @@ def test_a_first_task_keeps_what_the_base_model_knew_only_with_the_seed(base, tm
     with_seed, without = kept[0.99], kept[0.0]
     assert with_seed == 1.0
     assert without is not None and without < with_seed
+
+
+def test_the_seed_is_computed_once_per_base_model_and_read_back_by_a_new_store(
+    base, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty store's seed depends on the base model and the settings only: the second store
+    reads the first one's from the cache instead of sampling again, bit for bit."""
+    from trainer import publish
+
+    model, tokenizer = base
+    method = resolve_method("inflora")
+    hp = Hyperparameters(target_modules=list(TARGETS), r=4)
+    first, metrics = publish._seed_subspace(model, tokenizer, method, hp, [], "tiny", tmp_path)
+    assert len(list((tmp_path / "seed").iterdir())) == 1
+    assert metrics["subspace_base_reserved_max"] > 0
+
+    def no_sampling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached seed should have been used")
+
+    monkeypatch.setattr(publish, "base_subspace", no_sampling)
+    second, _ = publish._seed_subspace(model, tokenizer, method, hp, [], "tiny", tmp_path)
+    assert second.bases.keys() == first.bases.keys()
+    assert all(torch.equal(second.bases[n], first.bases[n]) for n in first.bases)
+    assert second.energy == first.energy
+    with pytest.raises(AssertionError, match="cached seed"):  # another base model: computed anew
+        publish._seed_subspace(model, tokenizer, method, hp, [], "other", tmp_path)
