@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapters_store.atomic import write_atomically
 from adapters_store.routing import AppliesTo, PromptEmbedder, RoutePrototype, fit_prototype, routing_text
 from trainer.config import ChatExample, TrainingExample
+from trainer.subspace import sample_from_bos
 
 GENERAL_SAMPLES = 256  # base-sampled prefixes the thresholds are calibrated against
 GENERAL_TOKENS = (6, 24)  # their lengths in tokens, drawn uniformly per prefix
@@ -37,33 +38,21 @@ def example_text(example: TrainingExample) -> str:
     return routing_text(example.prompt)
 
 
-@torch.no_grad()
 def sample_general_texts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     n: int = GENERAL_SAMPLES,
     seed: int = GENERAL_SEED,
 ) -> list[str]:
-    """``n`` short texts the model samples from its BOS token (its own notion of ordinary text)."""
-    device = next(model.parameters()).device
-    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    """``n`` short texts the model samples from its BOS token (its own notion of ordinary text),
+    each cut to a length drawn from GENERAL_TOKENS."""
     was_training = model.training
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             lengths = torch.randint(GENERAL_TOKENS[0], GENERAL_TOKENS[1] + 1, (n,))
-            start = torch.full((n, 1), start_id, device=device)
-            sequences = model.generate(  # type: ignore[operator]
-                start,
-                attention_mask=torch.ones_like(start),
-                do_sample=True,
-                temperature=1.0,
-                top_p=0.95,
-                top_k=0,
-                max_new_tokens=int(lengths.max()),
-                pad_token_id=tokenizer.eos_token_id,
-            )  # (n, 1 + new)
+            sequences = sample_from_bos(model, tokenizer, n, int(lengths.max()), None)  # (n, 1 + new)
     finally:
         model.train(was_training)
     texts = [

@@ -97,24 +97,11 @@ def base_subspace(
     Sampling (temperature 1, nucleus 0.95, from the BOS token, a fixed seed) draws from the model's own
     distribution, so the seed stands for what it does on ordinary text, not for any one task.
     """
-    device = next(model.parameters()).device
-    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    start = torch.full((BASE_SAMPLES, 1), start_id, device=device)
     was_training = model.training
     model.eval()
     try:
-        with merged_into(model, served), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(BASE_SAMPLE_SEED)
-            sequences = model.generate(  # type: ignore[operator]
-                start,
-                attention_mask=torch.ones_like(start),
-                do_sample=True,
-                temperature=1.0,
-                top_p=0.95,
-                top_k=0,
-                max_new_tokens=BASE_SAMPLE_TOKENS,
-                pad_token_id=tokenizer.eos_token_id,
-            )  # (BASE_SAMPLES, 1 + new)
+        with merged_into(model, served):
+            sequences = sample_from_bos(model, tokenizer, BASE_SAMPLES, BASE_SAMPLE_TOKENS, BASE_SAMPLE_SEED)
             mask = _through_first_eos(sequences, tokenizer.eos_token_id)
             batches = [(sequences[i : i + 16], mask[i : i + 16]) for i in range(0, len(sequences), 16)]
             moments = input_moments(model, batches, names)
@@ -124,6 +111,31 @@ def base_subspace(
     for name, U in grow_bases(moments, {}, energy).items():  # (d_in, k), columns by energy
         bases[name] = U[:, : max(U.shape[0] - min_free, 0)]
     return Subspace(bases=bases, energy=energy)
+
+
+@torch.no_grad()
+def sample_from_bos(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int, max_new_tokens: int, seed: int | None
+) -> torch.Tensor:
+    """``n`` sequences the model samples from its BOS token (temperature 1, nucleus 0.95): its own
+    notion of ordinary text. (n, 1 + new). With a ``seed`` the caller's RNG state is left as it
+    was; None draws from the current state (a caller that seeded it for draws of its own)."""
+    device = next(model.parameters()).device
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = torch.full((n, 1), start_id, device=device)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return model.generate(  # type: ignore[operator, no-any-return]
+            start,
+            attention_mask=torch.ones_like(start),
+            do_sample=True,
+            temperature=1.0,
+            top_p=0.95,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.eos_token_id,
+        )
 
 
 def grow_bases(

@@ -302,9 +302,22 @@ def greedy_ids(
     Ids rather than text (as :func:`trainer.evaluate.greedy_completions` returns) because
     agreement compares tokens: two different token sequences can decode to the same text.
     """
+    return _generate_all(model, tokenizer, prompts, max_new_tokens, batch_size, sample=False)
+
+
+def _generate_all(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    *,
+    sample: bool,
+) -> list[list[int]]:
+    """Continuation ids of every prompt, in the prompts' order, decoded in batches of similar length."""
     results: list[list[int]] = [[] for _ in prompts]
     for batch in _by_length([len(ids) for ids in prompts], batch_size):
-        outputs = _generate(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, sample=False)
+        outputs = _generate(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, sample=sample)
         for index, ids in zip(batch, outputs, strict=True):
             results[index] = ids
     return results
@@ -341,9 +354,19 @@ def _continuation_logits(
     return logits[:, :-1].float()
 
 
-def _forced_batches(prompt_ids: Sequence[list[int]], continuations: Sequence[list[int]]) -> list[list[int]]:
+def _forced_logits(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[list[int]],
+    continuations: Sequence[list[int]],
+    width: int,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(row indices, their logits along their continuations (b, width, V)), one teacher-forced
+    forward pass per batch of rows of similar length."""
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, continuations, strict=True)]
-    return _by_length(lengths, FORWARD_BATCH_SIZE)
+    for batch in _by_length(lengths, FORWARD_BATCH_SIZE):
+        prompts, targets = [prompt_ids[i] for i in batch], [continuations[i] for i in batch]
+        yield batch, _continuation_logits(model, prompts, targets, width, _pad_id(tokenizer))
 
 
 def forced_greedy(
@@ -361,14 +384,7 @@ def forced_greedy(
     instead of MAX_AGREE_TOKENS decoding steps: several times cheaper on a CPU.
     """
     results: list[list[int]] = [[] for _ in prompt_ids]
-    for batch in _forced_batches(prompt_ids, targets):
-        logits = _continuation_logits(
-            model,
-            [prompt_ids[i] for i in batch],
-            [targets[i] for i in batch],
-            MAX_AGREE_TOKENS,
-            _pad_id(tokenizer),
-        )
+    for batch, logits in _forced_logits(model, tokenizer, prompt_ids, targets, MAX_AGREE_TOKENS):
         argmax = logits.argmax(-1).tolist()  # (b, MAX_AGREE_TOKENS)
         for row, index in enumerate(batch):
             results[index] = argmax[row][: len(targets[index])]
@@ -421,13 +437,8 @@ def _sample_continuations(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[list[int]], seed: int
 ) -> list[list[int]]:
     """One KL_TOKENS continuation per prompt, sampled by the base (temperature 1, nucleus)."""
-    continuations: list[list[int]] = [[] for _ in prompt_ids]
     with _seeded(model, seed + 1):
-        for batch in _by_length([len(ids) for ids in prompt_ids], BUILD_BATCH_SIZE):
-            outputs = _generate(model, tokenizer, [prompt_ids[i] for i in batch], KL_TOKENS, sample=True)
-            for index, ids in zip(batch, outputs, strict=True):
-                continuations[index] = ids
-    return continuations
+        return _generate_all(model, tokenizer, prompt_ids, KL_TOKENS, BUILD_BATCH_SIZE, sample=True)
 
 
 def _base_distribution(
@@ -444,14 +455,7 @@ def _base_distribution(
     ids_rows: list[torch.Tensor] = [torch.empty(0)] * len(prompt_ids)
     value_rows: list[torch.Tensor] = [torch.empty(0)] * len(prompt_ids)
     rest_rows: list[torch.Tensor] = [torch.empty(0)] * len(prompt_ids)
-    for batch in _forced_batches(prompt_ids, continuations):
-        logits = _continuation_logits(
-            model,
-            [prompt_ids[i] for i in batch],
-            [continuations[i] for i in batch],
-            KL_TOKENS,
-            _pad_id(tokenizer),
-        )
+    for batch, logits in _forced_logits(model, tokenizer, prompt_ids, continuations, KL_TOKENS):
         logprobs = torch.log_softmax(logits, dim=-1).cpu()  # (b, KL_TOKENS, V)
         values, ids = logprobs.topk(min(TOP_K, logprobs.shape[-1]), dim=-1)  # (b, KL_TOKENS, k)
         rest = logprobs.scatter(-1, ids, -math.inf).logsumexp(-1)  # (b, KL_TOKENS)
@@ -668,14 +672,7 @@ def _model_kl(
     run = [i for i in range(len(kl)) if not routed[i]]
     prompt_ids = [kl.prompt_ids[i] for i in run]
     continuations = [kl.continuations[i] for i in run]
-    for batch in _forced_batches(prompt_ids, continuations):
-        logits = _continuation_logits(
-            model,
-            [prompt_ids[i] for i in batch],
-            [continuations[i] for i in batch],
-            KL_TOKENS,
-            _pad_id(tokenizer),
-        )
+    for batch, logits in _forced_logits(model, tokenizer, prompt_ids, continuations, KL_TOKENS):
         rows = [run[i] for i in batch]
         logprobs = torch.log_softmax(logits, dim=-1).cpu()
         per_token = topk_kl(kl.topk_logprobs[rows], kl.topk_ids[rows], logprobs, kl.rest_logprobs[rows])

@@ -245,7 +245,14 @@ def test_the_runs_engine_limit_is_the_one_admission_applies(tmp_path: Path, base
     the same store under 16 takes it, published with the run's order and seed."""
     model, tokenizer = base
     config = BenchmarkConfig(
-        methods=("inc-lora",), n_tasks=2, n_test=4, steps=1, upper_bound=False, probe=False, max_lora_rank=8
+        methods=("inc-lora",),
+        n_tasks=2,
+        n_test=4,
+        steps=1,
+        upper_bound=False,
+        probe=False,
+        max_lora_rank=8,
+        cache=tmp_path / "cache",  # the routing samples of base "fp" stay out of $LAMINA_HOME
     )
     store = AdapterStore(tmp_path / "store", "fp")
     ctx = _Context(config, model, tokenizer, "fp", load_suite(config), tmp_path, _Silent())
