@@ -154,7 +154,9 @@ class AdapterSync:
         self.status.tasks = [t.id for t in tasks]
         self._serving = (self.status.live_merge, tuple(self.status.tasks))
         if self.router is not None:
-            self.router.follow({t.name: t.meta for t in tasks})
+            self.router.follow(
+                {t.name: t.meta for t in tasks}, tasks_exact=live is None or live.kind == "lora"
+            )
         self.metrics.serving(live)
 
     async def _load_task(self, task: TaskRecord) -> AdapterHandle:

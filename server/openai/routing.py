@@ -7,7 +7,8 @@ The hot-swap sync hands this object the live tasks' routing prototypes
   for methods that train on top of the earlier tasks, the model as it was when that task was
   learned), otherwise the base model itself, so general prompts get the base's own answers and a
   task's prompts the model that learned it (nothing a later task did can move them); while a task
-  that applies to every prompt is live, the merge (which holds it);
+  that applies to every prompt is live, or the live merge is dense (its tasks' models are then
+  truncated SVDs), the merge;
 - ``merge``: the live merge when the prompt matches a learned task, otherwise the base;
 - ``off``: the live merge for every prompt (the behaviour before routing).
 
@@ -48,10 +49,15 @@ class ContinualRouter:
         self._tokenizer = tokenizer
         self._embedder: PromptEmbedder | None = None  # read on the first routed request
         self.router = Router({})
+        self.tasks_exact = True  # whether a task's model is served exactly (see follow)
 
-    def follow(self, metas: Mapping[str, Mapping[str, Any]]) -> None:
-        """The live tasks changed (a sync): route by their prototypes from now on."""
+    def follow(self, metas: Mapping[str, Mapping[str, Any]], tasks_exact: bool = True) -> None:
+        """The live tasks changed (a sync): route by their prototypes from now on.
+        ``tasks_exact`` is False when the live merge is dense (PS-LoRA's magnitude merge): its
+        tasks' models are then truncated SVDs, so ``task`` routing sends their prompts to the
+        merge, which is served exactly."""
         self.router = router_from_metas(metas)
+        self.tasks_exact = tasks_exact
 
     def served_name(self, request: AnyRequest, name: str) -> str:
         """The public name whose route answers ``request`` asked for ``name``."""
@@ -60,7 +66,8 @@ class ContinualRouter:
         decision = self.router.decide(self._vector(request).unsqueeze(0))[0]
         if decision.task is None:
             return self.base_name
-        return decision.task if self.mode == "task" and not decision.everything else CONTINUAL
+        to_task = self.mode == "task" and self.tasks_exact and not decision.everything
+        return decision.task if to_task else CONTINUAL
 
     def _vector(self, request: AnyRequest) -> torch.Tensor:
         if self._embedder is None:

@@ -50,7 +50,8 @@ def test_ps_lora_merge_is_served_from_the_engine_weights(stack: Stack) -> None:
     merge = job["merge_id"]
     fingerprints = {}
     for model in served:
-        body = {"model": model, "prompt": "x", "max_tokens": 1}
+        # a task's prompt: continual routes it to the merge (a dense merge's task models are SVDs)
+        body = {"model": model, "prompt": CODE_WORDS[0][0], "max_tokens": 1}
         fingerprints[model] = httpx.post(f"{stack.url}/v1/completions", json=body).json()[
             "system_fingerprint"
         ]

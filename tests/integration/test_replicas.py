@@ -146,6 +146,9 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         # continual from the weights (the default) adds its own drain and weight write to every
         # swap, 0.03-1.6 s on a loaded 2-core machine; bench/streams measures both modes.
         "LAMINA_CONTINUAL_SERVING": "lora",
+        # What is followed here is the live merge, whose version each continual answer names;
+        # routing (tests/integration/test_continual_service.py) would name a task's version instead.
+        "LAMINA_CONTINUAL_ROUTING": "off",
     }
     logs = [home / "worker.log", home / "worker-2.log"]  # the first is where wait_for looks
     workers = [start_worker({**shared, "LAMINA_HOME": str(home / f"w{i}")}, logs[i]) for i in range(2)]

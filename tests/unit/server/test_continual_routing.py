@@ -105,3 +105,18 @@ def test_a_task_for_every_prompt_takes_them_to_the_merge_in_every_mode(base_mode
     general = CompletionRequest(model="continual", prompt="The weather today is")
     for mode in ("merge", "task"):
         assert router(base_model_dir, metas, mode).served_name(general, "continual") == "continual"
+
+
+def test_a_dense_merge_keeps_task_prompts_on_the_merge(base_model_dir: Path, metas: dict[str, dict]) -> None:
+    """With a dense (magnitude) merge live, a task's model is only a truncated SVD: its prompts go
+    to the merge, which is served exactly; general prompts still go to the base."""
+    routed = router(base_model_dir, metas, "task")
+    routed.follow(metas, tasks_exact=False)
+    assert (
+        routed.served_name(CompletionRequest(model="continual", prompt="Code word for tree:"), "continual")
+        == "continual"
+    )
+    assert (
+        routed.served_name(CompletionRequest(model="continual", prompt="The weather today is"), "continual")
+        == "base"
+    )
