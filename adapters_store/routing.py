@@ -1,17 +1,18 @@
-"""Which prompts ``continual`` answers with the live merge, and which with the base model itself.
+"""Which prompts ``continual`` answers with what it learned, and which with the base model itself.
 
 Every task's update moves the answers to some prompts that are not the task's: no update vanishes
 on every input. So the continual model routes by input. A prompt that looks like a learned task's
-prompts goes to the merge of every task; any other prompt goes to the base weights, untouched,
-so what the base model knew before the first task stays exactly what it was.
+prompts goes to that task's model or to the merge of every task (:func:`destination`, by the
+server's routing mode); any other prompt goes to the base weights, untouched, so what the base
+model knew before the first task stays exactly what it was.
 
 The signal is the cheapest one that measured well (no forward pass): the mean of the prompt's
 token embeddings (the model's own input embedding matrix), centred on the mean of text the base
 model samples itself and L2-normalised. Each task is summarised at publish time by a
 :class:`RoutePrototype`: the centroid of its training prompts and a threshold on the cosine to
 it, calibrated between the task's own prompts (each scored leave-one-out, as an unseen prompt
-would be) and the base-sampled text. A prompt is routed to the merge when its cosine to some
-task's centroid reaches that task's threshold.
+would be) and the base-sampled text. A prompt matches a task when its cosine to the task's
+centroid reaches that task's threshold (the best margin wins).
 
 A task can also say it applies to every prompt (a style, a persona, a language): while such a task
 is live, every prompt goes to the merge. The prototypes are stored in each task version's
@@ -29,6 +30,8 @@ import torch
 
 SIGNAL = "embedding-mean-v1"  # what a prototype's vectors are; a server ignores prototypes of another
 AppliesTo = Literal["matching", "all"]
+RoutingMode = Literal["task", "merge", "off"]  # LAMINA_CONTINUAL_ROUTING
+MERGE = "<merge>"  # a destination: the live merge (None is the base model, a name a task's model)
 
 
 class Tokenizer(Protocol):
@@ -173,7 +176,7 @@ class Decision:
 
 
 class Router:
-    """The live tasks' prototypes; decides per prompt whether the merge answers it."""
+    """The live tasks' prototypes; decides per prompt which task it matches, if any."""
 
     def __init__(self, prototypes: Mapping[str, RoutePrototype]) -> None:
         self.prototypes = {n: p for n, p in prototypes.items() if p.signal == SIGNAL}
@@ -198,24 +201,30 @@ class Router:
         ]
 
     def to_merge(self, vectors: torch.Tensor) -> list[bool]:
-        """Per prompt: True when the merge answers it, False when the base does."""
+        """Per prompt: True when it matches a task (what it learned answers), False when the base does."""
         return [d.task is not None for d in self.decide(vectors)]
+
+
+def destination(decision: Decision, mode: RoutingMode, tasks_exact: bool = True) -> str | None:
+    """Where a ``continual`` prompt goes under ``mode``: a task's name (its own model), MERGE, or
+    None (the base model itself). ``task`` mode sends a matching prompt to the merge instead when a
+    live task applies to every prompt, or when the tasks' models are not served exactly
+    (``tasks_exact`` False: a dense merge, whose tasks' models are truncated SVDs)."""
+    if mode == "off":
+        return MERGE
+    if decision.task is None:
+        return None
+    return decision.task if mode == "task" and tasks_exact and not decision.everything else MERGE
 
 
 def router_from_metas(metas: Mapping[str, Mapping[str, Any]]) -> Router:
     """The router of the live tasks, from their versions' meta (tasks published before routing
     existed carry no prototype: a store with such a task routes everything to the merge, as it
     was served when they were trained)."""
-    prototypes: dict[str, RoutePrototype] = {}
-    for name, meta in metas.items():
-        data = meta.get("routing")
-        if data is None:
-            data = {
-                "signal": SIGNAL,
-                "applies_to": "all",
-                "threshold": 0.0,
-                "centroid": [0.0],
-                "center": [0.0],
-            }
-        prototypes[name] = RoutePrototype.from_dict(data)
-    return Router(prototypes)
+    legacy = RoutePrototype(torch.zeros(1), torch.zeros(1), threshold=0.0, applies_to="all")
+    return Router(
+        {
+            name: RoutePrototype.from_dict(meta["routing"]) if "routing" in meta else legacy
+            for name, meta in metas.items()
+        }
+    )

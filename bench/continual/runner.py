@@ -49,7 +49,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.lora import LoraAdapter
-from adapters_store.routing import PromptEmbedder, Router, router_from_metas
+from adapters_store.routing import MERGE, PromptEmbedder, Router, RoutingMode, destination, router_from_metas
 from adapters_store.store import AdapterStore
 from bench import provenance
 from bench.continual.config import UPPER_BOUND, UPPER_BOUND_METHOD, BenchmarkConfig
@@ -170,21 +170,17 @@ class _Context:
         return AdapterStore(root, self.fingerprint, base_model=str(self.config.model_dir))
 
 
-MERGE = "<merge>"  # a routing target: the live merge (None is the base model)
-
-
-def routing_targets(ctx: _Context, router: Router | None, texts: Sequence[str]) -> list[str | None]:
-    """Where the server would send each prompt of a ``continual`` request: MERGE, a task's name
-    (routing "task") or None (the base model itself). No router: the merge takes everything."""
-    if router is None or ctx.config.routing == "off":
+def routing_targets(ctx: _Context, served: _Served, router: Router, texts: Sequence[str]) -> list[str | None]:
+    """Where the server would send each prompt of a ``continual`` request
+    (:func:`adapters_store.routing.destination`): MERGE, a task's name or None (the base itself)."""
+    mode = cast(RoutingMode, ctx.config.routing)
+    if mode == "off":
         return [MERGE] * len(texts)
     assert ctx.embedder is not None
     if not router.prototypes:
         return [None] * len(texts)
     decisions = router.decide(ctx.embedder.embed(list(texts)))
-    if ctx.config.routing == "task":
-        return [MERGE if d.everything else d.task for d in decisions]
-    return [MERGE if d.task is not None else None for d in decisions]
+    return [destination(d, mode, served.tasks_exact) for d in decisions]
 
 
 class _Served:
@@ -192,6 +188,8 @@ class _Served:
 
     def __init__(self, store: AdapterStore) -> None:
         self.store = store
+        live = store.live()
+        self.tasks_exact = live is None or live.kind == "lora"  # as the server serves a dense merge's tasks
         self._deltas: dict[str | None, dict[str, torch.Tensor]] = {None: {}}
 
     def deltas(self, target: str | None) -> dict[str, torch.Tensor]:
@@ -211,11 +209,13 @@ def _groups(targets: Sequence[str | None]) -> dict[str | None, list[int]]:
     return groups
 
 
-def evaluate_routed(ctx: _Context, served: _Served, router: Router | None, task_index: int) -> float:
+def evaluate_routed(ctx: _Context, served: _Served, router: Router, task_index: int) -> float:
     """A task's test accuracy on ``continual`` as routed: each prompt scored on the model it lands on."""
     task, test = ctx.suite.tasks[task_index], ctx.suite.test[task_index]
     predictions = [""] * len(test)
-    for target, indices in _groups(routing_targets(ctx, router, [example_text(e) for e in test])).items():
+    for target, indices in _groups(
+        routing_targets(ctx, served, router, [example_text(e) for e in test])
+    ).items():
         prompts = [encode_prompt(ctx.tokenizer, test[k].prompt) for k in indices]
         with merged_into(ctx.model, served.deltas(target)):
             outputs = greedy_completions(
@@ -226,12 +226,12 @@ def evaluate_routed(ctx: _Context, served: _Served, router: Router | None, task_
     return accuracy(predictions, test)
 
 
-def general_routed(ctx: _Context, served: _Served, router: Router | None) -> GeneralScore | None:
+def general_routed(ctx: _Context, served: _Served, router: Router) -> GeneralScore | None:
     """The general-ability scores of ``continual`` as routed: prompts sent to the base are the
     base's own answers (not run); each other group is scored on the model it lands on."""
     if ctx.general is None:
         return None
-    targets = routing_targets(ctx, router, ctx.general.prompts)
+    targets = routing_targets(ctx, served, router, ctx.general.prompts)
     scores = []
     for target, indices in _groups(targets).items():
         if target is None:
@@ -371,12 +371,14 @@ def run_method(
     )
 
 
-def probe_routed(ctx: _Context, served: _Served, router: Router | None) -> float | None:
+def probe_routed(ctx: _Context, served: _Served, router: Router) -> float | None:
     """Share of the probe ``continual`` still answers, each question on the model it is routed to."""
     if not ctx.probe:
         return None
     answered = 0
-    for target, indices in _groups(routing_targets(ctx, router, [q.prompt for q in ctx.probe])).items():
+    for target, indices in _groups(
+        routing_targets(ctx, served, router, [q.prompt for q in ctx.probe])
+    ).items():
         with merged_into(ctx.model, served.deltas(target)):
             answered += sum(probe_answered(ctx.model, ctx.tokenizer, [ctx.probe[k] for k in indices]))
     return answered / len(ctx.probe)

@@ -22,9 +22,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from adapters_store.routing import PromptEmbedder, Router, router_from_metas, routing_text
+from adapters_store.routing import (
+    MERGE,
+    PromptEmbedder,
+    Router,
+    RoutingMode,
+    destination,
+    router_from_metas,
+    routing_text,
+)
 from server.model_registry import CONTINUAL
 from server.openai.protocol import AnyRequest, ChatCompletionRequest
 
@@ -33,8 +41,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-
-RoutingMode = Literal["merge", "task", "off"]
 
 
 class ContinualRouter:
@@ -64,10 +70,10 @@ class ContinualRouter:
         if name != CONTINUAL or self.mode == "off" or not self.router.prototypes:
             return name
         decision = self.router.decide(self._vector(request).unsqueeze(0))[0]
-        if decision.task is None:
+        target = destination(decision, self.mode, self.tasks_exact)
+        if target is None:
             return self.base_name
-        to_task = self.mode == "task" and self.tasks_exact and not decision.everything
-        return decision.task if to_task else CONTINUAL
+        return CONTINUAL if target == MERGE else target
 
     def _vector(self, request: AnyRequest) -> torch.Tensor:
         if self._embedder is None:

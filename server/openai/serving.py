@@ -88,7 +88,7 @@ class CompletionService:
         picks for this prompt (the merge, a task's model or the base; ``system_fingerprint`` shows it)."""
         name = self.model_name(request)
         served = self.router.served_name(request, name)
-        if name != served or name == CONTINUAL:
+        if name == CONTINUAL:  # the only name a router answers with another
             self.metrics.continual_routes.labels(to=_route_label(served, self.registry)).inc()
         return served
 
