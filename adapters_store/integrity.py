@@ -82,3 +82,15 @@ def verify_tree(directory: Path, expected: dict[str, str] | None, label: str) ->
                 f"{label}: {relative} ({size} bytes) has sha256 {actual[:12]}…, "
                 f"the ledger recorded {digest[:12]}…: the file was truncated or changed after publishing"
             )
+
+
+def content_id(directory: Path, files: dict[str, str] | None) -> str:
+    """A short name for what a version holds: the sha256 of its files' digests (as its ledger
+    recorded them, or read from disk for a version published before checksums were recorded).
+
+    Why: anything derived from a version and cached outside the store (a server's corrections,
+    an SVD export) must be keyed by content. Version and merge ids restart in every store, so a
+    key made of ids alone hands one store's derived files to another."""
+    digests = files if files is not None else digest_tree(directory)
+    joined = "\n".join(f"{relative} {digest}" for relative, digest in sorted(digests.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]

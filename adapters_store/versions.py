@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adapters_store.errors import CorruptVersion, MergeNotFound, TaskNotFound
-from adapters_store.integrity import digest_tree
+from adapters_store.integrity import content_id, digest_tree
 from adapters_store.ledger import fsync_path
 from adapters_store.ledger import now as _now
 from adapters_store.lora import LoraAdapter
@@ -51,6 +51,11 @@ class TaskRecord:
         return f"task {self.id}"
 
     @property
+    def content_id(self) -> str:
+        """What this version holds, as a short digest: the key of anything cached from it."""
+        return content_id(self.path, self.files)
+
+    @property
     def serving_path(self) -> Path:
         """What ``model=<task>`` serves: the task's own adapter, or, for methods that train each
         task on top of its predecessors, the model as it was when this task was learned."""
@@ -73,6 +78,11 @@ class MergeRecord:
     @property
     def label(self) -> str:
         return f"merge {self.id}"
+
+    @property
+    def content_id(self) -> str:
+        """What this merge holds, as a short digest: the key of anything cached from it."""
+        return content_id(self.path, self.files)
 
 
 @dataclass(frozen=True)

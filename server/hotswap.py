@@ -24,10 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import shutil
 import threading
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +39,7 @@ from server.engine_adapters import EngineAdapters
 from server.metrics import LaminaMetrics
 from server.model_registry import CONTINUAL, ModelRegistry, Route, RouteKind
 from server.openai.routing import ContinualRouter
-from server.weights_sync import WeightsServing
+from server.weights_sync import WeightsServing, write_cached
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +166,7 @@ class AdapterSync:
         svd_name = f"{name}-svd{self.max_lora_rank}"
         if (loaded := self.adapters.get(svd_name)) is not None:
             return loaded
-        label = f"{task.name}-v{task.version}"
+        label = f"{task.name}-v{task.version}-{task.content_id}"
         svd_path = await asyncio.to_thread(
             self._export_svd, label, lambda: DenseDelta(LoraAdapter.load_peft(path).deltas())
         )
@@ -187,24 +184,26 @@ class AdapterSync:
         if merge.meta.get("svd_rank") == self.max_lora_rank:  # the store wrote this export
             self.status.svd_relative_error = float(merge.meta["svd_relative_error"])
             return await self.adapters.load(name, merge.path)
-        path = await asyncio.to_thread(self._export_svd, merge.id, lambda: DenseDelta.load(merge.path))
+        path = await asyncio.to_thread(
+            self._export_svd, f"{merge.id}-{merge.content_id}", lambda: DenseDelta.load(merge.path)
+        )
         self.status.svd_relative_error = _svd_error(path)
         return await self.adapters.load(name, path)
 
     def _export_svd(self, label: str, load: Callable[[], DenseDelta]) -> Path:
-        """Write a dense update's rank-R approximation once, atomically, into the cache."""
-        target = self.cache_dir / f"{label}-svd{self.max_lora_rank}"
+        """Write a dense update's rank-R approximation once, atomically, into the cache.
+
+        ``label`` carries the version's content digest: ids restart in every store."""
+        target = self.cache_dir / "svd" / f"{label}-svd{self.max_lora_rank}"
         if not target.exists():
             delta = load()
             adapter, error = delta.to_lora_svd(self.max_lora_rank)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-            tmp.mkdir(parents=True)
-            adapter.save_peft(tmp, base_model=self.store.base_model)
-            (tmp / "svd_error.txt").write_text(f"{error:.6g}\n")
-            try:
-                os.rename(tmp, target)
-            except OSError:  # another replica won the race; its copy is identical
-                shutil.rmtree(tmp, ignore_errors=True)
+
+            def fill(tmp: Path) -> None:
+                adapter.save_peft(tmp, base_model=self.store.base_model)
+                (tmp / "svd_error.txt").write_text(f"{error:.6g}\n")
+
+            write_cached(target, fill)
             log.info("%s served at rank %d, relative error %.4f", label, self.max_lora_rank, error)
         return target
 

@@ -10,7 +10,8 @@ SVDs whose relative error is logged and reported in ``/admin/adapters``.
 
 A swap, in order (nothing a request can see changes before step 3):
 
-1. build the new corrections (in a thread; cached under ``<home>/cache/corrections/<merge>``)
+1. build the new corrections (in a thread; cached under ``<home>/cache/corrections``, keyed by
+   the merge's and the task's content digests, never by ids, which restart in every store)
    and load them into the engine beside the old ones;
 2. hold new requests back and wait for the running ones to finish (``ModelRegistry.exclusive``,
    at most ``LAMINA_WEIGHTS_SWAP_DRAIN_S``);
@@ -26,10 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import DenseDelta
 from adapters_store.store import MergeRecord, TaskRecord
+from adapters_store.versions import write_version
 from server.corrections import Correction, correction
 from server.engine import AdapterHandle, Engine
 from server.model_registry import CONTINUAL, ModelRegistry, Route, RouteKind
@@ -100,7 +99,7 @@ class WeightsServing:
             for public, kind, task in targets:
                 label = f"{task.name}@v{task.version}" if task else public
                 name = f"{label}~{live.id}"
-                path, summary = await asyncio.to_thread(self._correction, live.id, label, task, delta)
+                path, summary = await asyncio.to_thread(self._correction, live, label, task, delta)
                 corrections[public] = {"adapter": name, **summary}
                 handle = await load(name, path) if path is not None else None
                 routes.append(Route(public, handle, kind, in_weights=None if handle else name))
@@ -145,32 +144,47 @@ class WeightsServing:
             log.exception("could not restore the previous weights either")
 
     def _correction(
-        self, merge: str, label: str, task: TaskRecord | None, delta: LoraAdapter | DenseDelta
+        self, merge: MergeRecord, label: str, task: TaskRecord | None, delta: LoraAdapter | DenseDelta
     ) -> tuple[Path | None, dict[str, Any]]:
         """The correction for ``task`` (None: base) under ``merge``, built once into the cache.
 
         Returns its PEFT directory (None when it is zero) and its summary."""
-        target = self.cache_dir / "corrections" / merge / f"{label}-r{self.max_lora_rank}"
+        target = correction_cache_path(self.cache_dir, merge, task, self.max_lora_rank)
         if not (target / SUMMARY_FILE).exists():
             adapter = LoraAdapter.load_peft(task.serving_path) if task else None
             fix = correction(adapter, delta, self.max_lora_rank)
             self._write(target, fix)
-            _log_correction(label, merge, fix, self.max_lora_rank)
+            _log_correction(label, merge.id, fix, self.max_lora_rank)
         summary = json.loads((target / SUMMARY_FILE).read_text())
         return (target if summary["served_rank"] > 0 else None), summary
 
     def _write(self, target: Path, fix: Correction) -> None:
-        """Atomically: a hidden sibling renamed into place (a racing replica's copy is identical)."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-        tmp.mkdir()
-        if fix.adapter is not None:
-            fix.adapter.save_peft(tmp, base_model=self.base_model)
-        (tmp / SUMMARY_FILE).write_text(json.dumps(fix.summary(), indent=2))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        def fill(tmp: Path) -> None:
+            if fix.adapter is not None:
+                fix.adapter.save_peft(tmp, base_model=self.base_model)
+            (tmp / SUMMARY_FILE).write_text(json.dumps(fix.summary(), indent=2))
+
+        write_cached(target, fill)
+
+
+def write_cached(target: Path, fill: Callable[[Path], None]) -> None:
+    """Write a derived directory into the cache whole or not at all (a full disk leaves no
+    half-written copy); a replica that renamed its identical copy first wins the race."""
+    try:
+        write_version(target, fill)
+    except OSError:
+        if not target.is_dir():
+            raise
+
+
+def correction_cache_path(
+    cache_dir: Path, merge: MergeRecord, task: TaskRecord | None, max_rank: int
+) -> Path:
+    """Where ``task``'s (None: ``base``'s) correction under ``merge`` is cached: named by both
+    versions' contents, so a new store, a deleted store or another base model never meets a
+    stale file (their merge ids restart at ``m1``)."""
+    model = f"{task.name}-v{task.version}-{task.content_id}" if task else "base"
+    return cache_dir / "corrections" / f"{merge.id}-{merge.content_id}" / f"{model}-r{max_rank}"
 
 
 def _live_delta(live: MergeRecord) -> LoraAdapter | DenseDelta:
