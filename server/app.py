@@ -156,22 +156,26 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
 
     @app.get("/ready", tags=["ops"])
     async def ready(request: Request) -> JSONResponse:
-        """200 once the engine can serve requests, 503 before (and if it failed to load). ``events``
-        is ``redis`` while store events arrive, ``polling`` while the server follows the ledger
-        alone (no Redis configured, or Redis unreachable): it serves either way."""
+        """200 once the engine serves what the store says is live; 503 before, if the engine
+        failed to load, and while the last sync failed (``out_of_sync``, with the error and when
+        the server retries: it keeps serving the models it had). ``events`` is ``redis`` while
+        store events arrive, ``polling`` while the server follows the ledger alone (no Redis
+        configured, or Redis unreachable): it serves either way."""
         loading = getattr(request.app.state, "engine_loading", None)
         if loading is not None and loading.done() and loading.exception() is not None:
             detail = f"engine failed to start: {loading.exception()}"
             return JSONResponse(status_code=503, content={"status": "failed", "detail": detail})
         sync: AdapterSync = request.app.state.sync
-        if request.app.state.engine.ready and sync.status.syncs > 0:
-            status = sync.status
-            # how store changes reach this server: Redis events, or (Redis unset or away) the ledger poll
-            events = sync.events.mode if sync.events is not None else "polling"
-            return JSONResponse(
-                {"status": "ready", "live_merge": status.live_merge, "tasks": status.tasks, "events": events}
-            )
-        return JSONResponse(status_code=503, content={"status": "loading"})
+        status = sync.status
+        if not request.app.state.engine.ready or status.syncs == 0:
+            return JSONResponse(status_code=503, content={"status": "loading"})
+        # how store changes reach this server: Redis events, or (Redis unset or away) the ledger poll
+        events = sync.events.mode if sync.events is not None else "polling"
+        served = {"live_merge": status.live_merge, "tasks": status.tasks, "events": events}
+        if not status.in_step:  # live_merge/tasks: what it still serves, not what the store says
+            behind = {"detail": status.last_error, "retry_in_s": status.retry_in_s}
+            return JSONResponse(status_code=503, content={"status": "out_of_sync", **served, **behind})
+        return JSONResponse({"status": "ready", **served})
 
     @app.get(
         "/metrics",

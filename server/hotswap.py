@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,10 @@ class SyncStatus:
     tasks: list[str] = field(default_factory=list)
     last_error: str | None = None
     svd_relative_error: float | None = None
-    syncs: int = 0
+    syncs: int = 0  # attempts, failed ones included
+    in_step: bool = False  # the last attempt serves what the ledger says is live
+    failures_in_a_row: int = 0  # > 0: the server retries on its own after retry_in_s
+    retry_in_s: float | None = None
     serving: str = "lora"  # LAMINA_CONTINUAL_SERVING
     weights: dict[str, Any] | None = None  # weights serving: the merge in the weights, swap times
     corrections: dict[str, dict[str, Any]] | None = None  # weights serving: model -> rank, error
@@ -100,22 +104,31 @@ class AdapterSync:
 
     # --- one sync ---------------------------------------------------------------------------
 
-    async def sync(self) -> None:
+    async def sync(self) -> bool:
+        """Serve what the ledger says is live; True when it now does. A failure keeps the live
+        model as it was and is retried by :meth:`follow` with a growing delay."""
         async with self._lock:
-            before = self._serving
+            before, status = self._serving, self.status
             try:
                 await self._sync()
-                self.status.last_error = None
+                status.last_error, status.in_step, status.failures_in_a_row = None, True, 0
+                status.retry_in_s = None
             except Exception as error:  # the live model stays as it was
-                log.exception("adapter sync failed; keeping the current adapters")
-                self.status.last_error = f"{type(error).__name__}: {error}"
+                status.failures_in_a_row += 1
+                status.retry_in_s = retry_delay(self.poll_interval_s, status.failures_in_a_row)
+                log.exception(
+                    "adapter sync failed (%d in a row); keeping the current adapters, retrying in %.1f s",
+                    status.failures_in_a_row, status.retry_in_s,
+                )  # fmt: skip
+                status.last_error, status.in_step = f"{type(error).__name__}: {error}", False
                 self.metrics.sync_failures.inc()
             else:
                 if before is not None and self._serving != before:  # not the start-up sync
                     self.metrics.swapped(self._live_since())
             finally:
-                self.status.syncs += 1
+                status.syncs += 1
             await self.adapters.unload_unused(self.registry.in_use)
+            return status.in_step
 
     def _live_since(self) -> str | None:
         """When the ledger last changed what is live (its ``set_live`` entry's timestamp)."""
@@ -217,9 +230,10 @@ class AdapterSync:
 
     async def follow(self) -> None:
         """Sync now, then after every store change, until cancelled. Redis events make the
-        swap immediate; polling the ledger catches anything an event missed."""
+        swap immediate; polling the ledger catches anything an event missed; a failed sync
+        is retried with a growing delay (:func:`retry_delay`) even when nothing changes."""
         watcher = LedgerWatcher(self.store.root, interval_s=self.poll_interval_s)
-        await self.sync()
+        retry_at = None if await self.sync() else time.monotonic() + (self.status.retry_in_s or 0)
         nudged = asyncio.Event()
         stop = threading.Event()
         listener = self._listen_for_events(nudged, stop) if self.events_url else None
@@ -228,9 +242,11 @@ class AdapterSync:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(nudged.wait(), timeout=self.poll_interval_s)
                 changed = watcher.poll()
-                if nudged.is_set() or changed:
+                due = retry_at is not None and time.monotonic() >= retry_at
+                if nudged.is_set() or changed or due:
                     nudged.clear()
-                    await self.sync()
+                    in_step = await self.sync()
+                    retry_at = None if in_step else time.monotonic() + (self.status.retry_in_s or 0)
                 else:  # requests that held a swapped-out version may have finished
                     await self._unload_unused()
         finally:
@@ -247,6 +263,13 @@ class AdapterSync:
             self.events_url, self.store.root, lambda: loop.call_soon_threadsafe(nudged.set)
         )
         return self.events.start(stop)
+
+
+def retry_delay(poll_interval_s: float, failures: int, ceiling_s: float = 30.0) -> float:
+    """How long a replica waits before retrying a failed sync: doubling from the poll interval,
+    at most ``ceiling_s``, so a damaged file is not re-read many times a second and a passing
+    fault (a slow disk, an engine busy loading) heals within half a minute."""
+    return min(ceiling_s, poll_interval_s * 2 ** (failures - 1))
 
 
 def _svd_error(exported: Path) -> float:

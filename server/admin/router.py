@@ -141,7 +141,7 @@ async def import_adapter(
         settings.max_lora_rank,
         _audit(request, "import", name),
     )
-    await request.app.state.sync.sync()  # this replica swaps now; others follow the ledger
+    await _serve_here(request, f"imported task {record.id}")
     live = store.live()
     return {
         "name": name,
@@ -217,6 +217,25 @@ def _publish_import(
     return publication.task
 
 
+async def _serve_here(request: Request, done: str) -> None:
+    """Swap this replica now (others follow the ledger). The store already holds the change, so
+    a failed swap is no reason to repeat the action: a 503 says both, and the server retries the
+    swap on its own (``/ready`` shows when). While the engine is still loading there is nothing
+    to swap: its first sync serves the store as it is then."""
+    if not request.app.state.engine.ready:
+        return
+    sync = request.app.state.sync
+    if not await sync.sync():
+        status = sync.status
+        raise APIError(
+            503,
+            f"{done} in the store, but this server could not serve it yet ({status.last_error}); "
+            f"it keeps serving {status.live_merge or 'the base'} and retries in {status.retry_in_s:.0f} s",
+            code="not_served_yet",
+            type="server_error",
+        )
+
+
 @router.post("/rollback")
 async def rollback(body: RollbackRequest, request: Request) -> dict[str, Any]:
     try:
@@ -229,7 +248,7 @@ async def rollback(body: RollbackRequest, request: Request) -> dict[str, Any]:
         ) from None
     except StoreError as error:
         raise _store_refusal(error, "merge_id") from None
-    await request.app.state.sync.sync()  # this replica swaps now; others follow the ledger
+    await _serve_here(request, f"rolled back to {record.id}")
     return _merge_view(record, record.id)
 
 
@@ -247,7 +266,7 @@ async def remove_task(name: str, request: Request) -> dict[str, Any]:
         ) from None
     except StoreError as error:
         raise _store_refusal(error, "name") from None
-    await request.app.state.sync.sync()
+    await _serve_here(request, f"removed task {name!r}")
     return {"removed": name, "live_merge": _merge_view(record, record.id) if record else None}
 
 

@@ -265,11 +265,15 @@ def test_a_version_damaged_on_disk_never_goes_live(stack: Stack, monkeypatch: py
     assert "CorruptVersion" in served["last_error"] and "adapter_model.safetensors" in served["last_error"]
     assert (live_merge(stack), served_models(stack), answers(stack, "continual", EXAMPLES)) == before
     assert "refusing task damaged/v1" in (stack.home / "server.log").read_text(errors="replace")
+    ready = httpx.get(f"{stack.url}/ready")  # it serves the old model, and says it is behind the store
+    assert ready.status_code == 503 and ready.json()["status"] == "out_of_sync", ready.text
+    assert "CorruptVersion" in ready.json()["detail"] and ready.json()["live_merge"] == before[0]
 
     back = httpx.post(f"{stack.url}/admin/rollback", json={"merge_id": before[0]}, headers=ADMIN, timeout=60)
     assert back.status_code == 200, back.text
     assert httpx.get(f"{stack.url}/admin/adapters", headers=ADMIN).json()["served"]["last_error"] is None
     assert store.live() == live
+    assert httpx.get(f"{stack.url}/ready").status_code == 200
 
 
 def test_a_restarted_server_serves_the_same_models_and_answers(stack: Stack) -> None:

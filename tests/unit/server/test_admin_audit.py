@@ -128,3 +128,25 @@ def test_a_removal_whose_remerge_fails_is_a_409_not_a_missing_task(
     assert response.status_code == 409, response.text
     error = response.json()["error"]
     assert error["code"] == "merge_failed" and "overlapping masks" in error["message"]
+
+
+def test_an_action_this_replica_could_not_serve_is_a_503_that_says_it_is_in_the_store(
+    client: TestClient, peft_files: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, the removal answered 200 while this replica kept serving the removed task."""
+    for name in ("first", "second"):
+        client.post("/admin/adapters", data={"name": name}, files=peft_files, headers=HEADERS)
+
+    async def engine_refuses() -> None:
+        raise RuntimeError("vLLM refused the new merge")
+
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    monkeypatch.setattr(type(engine), "ready", property(lambda self: True))  # as once vLLM has loaded
+    monkeypatch.setattr(client.app.state.sync, "_sync", engine_refuses)  # type: ignore[attr-defined]
+    response = client.delete("/admin/tasks/first", headers=HEADERS)
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["code"] == "not_served_yet"
+    assert "removed task 'first' in the store" in error["message"] and "vLLM refused" in error["message"]
+    assert "retries in" in error["message"]
+    assert "remove_task" in [e["op"] for e in ledger(client)[-3:]]  # the change stands: no need to repeat it

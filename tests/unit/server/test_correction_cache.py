@@ -43,7 +43,9 @@ def _base_correction(serving: WeightsServing, store: AdapterStore) -> dict[str, 
     return LoraAdapter.load_peft(path).deltas()
 
 
-def test_base_under_a_second_store_is_corrected_by_that_store_s_merge_not_the_first_one_s(tmp_path: Path) -> None:
+def test_base_under_a_second_store_is_corrected_by_that_store_s_merge_not_the_first_one_s(
+    tmp_path: Path,
+) -> None:
     home = tmp_path / "home"
     first, second = _store(home / "store-a", seed=0), _store(home / "store-b", seed=1)
     serving = _serving(home)
@@ -54,7 +56,9 @@ def test_base_under_a_second_store_is_corrected_by_that_store_s_merge_not_the_fi
         torch.testing.assert_close(fix[module], -delta, atol=1e-5, rtol=1e-4)
 
 
-def test_a_version_keeps_its_cache_entry_across_restarts_and_other_stores_get_their_own(tmp_path: Path) -> None:
+def test_a_version_keeps_its_cache_entry_across_restarts_and_other_stores_get_their_own(
+    tmp_path: Path,
+) -> None:
     first, other = _store(tmp_path / "a", seed=0), _store(tmp_path / "b", seed=0)  # same adapter
     reopened = AdapterStore(tmp_path / "a", FP, base_model="tiny-llama")  # a server restart
     cache = tmp_path / "cache"
@@ -65,7 +69,9 @@ def test_a_version_keeps_its_cache_entry_across_restarts_and_other_stores_get_th
     assert task_paths.isdisjoint(paths)
 
 
-def test_a_failed_write_leaves_no_temporary_directory_and_no_cached_entry(tmp_path: Path, monkeypatch) -> None:
+def test_a_failed_write_leaves_no_temporary_directory_and_no_cached_entry(
+    tmp_path: Path, monkeypatch
+) -> None:
     store, serving = _store(tmp_path / "store", seed=0), _serving(tmp_path)
     live = store.live()
     assert live is not None

@@ -213,3 +213,42 @@ def test_loading_a_name_twice_adds_it_once_and_a_refused_load_leaves_no_record(
     assert engine.names() == ["x@v1"] and [h.name for h in sync.adapters.handles()] == ["x@v1"]
     assert sync.metrics.registry.get_sample_value("lamina_adapter_loads_total") == 1
     assert sync.metrics.registry.get_sample_value("lamina_adapters_loaded") == 1
+
+
+def test_a_failed_sync_is_retried_with_a_growing_delay_though_the_ledger_does_not_change(
+    store: AdapterStore, tmp_path: Path
+) -> None:
+    """Before, a replica synced only when the ledger changed: one refused load left it serving
+    the old merge (and ``/ready`` 200) until the next publish."""
+    engine = FakeEngine()
+    sync = _sync(store, engine, tmp_path)
+    sync.poll_interval_s = 0.02
+    m1 = _live_merge(store)
+    engine.refuse.add(f"{CONTINUAL}@{m1}")
+
+    async def scenario() -> list[tuple[bool, int]]:
+        seen: list[tuple[bool, int]] = []
+        following = asyncio.create_task(sync.follow())
+        while sync.status.failures_in_a_row < 3:  # nothing changes in the ledger meanwhile
+            await asyncio.sleep(0.01)
+        seen.append((sync.status.in_step, sync.status.failures_in_a_row))
+        engine.refuse.clear()  # the fault passes
+        for _ in range(200):
+            if sync.status.in_step:
+                break
+            await asyncio.sleep(0.01)
+        seen.append((sync.status.in_step, sync.status.failures_in_a_row))
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
+        return seen
+
+    assert asyncio.run(scenario()) == [(False, 3), (True, 0)]
+    assert sync.status.live_merge == m1 and sync.status.last_error is None
+    assert sync.registry.resolve(CONTINUAL).adapter is not None
+
+
+def test_the_retry_delay_doubles_from_the_poll_interval_up_to_its_ceiling() -> None:
+    from server.hotswap import retry_delay
+
+    assert [retry_delay(0.5, n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert retry_delay(0.5, 20) == 30.0
