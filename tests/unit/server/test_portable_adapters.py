@@ -115,7 +115,7 @@ def test_the_server_serves_the_stores_export_when_the_rank_matches(
     assert same.status.svd_relative_error == pytest.approx(live.meta["svd_relative_error"])
     other = AdapterSync(engine, ModelRegistry("base"), store, tmp_path / "cache", max_lora_rank=16)  # type: ignore[arg-type]
     asyncio.run(other._load_merge(live))  # another rank: computed once into the cache, as before
-    assert Path(engine.paths[-1]).parent == tmp_path / "cache"
+    assert Path(engine.paths[-1]).parent == tmp_path / "cache" / "svd"
 
 
 def test_settings_keep_the_model_name_as_given(tmp_path: Path) -> None:
