@@ -52,7 +52,12 @@ class LaminaSettings(BaseSettings):
         "when it is a Redis URL; None: servers poll the ledger and the lock is a file lock.",
     )
     queue: str = Field("lamina", description="Celery queue the API sends tasks to and the worker consumes.")
-    max_lora_rank: int = Field(64, description="Largest adapter rank the engine can serve.")
+    max_lora_rank: int = Field(
+        128,
+        description="Largest adapter rank the engine can serve. It bounds how many tasks a concat store "
+        "holds (inflora's default rank 8: 16 tasks) and keeps base's and the tasks' corrections exact up to "
+        "that rank; every LoRA request costs what one of this rank costs (vLLM pads to it).",
+    )
     max_pending_tasks: int = Field(64, ge=1, description="Queued or running tasks allowed at once.")
     job_lease_s: float = Field(
         30.0,

@@ -94,7 +94,7 @@ def test_an_accepted_task_is_one_queued_job_and_one_message_naming_it(build: Bui
         ({"hyperparameters": {"r": 0}}, (400, "invalid_value", "hyperparameters.r")),
         ({"hyperparameters": {"no_such_knob": 1}}, (400, "invalid_value", "hyperparameters.no_such_knob")),
         ({"name": "Bad Name"}, (400, "invalid_name", "name")),  # admission's reason, as HTTP
-        ({"hyperparameters": {"r": 128}}, (409, "rank_exceeded", "hyperparameters.r")),  # > max_lora_rank 64
+        ({"hyperparameters": {"r": 256}}, (409, "rank_exceeded", "hyperparameters.r")),  # > max_lora_rank 128
     ],
 )
 def test_a_refused_task_is_the_error_users_see_and_records_and_sends_nothing(
