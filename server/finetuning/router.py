@@ -39,7 +39,7 @@ async def create_file(
 
 
 @router.get("/files", response_model=FileList)
-async def list_files(
+def list_files(
     request: Request,
     purpose: str | None = None,
     after: str | None = None,
@@ -50,12 +50,12 @@ async def list_files(
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
-async def retrieve_file(file_id: str, request: Request) -> FileObject:
+def retrieve_file(file_id: str, request: Request) -> FileObject:
     return _service(request).files.get(file_id)
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted)
-async def delete_file(file_id: str, request: Request) -> FileDeleted:
+def delete_file(file_id: str, request: Request) -> FileDeleted:
     return _service(request).delete_file(file_id)
 
 
@@ -64,42 +64,42 @@ async def delete_file(file_id: str, request: Request) -> FileDeleted:
     response_class=Response,
     responses={200: {"content": {"application/jsonl": {}}}},
 )
-async def file_content(file_id: str, request: Request) -> Response:
+def file_content(file_id: str, request: Request) -> Response:
     return Response(_service(request).files.content(file_id), media_type="application/jsonl")
 
 
 @router.post("/fine_tuning/jobs", response_model=FineTuningJob)
-async def create_job(body: FineTuningJobCreate, request: Request) -> FineTuningJob:
+def create_job(body: FineTuningJobCreate, request: Request) -> FineTuningJob:
     """Queue the training file as a Lamina task (the same board as POST /tasks)."""
     return _service(request).create(body)
 
 
 @router.get("/fine_tuning/jobs", response_model=FineTuningJobList)
-async def list_jobs(request: Request, after: str | None = None, limit: Limit = 20) -> FineTuningJobList:
+def list_jobs(request: Request, after: str | None = None, limit: Limit = 20) -> FineTuningJobList:
     """Every job of the board, newest first, those posted to /tasks included."""
     return _service(request).list_jobs(after, limit)
 
 
 @router.get("/fine_tuning/jobs/{fine_tuning_job_id}", response_model=FineTuningJob)
-async def retrieve_job(fine_tuning_job_id: str, request: Request) -> FineTuningJob:
+def retrieve_job(fine_tuning_job_id: str, request: Request) -> FineTuningJob:
     return _service(request).retrieve(fine_tuning_job_id)
 
 
 @router.post("/fine_tuning/jobs/{fine_tuning_job_id}/cancel", response_model=FineTuningJob)
-async def cancel_job(fine_tuning_job_id: str, request: Request) -> FineTuningJob:
+def cancel_job(fine_tuning_job_id: str, request: Request) -> FineTuningJob:
     """A queued job is cancelled at once; a training one stops at its next step."""
     return _service(request).cancel(fine_tuning_job_id)
 
 
 @router.get("/fine_tuning/jobs/{fine_tuning_job_id}/events", response_model=FineTuningJobEventList)
-async def list_events(
+def list_events(
     fine_tuning_job_id: str, request: Request, after: str | None = None, limit: Limit = 20
 ) -> FineTuningJobEventList:
     return _service(request).events(fine_tuning_job_id, after, limit)
 
 
 @router.get("/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
-async def list_checkpoints(
+def list_checkpoints(
     fine_tuning_job_id: str, request: Request, after: str | None = None, limit: Limit = 10
 ) -> CheckpointList:
     return _service(request).checkpoints(fine_tuning_job_id, after, limit)

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from adapters_store.atomic import atomic_write
 from server.errors import APIError
@@ -81,8 +82,11 @@ class FineTuningService:
                     param="file",
                     code="file_too_large",
                 )
-        parse_jsonl(bytes(content))  # every line an example, or a 400 naming the line and the field
-        return self.files.create(bytes(content), upload.filename or "upload.jsonl", purpose)
+        # parsing every line and writing the file are blocking work: off the event loop, so streams go on
+        await run_in_threadpool(parse_jsonl, bytes(content))  # a 400 naming the line and the field
+        return await run_in_threadpool(
+            self.files.create, bytes(content), upload.filename or "upload.jsonl", purpose
+        )
 
     def list_files(self, purpose: str | None, after: str | None, limit: int, order: str) -> FileList:
         files = [f for f in self.files.all() if purpose is None or f.purpose == purpose]

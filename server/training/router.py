@@ -20,6 +20,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from server.errors import APIError
@@ -88,7 +89,7 @@ async def _read_body(request: Request) -> TaskCreate:
             hyperparameters = json.loads(str(form.get("hyperparameters") or "{}"))
         except ValueError:
             raise APIError(400, "hyperparameters must be a JSON object", param="hyperparameters") from None
-        examples = parse_jsonl(await upload.read())
+        examples = await run_in_threadpool(parse_jsonl, await upload.read())
         data = {
             "name": form.get("name"),
             "method": form.get("method") or None,
@@ -109,23 +110,25 @@ async def _read_body(request: Request) -> TaskCreate:
 @router.post("/tasks", status_code=202, response_model=PublicJob, openapi_extra=_BODY)
 async def create_task(request: Request) -> PublicJob:
     """Queue a task to learn. Answers 202 with its job; follow it with ``GET /jobs/{id}``."""
-    return PublicJob.of(_service(request).submit(await _read_body(request)))
+    body = await _read_body(request)
+    # hashing, the board's file lock and the broker call block: off the event loop, so streams go on
+    return PublicJob.of(await run_in_threadpool(_service(request).submit, body))
 
 
 @router.get("/jobs", response_model=JobList)
-async def list_jobs(request: Request) -> JobList:
+def list_jobs(request: Request) -> JobList:
     """Every job, oldest first."""
     return JobList(data=[PublicJob.of(job) for job in _service(request).list()])
 
 
 @router.get("/jobs/{job_id}", response_model=PublicJob)
-async def get_job(job_id: str, request: Request) -> PublicJob:
+def get_job(job_id: str, request: Request) -> PublicJob:
     """One job: status, progress, metrics, warnings, the error that ended it."""
     return PublicJob.of(_service(request).get(job_id))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=PublicJob)
-async def cancel_job(job_id: str, request: Request) -> PublicJob:
+def cancel_job(job_id: str, request: Request) -> PublicJob:
     """Stop a queued or running job; it publishes nothing."""
     return PublicJob.of(_service(request).cancel(job_id))
 

@@ -53,3 +53,43 @@ def test_the_schema_names_jobs_and_marks_the_old_urls_deprecated(client: TestCli
     assert not paths["/tasks"]["post"].get("deprecated", False), "posting a task is the name to keep"
     operation_ids = [op["operationId"] for ops in paths.values() for op in ops.values()]
     assert len(operation_ids) == len(set(operation_ids))
+
+
+def test_posting_a_task_does_not_stall_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submit blocks (hashing, the board's file lock, the broker call: here a slow broker); the
+    server's other requests, streams among them, must go on meanwhile. Before, POST /tasks ran the
+    submit on the event loop and every request waited for it."""
+    import asyncio
+    import time
+
+    import httpx
+
+    service = client.app.state.training  # type: ignore[attr-defined]
+    real_submit = service.submit
+
+    def slow_broker(body):  # noqa: ANN001, ANN202
+        time.sleep(1.0)
+        return real_submit(body)
+
+    monkeypatch.setattr(service, "submit", slow_broker)
+
+    async def scenario() -> list[str]:
+        done: list[str] = []
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://lamina") as http:
+
+            async def post() -> None:
+                assert (await http.post("/tasks", json=TASK)).status_code == 202
+                done.append("post")
+
+            async def health() -> None:
+                await asyncio.sleep(0.2)  # the submit is blocking by now
+                assert (await http.get("/health")).status_code == 200
+                done.append("health")
+
+            await asyncio.gather(post(), health())
+        return done
+
+    assert asyncio.run(scenario()) == ["health", "post"]
