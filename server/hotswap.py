@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -151,9 +152,13 @@ class AdapterSync:
             return
         routes: list[Route] = []
         for task in tasks:  # load everything first, flip aliases only when all loaded
-            routes.append(Route(task.name, await self._load_task(task), RouteKind.task))
+            handle = await self._load_task(task)
+            routes.append(Route(task.name, handle, RouteKind.task, relative_error=_approximation(handle)))
         if live is not None:
-            routes.append(Route(CONTINUAL, await self._load_merge(live), RouteKind.continual))
+            handle = await self._load_merge(live)
+            routes.append(
+                Route(CONTINUAL, handle, RouteKind.continual, relative_error=_approximation(handle))
+            )
         else:
             routes.append(Route(CONTINUAL, None, RouteKind.continual))
         self.registry.replace_routes(routes)
@@ -168,6 +173,7 @@ class AdapterSync:
                 {t.name: t.meta for t in tasks}, tasks_exact=live is None or live.kind == "lora"
             )
         self.metrics.serving(live)
+        self.metrics.approximations(self.registry.routes())
 
     async def _load_task(self, task: TaskRecord) -> AdapterHandle:
         """A task's model (:attr:`TaskRecord.serving_path`); one above the engine's rank, which a
@@ -270,6 +276,22 @@ def retry_delay(poll_interval_s: float, failures: int, ceiling_s: float = 30.0) 
     at most ``ceiling_s``, so a damaged file is not re-read many times a second and a passing
     fault (a slow disk, an engine busy loading) heals within half a minute."""
     return min(ceiling_s, poll_interval_s * 2 ** (failures - 1))
+
+
+def _approximation(handle: AdapterHandle) -> float | None:
+    """The relative error of a truncated SVD that serves a model in ``lora`` serving (None: exact),
+    said in the log on every sync that serves it."""
+    path = Path(handle.path)
+    if (path / "svd_error.txt").exists():
+        error = _svd_error(path)
+    elif (path / "meta.json").exists() and "svd_relative_error" in (
+        meta := json.loads((path / "meta.json").read_text())
+    ):
+        error = float(meta["svd_relative_error"])  # a dense merge's own export
+    else:
+        return None
+    log.warning("%s is served approximately: a truncated SVD, relative error %.4g", handle.name, error)
+    return error
 
 
 def _svd_error(exported: Path) -> float:

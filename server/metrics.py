@@ -35,6 +35,7 @@ from trainer.contract.jobs import JobStatus
 
 if TYPE_CHECKING:
     from adapters_store.store import AdapterStore, MergeRecord
+    from server.model_registry import Route
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,13 @@ class LaminaMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.served_error = Gauge(
+            "lamina_served_model_relative_error",
+            "Per served model: 0 when the engine serves it exactly, else the relative error of the "
+            "truncated SVD that serves it (GET /v1/models says the same as exact / relative_error).",
+            ["model"],
+            registry=r,
+        )
         self.subspace_occupancy = Gauge(
             "lamina_subspace_occupancy",
             "inflora: share of a module's input directions reserved by the live tasks (1 = full).",
@@ -118,6 +126,12 @@ class LaminaMetrics:
         self._stats_task: asyncio.Task[None] | None = None
 
     # --- the hot-swap reports what it serves ------------------------------------------------
+
+    def approximations(self, routes: list[Route]) -> None:
+        """How exactly each served model is served, after a sync flipped the routes."""
+        self.served_error.clear()
+        for route in routes:
+            self.served_error.labels(model=route.name).set(route.relative_error or 0.0)
 
     def serving(self, live: MergeRecord | None) -> None:
         """The live merge a sync now serves: its subspace occupancy, read from its meta."""

@@ -58,6 +58,8 @@ class Route:
     kind: RouteKind
     in_weights: str | None = None  # served from the engine's weights with no adapter: what answers carry
     created: int = field(default_factory=lambda: int(time.time()))
+    # None: served exactly; else the relative Frobenius error of the truncated SVD that serves it
+    relative_error: float | None = None
 
 
 class ModelRegistry:

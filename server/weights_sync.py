@@ -102,7 +102,10 @@ class WeightsServing:
                 path, summary = await asyncio.to_thread(self._correction, live, label, task, delta)
                 corrections[public] = {"adapter": name, **summary}
                 handle = await load(name, path) if path is not None else None
-                routes.append(Route(public, handle, kind, in_weights=None if handle else name))
+                error = None if summary["exact"] else float(summary["relative_error"])
+                routes.append(
+                    Route(public, handle, kind, in_weights=None if handle else name, relative_error=error)
+                )
             routes.append(Route(CONTINUAL, None, RouteKind.continual, in_weights=f"{CONTINUAL}@{live.id}"))
         merge = live.id if live else None
         if merge != self.status.merge:
@@ -156,6 +159,12 @@ class WeightsServing:
             self._write(target, fix)
             _log_correction(label, merge.id, fix, self.max_lora_rank)
         summary = json.loads((target / SUMMARY_FILE).read_text())
+        if not summary["exact"]:  # said on every sync that serves it, a restart included, not once per cache
+            log.warning(
+                "%s is served approximately under %s: a rank-%d truncated SVD of a rank-%s correction, "
+                "relative error %.4g (raise LAMINA_MAX_LORA_RANK, or use a concat method, to serve it exactly)",
+                label, merge.id, summary["served_rank"], summary["rank"], summary["relative_error"],
+            )  # fmt: skip
         return (target if summary["served_rank"] > 0 else None), summary
 
     def _write(self, target: Path, fix: Correction) -> None:
@@ -201,11 +210,7 @@ def _weights_path(live: MergeRecord | None) -> Path | None:
 
 
 def _log_correction(label: str, merge: str, fix: Correction, max_rank: int) -> None:
+    """Say once, when it is built, that a correction is exact (an approximate one is reported on
+    every sync that serves it, :meth:`WeightsServing._correction`)."""
     if fix.exact:
         log.info("%s served relative to %s as an exact rank-%s correction", label, merge, fix.rank)
-    else:
-        log.warning(
-            "%s served relative to %s as a rank-%d truncated SVD of a correction of rank %s "
-            "(max_lora_rank %d): relative error %.4g",
-            label, merge, fix.served_rank, fix.rank, max_rank, fix.relative_error,
-        )  # fmt: skip

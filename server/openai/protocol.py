@@ -223,6 +223,14 @@ class ModelCard(BaseModel):
     parent: str | None = None
     max_model_len: int | None = None
     kind: str = Field(description="base | task | continual")
+    exact: bool = Field(
+        True,
+        description="False when the engine serves this model only approximately, as a truncated SVD of "
+        "its update (a rank above LAMINA_MAX_LORA_RANK, or a dense merge's correction).",
+    )
+    relative_error: float | None = Field(
+        None, description="The approximation's relative Frobenius error; None when exact."
+    )
 
 
 class ModelList(BaseModel):

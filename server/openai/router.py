@@ -47,6 +47,8 @@ def _card(request: Request, route: Route) -> ModelCard:
         parent=parent,
         max_model_len=settings.max_model_len,
         kind=route.kind,
+        exact=route.relative_error is None,
+        relative_error=route.relative_error,
     )
 
 

@@ -130,6 +130,8 @@ def test_model_cards_carry_root_parent_and_context(app_client: TestClient, base_
         "parent": None,
         "max_model_len": 512,
         "kind": "base",
+        "exact": True,
+        "relative_error": None,
     }
     listed = {c["id"]: c for c in app_client.get("/v1/models").json()["data"]}
     assert listed["base"] == card

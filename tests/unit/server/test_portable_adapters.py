@@ -126,3 +126,41 @@ def test_settings_keep_the_model_name_as_given(tmp_path: Path) -> None:
     settings = LaminaSettings(home=tmp_path, model="smollm2-135m-instruct")
     assert settings.model == installed
     assert settings.model_name == "smollm2-135m-instruct"
+
+
+def test_an_approximately_served_model_says_so_on_its_card_and_in_metrics(
+    base_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, a dense merge served as its truncated SVD looked exact everywhere a user looks, and
+    the warning was logged only when the cache was empty (never after a restart)."""
+    from server.metrics import LaminaMetrics
+    from server.model_registry import CONTINUAL
+    from server.openai.router import _card
+
+    store = build_store(tmp_path / "store", base_model_dir, "magnitude")
+    live = store.live()
+    assert live is not None
+    metrics, registry = LaminaMetrics(), ModelRegistry("base")
+    for restart in range(2):  # the second sync finds everything cached, as after a restart
+        caplog.clear()
+        sync = AdapterSync(
+            RecordingEngine(), registry, store, tmp_path / "cache", max_lora_rank=8, metrics=metrics
+        )  # type: ignore[arg-type]
+        asyncio.run(sync.sync())
+        assert "served approximately" in caplog.text, restart
+    expected = pytest.approx(live.meta["svd_relative_error"])
+    route = registry.resolve(CONTINUAL)
+    assert route.relative_error == expected
+
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(model=base_model_dir, max_model_len=512)
+    state = SimpleNamespace(settings=settings, registry=registry)
+    request = SimpleNamespace(app=SimpleNamespace(state=state))  # what _card reads of a request
+    card = _card(request, route)  # type: ignore[arg-type]
+    assert card.exact is False and card.relative_error == expected
+    base_card = _card(request, registry.resolve("base"))  # type: ignore[arg-type]
+    assert base_card.exact is True and base_card.relative_error is None
+    gauge = metrics.registry.get_sample_value
+    assert gauge("lamina_served_model_relative_error", {"model": CONTINUAL}) == expected
+    assert gauge("lamina_served_model_relative_error", {"model": "base"}) == 0.0
