@@ -128,15 +128,30 @@ def test_a_damaged_task_version_is_refused_and_nothing_builds_on_it(
     assert store.ledger() == ledger and visible_versions(store.root) == files
 
 
+def test_a_damaged_merge_adapter_is_never_served_but_does_not_block_the_next_task(
+    store: AdapterStore,
+) -> None:
+    """The merge's adapter is derived data: the next publish rebuilds the merge from its tasks'
+    own (verified) files. Before, the damaged m2 made every later inflora job fail CorruptVersion."""
+    inflora_store(store)
+    flip(store.root / "merges/m2/adapter_model.safetensors")
+    with pytest.raises(CorruptVersion, match="adapter_model.safetensors"):
+        store.verify(store.live())  # what a server checks before it loads the merge
+    live = store.subspace()  # what the next inflora job reads
+    assert live is not None
+    published = store.publish("gamma", make_adapter(2), META, "concat", subspace=live.unchanged())
+    assert published.merge.id == "m3" and published.merge.parents == ("alpha/v1", "beta/v1", "gamma/v1")
+    store.verify(store.live(), *store.tasks())
+
+
 @pytest.mark.parametrize(
     ("where", "damage"),
     [
-        ("merges/m2/adapter_model.safetensors", flip),
         ("merges/m2/subspace.safetensors", Path.unlink),  # the live basis
         ("merges/m1/subspace.safetensors", truncate),  # the basis the live one extends
     ],
 )
-def test_a_damaged_merge_or_basis_is_refused(store: AdapterStore, where: str, damage: object) -> None:
+def test_a_damaged_basis_is_refused(store: AdapterStore, where: str, damage: object) -> None:
     inflora_store(store)
     damage(store.root / where)  # type: ignore[operator]
     name = where.split("/")[-1]
