@@ -18,8 +18,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -62,6 +63,31 @@ class Route:
     relative_error: float | None = None
 
 
+class Lease:
+    """One running request's hold on its route. A weights swap that gave up waiting for it
+    revokes it: the request then ends with a clear error instead of finishing on weights that
+    are no longer the model it named (:func:`server.openai.running.run_pieces` listens)."""
+
+    def __init__(self) -> None:
+        self.revoked = False
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_revoke(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def revoke(self) -> None:
+        if not self.revoked:
+            self.revoked = True
+            for listener in self._listeners:
+                listener()
+
+
+CURRENT_LEASE: ContextVar[Lease | None] = ContextVar("lamina_current_lease", default=None)
+"""The lease of the request the current task serves (set by :meth:`ModelRegistry.request`)."""
+
+REVOKE_GRACE_S = 5.0  # how long a swap waits for revoked requests to stop before it writes anyway
+
+
 class ModelRegistry:
     """Alias table plus a count of in-flight requests per engine adapter."""
 
@@ -71,6 +97,7 @@ class ModelRegistry:
         self._in_flight: Counter[int] = Counter()
         self._running = 0  # leases held now, whatever they resolved to
         self._open: asyncio.Event | None = None  # created on first use, in the serving loop
+        self._leases: set[Lease] = set()  # requests running now, each revocable by a swap
 
     def routes(self) -> list[Route]:
         return list(self._routes.values())
@@ -126,25 +153,41 @@ class ModelRegistry:
         open_ = self._gate()
         while not open_.is_set():
             await open_.wait()
-        with self.lease(name) as route:
-            yield route
+        held = Lease()
+        token = CURRENT_LEASE.set(held)
+        self._leases.add(held)
+        try:
+            with self.lease(name) as route:
+                yield route
+        finally:
+            self._leases.discard(held)
+            CURRENT_LEASE.reset(token)
 
     @asynccontextmanager
     async def exclusive(self, drain_s: float) -> AsyncIterator[int]:
-        """Hold new requests back and wait (at most ``drain_s``) until none is running; yields
-        how many still are when the wait gave up (0 normally). Requests are let in again when
-        the block ends, whether the swap inside succeeded or not."""
+        """Hold new requests back and wait (at most ``drain_s``) until none is running. Requests
+        still running then are revoked: each ends with a 503 ``model_swapped`` (in-band for a
+        stream) rather than finishing on weights that are no longer its model. Yields how many
+        were revoked (0 normally). Requests are let in again when the block ends, whether the
+        swap inside succeeded or not."""
         open_ = self._gate()
         open_.clear()
         try:
             deadline = time.monotonic() + drain_s
             while self._running and time.monotonic() < deadline:
                 await asyncio.sleep(_DRAIN_POLL_S)
-            if self._running:
+            revoked = self._running
+            if revoked:
                 log.warning(
-                    "%d requests still running after %.1f s; swapping under them", self._running, drain_s
-                )
-            yield self._running
+                    "%d requests still running after %.1f s; ending them (model_swapped) before the swap",
+                    revoked, drain_s,
+                )  # fmt: skip
+                for held in list(self._leases):
+                    held.revoke()
+                grace = time.monotonic() + REVOKE_GRACE_S
+                while self._running and time.monotonic() < grace:
+                    await asyncio.sleep(_DRAIN_POLL_S)
+            yield revoked
         finally:
             open_.set()
 

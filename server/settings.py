@@ -64,7 +64,8 @@ class ServerSettings(LaminaSettings):
         ge=0,
         description="A weights swap holds new requests back and waits up to this long for running ones "
         "to finish, so each request runs on the weights it started with; a request still running after "
-        "it is preempted and finishes on the new weights.",
+        "it is ended with a 503 model_swapped (in-band for a stream) rather than finished on weights that "
+        "are no longer the model it named.",
     )
     ledger_poll_s: float = Field(
         0.5,

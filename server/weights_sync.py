@@ -56,7 +56,7 @@ class WeightsStatus:
     last_swap_s: float | None = None  # drain + write + flip
     last_drain_s: float | None = None  # waiting for running requests
     last_write_s: float | None = None  # writing the weights (and resetting the prefix cache)
-    running_at_swap: int = 0  # requests still running when the drain gave up (0: none)
+    running_at_swap: int = 0  # requests that outlasted the drain and were ended (model_swapped) (0: none)
     corrections: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> Correction.summary()
 
 
@@ -117,7 +117,7 @@ class WeightsServing:
 
     async def _swap(self, live: MergeRecord | None, routes: list[Route]) -> None:
         started = time.perf_counter()
-        async with self.registry.exclusive(self.drain_s) as still_running:
+        async with self.registry.exclusive(self.drain_s) as revoked:
             drained = time.perf_counter()
             try:
                 write_s = await self.engine.apply_dense_delta(self.base_model_dir, _weights_path(live))
@@ -128,15 +128,15 @@ class WeightsServing:
                 raise
             self.registry.replace_routes(routes)
         s = self.status
-        s.merge, s.swaps, s.running_at_swap = (live.id if live else None), s.swaps + 1, still_running
+        s.merge, s.swaps, s.running_at_swap = (live.id if live else None), s.swaps + 1, revoked
         s.last_swap_s, s.last_drain_s, s.last_write_s = (
             time.perf_counter() - started,
             drained - started,
             write_s,
         )
         log.info(
-            "weights now hold %s: swap %.3f s (drain %.3f s, write %.3f s, %d requests still running)",
-            s.merge or "W0", s.last_swap_s, s.last_drain_s, s.last_write_s, still_running,
+            "weights now hold %s: swap %.3f s (drain %.3f s, write %.3f s, %d requests ended as model_swapped)",
+            s.merge or "W0", s.last_swap_s, s.last_drain_s, s.last_write_s, revoked,
         )  # fmt: skip
 
     async def _restore(self) -> None:

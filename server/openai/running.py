@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator
 
 from server.engine import Engine
 from server.errors import APIError
-from server.model_registry import Route
+from server.model_registry import CURRENT_LEASE, Route
 from server.openai.formats import Piece
 from server.openai.preparing import Prepared
+
+MODEL_SWAPPED = APIError(503, "model_swapped")  # sentinel put into a request's queue on revocation
 
 
 async def run_pieces(
@@ -55,6 +57,9 @@ async def run_pieces(
         except BaseException as exc:  # forwarded to the consumer, which re-raises
             await queue.put(exc)
 
+    lease = CURRENT_LEASE.get()
+    if lease is not None:  # a weights swap that gave up waiting ends this request cleanly
+        lease.on_revoke(lambda: queue.put_nowait(MODEL_SWAPPED))
     tasks = [
         asyncio.create_task(pump(i * n + copy, ids, f"{request_id}-{i}-{copy}"))
         for i, ids in enumerate(prepared.prompts)
@@ -66,6 +71,14 @@ async def run_pieces(
             item = await queue.get()
             if item is None:
                 finished += 1
+            elif item is MODEL_SWAPPED:
+                raise APIError(
+                    503,
+                    "this request ran longer than LAMINA_WEIGHTS_SWAP_DRAIN_S while a new version went live; "
+                    "it was ended rather than finished on weights that are no longer the model it named. Retry it.",
+                    code="model_swapped",
+                    type="server_error",
+                )
             elif isinstance(item, BaseException):
                 raise item
             else:
