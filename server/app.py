@@ -129,6 +129,7 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         router=router,
     )
     app.state.completions = CompletionService(settings, engine, registry, tokenizer, metrics, router)
+    training.served_here = lambda: app.state.sync.status.tasks  # a job succeeds here once served here
     app.state.training = training
     app.state.finetuning = FineTuningService(
         training,

@@ -136,7 +136,7 @@ class FineTuningService:
         return to_openai(job, self._record(job.id), self.base_name)
 
     def list_jobs(self, after: str | None, limit: int) -> FineTuningJobList:
-        jobs = list(reversed(self.board.fail_lapsed()))  # newest first
+        jobs = [self.training.seen_here(job) for job in reversed(self.board.fail_lapsed())]  # newest first
         for job in jobs:
             self.progress.observe(job)
         listed = [to_openai(job, self._record(job.id), self.base_name) for job in jobs]
@@ -145,7 +145,7 @@ class FineTuningService:
 
     def cancel(self, ftjob_id: str) -> FineTuningJob:
         job = self._job(ftjob_id)
-        job = self.board.request_cancel(job.id)
+        job = self.training.seen_here(self.board.request_cancel(job.id))
         return to_openai(job, self._record(job.id), self.base_name)
 
     def events(self, ftjob_id: str, after: str | None, limit: int) -> FineTuningJobEventList:
@@ -180,7 +180,7 @@ class FineTuningService:
         try:
             if job_id is None:
                 raise JobNotFound(ftjob_id)
-            job = self.board.current(job_id)
+            job = self.training.seen_here(self.board.current(job_id))
         except JobNotFound:
             raise APIError(
                 404,

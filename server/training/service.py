@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -14,7 +15,7 @@ from server.errors import APIError
 from server.training.protocol import ExampleIn, TaskCreate
 from trainer.contract.admission import AdmissionError, AdmissionReason
 from trainer.contract.board import JobBoard
-from trainer.contract.jobs import Job, JobNotFound, JobRefused
+from trainer.contract.jobs import Job, JobNotFound, JobRefused, JobStatus
 from trainer.contract.queue import TRAIN_TASK, make_celery
 from trainer.contract.settings import LaminaSettings
 from trainer.contract.tasks import Hyperparameters, UnknownMethodError, admit, resolve_method
@@ -47,6 +48,25 @@ class TrainingService:
         self.board = JobBoard(settings.store_dir)
         self.celery = make_celery(settings)
         self.default_method = default_method
+        # The task versions this replica serves now (set by the app to its sync's view); None: no
+        # server here (tests of the API alone), jobs are shown as the board has them.
+        self.served_here: Callable[[], list[str]] | None = None
+
+    def seen_here(self, job: Job) -> Job:
+        """The job as a client of this replica should see it: a job whose version the store made
+        live but this replica does not serve yet (its sync follows the store within
+        LAMINA_LEDGER_POLL_S, or it is retrying a failed one) is still ``running``. Why: a client
+        polls until ``succeeded`` and then asks the model; it must never get a 404."""
+        if self.served_here is None or job.status != JobStatus.succeeded or job.task_version is None:
+            return job
+        if job.task_version in self.served_here():
+            return job
+        if job.task_version not in {t.id for t in self.store.tasks()}:  # rolled back or removed since
+            return job
+        note = f"published as {job.task_version}; this server does not serve it yet (it follows the store)"
+        return job.model_copy(
+            update={"status": JobStatus.running, "finished_at": None, "warnings": [*job.warnings, note]}
+        )
 
     def submit(self, request: TaskCreate) -> Job:
         if len(request.examples) > self.max_examples:
@@ -133,16 +153,16 @@ class TrainingService:
 
     def get(self, job_id: str) -> Job:
         try:
-            return self.board.current(job_id)
+            return self.seen_here(self.board.current(job_id))
         except JobNotFound:
             raise APIError(404, f"no task job {job_id!r}", param="id", code="job_not_found") from None
 
     def list(self) -> list[Job]:
-        return self.board.fail_lapsed()
+        return [self.seen_here(job) for job in self.board.fail_lapsed()]
 
     def cancel(self, job_id: str) -> Job:
         self.get(job_id)
-        return self.board.request_cancel(job_id)
+        return self.seen_here(self.board.request_cancel(job_id))
 
 
 def admission_refused(error: AdmissionError) -> APIError:

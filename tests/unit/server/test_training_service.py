@@ -138,3 +138,27 @@ def test_listing_fails_a_job_whose_worker_stopped_renewing(build: Build) -> None
     (listed,) = service.list()
     assert listed.id == job.id and listed.status == JobStatus.failed
     assert listed.error is not None and listed.error.code == "worker_lost"
+
+
+def test_a_job_shows_succeeded_only_once_this_replica_serves_its_version(build: Build) -> None:
+    """Before, a client that polled until ``succeeded`` and then asked the model could get a 404:
+    the worker marks the job on publishing, the replica swaps it in a moment later."""
+    from tests.support.store import META, make_adapter
+
+    service = build()
+    job = service.submit(task())
+    store = AdapterStore(service.store.root, "fp")
+    published = store.publish("colours", make_adapter(0), {**META, "base_fingerprint": "fp"}, "concat")
+    service.board.update(job.id, status=JobStatus.succeeded, task_version=published.task.id)
+    served: list[str] = []
+    service.served_here = lambda: served
+
+    shown = service.get(job.id)
+    assert shown.status == JobStatus.running and shown.finished_at is None
+    assert "does not serve it yet" in shown.warnings[-1]
+    assert [j.status for j in service.list()] == [JobStatus.running]
+    served.append(published.task.id)  # the replica's sync swapped it in
+    assert service.get(job.id).status == JobStatus.succeeded
+    served.clear()
+    store.remove_task("colours")  # gone from the store: the job did succeed, nothing will be served
+    assert service.get(job.id).status == JobStatus.succeeded
