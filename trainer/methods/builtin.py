@@ -244,3 +244,6 @@ register_preset(
 register_preset(
     Preset("inflora", parametrization="inflora", sparsity=0.0, merge="concat", stack_history=True)
 )
+register_preset(
+    Preset("inflora-solo", parametrization="inflora", sparsity=0.0, merge="concat", stack_history=False)
+)
