@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from adapters_store.store import AdapterStore, InvalidTaskName, check_task_name
 from trainer.config import Hyperparameters, MethodSpec
-from trainer.contract.admission import AdmissionError, AdmissionReason
+from trainer.contract.admission import IMPORTED, AdmissionError, AdmissionReason
 from trainer.methods import catalog
 
 __all__ = ["AdmissionError", "AdmissionReason", "admit"]
@@ -41,8 +41,11 @@ def admit(
         raise AdmissionError(
             AdmissionReason.task_exists, f"a task named {name!r} already exists in this store.", "name"
         )
-    if tasks:
-        store_method = tasks[0].meta.get("method")
+    # The store's method is its first trained task's: an adapter an admin imported (method
+    # "import") joins whatever merge is live and must not make every later POST /tasks a 409.
+    trained = [t for t in tasks if t.meta.get("method") != IMPORTED]
+    if trained:
+        store_method = trained[0].meta.get("method")
         if store_method and store_method != method.name:
             raise AdmissionError(
                 AdmissionReason.method_mismatch,

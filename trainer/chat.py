@@ -28,6 +28,7 @@ from trainer.contract.chat import DEFAULT_CHAT_TEMPLATE
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+
 class Tokens(NamedTuple):
     """One example's token ids and, per token, whether the loss predicts it."""
 

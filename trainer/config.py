@@ -159,7 +159,7 @@ class SharedHyperparameters(BaseModel):
         Literal["matching", "all"],
         Field(
             description='Which prompts `model="continual"` answers with the merge for this task: "matching" '
-            "(prompts like the task's own; every other prompt gets the base model itself) or \"all\" (a "
+            '(prompts like the task\'s own; every other prompt gets the base model itself) or "all" (a '
             "task meant to change every answer: a style, a persona, a language; while it is live, every "
             "prompt gets the merge)."
         ),

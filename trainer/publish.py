@@ -209,7 +209,9 @@ def _seed_subspace(
     started = time.perf_counter()
     names = target_names(model, hp.target_modules)
     min_free = BASE_MIN_FREE_TASKS * hp.r
-    settings = hashlib.sha256(json.dumps([names, hp.subspace_base_energy, min_free]).encode()).hexdigest()[:16]
+    settings = hashlib.sha256(json.dumps([names, hp.subspace_base_energy, min_free]).encode()).hexdigest()[
+        :16
+    ]
     cached = None
     if cache_dir is not None and not history:
         cached = cache_dir / "seed" / f"{fingerprint}-{settings}-v{SEED_CACHE_VERSION}.safetensors"

@@ -30,6 +30,7 @@ from server.admin.auth import key_fingerprint, require_admin
 from server.admin.imports import base_linear_shapes, parse_peft_lora, refuse
 from server.errors import APIError
 from server.model_registry import CONTINUAL
+from trainer.contract.admission import IMPORTED
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -189,7 +190,7 @@ def _publish_import(
         )
     live_subspace = store.subspace()  # inflora: keep protecting the earlier tasks' inputs
     meta = {
-        "method": "import",
+        "method": IMPORTED,
         "imported": {
             "base_model_name_or_path": peft_config.get("base_model_name_or_path"),
             "r": peft_config.get("r"),

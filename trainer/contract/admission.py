@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+IMPORTED = "import"
+"""The method recorded for an adapter imported through ``POST /admin/adapters``: it joins the live
+merge and never sets the store's method (:func:`trainer.admission.admit`)."""
+
 
 class AdmissionReason(StrEnum):
     """A refusal's reason; also the ``code`` users see in the error body and on a failed job."""

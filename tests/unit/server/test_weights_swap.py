@@ -47,6 +47,7 @@ def test_a_swap_waits_for_running_requests_and_holds_new_ones_back() -> None:
 
 def test_a_swap_gives_up_waiting_after_drain_s_and_says_how_many_still_run(monkeypatch) -> None:
     monkeypatch.setattr("server.model_registry.REVOKE_GRACE_S", 0.05)  # this request never stops
+
     async def scenario() -> tuple[int, int]:
         registry, log, never = ModelRegistry("base"), [], asyncio.Event()
         stuck = asyncio.create_task(_request(registry, "long", never, log))

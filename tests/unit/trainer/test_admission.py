@@ -54,6 +54,18 @@ def test_name_duplicate_method_and_rank(store: AdapterStore) -> None:
     admit(store, "second", resolve_method("inc-lora"), Hyperparameters(r=12), max_lora_rank=16)
 
 
+def test_an_imported_first_task_does_not_set_the_stores_method(store: AdapterStore) -> None:
+    """Before, an adapter an admin imported into an empty store made its method "import", and
+    every later POST /tasks was refused with 409 "use 'import'"."""
+    store.publish("imported", _adapter(), {"method": "import"}, merge="concat")
+    admit(store, "second", resolve_method("inc-lora"), Hyperparameters(r=4), max_lora_rank=16)
+    store.publish("second", _adapter(seed=1), {"method": "inc-lora"}, merge="concat")
+    assert _reason(store, "third", "lori-s") == (
+        "method_mismatch",
+        "method",
+    )  # the trained task's method holds
+
+
 def test_the_server_answers_each_reason_with_the_status_users_saw(store: AdapterStore) -> None:
     """The trainer gives a reason; the server picks the HTTP status (the codes of before the split)."""
     store.publish("first", _adapter(), {"method": "inc-lora"}, merge="concat")
