@@ -37,6 +37,9 @@ _UNSUPPORTED = {
 }
 
 
+UNSWAPPABLE = {"lm_head"}  # linear in the base's files, but vLLM cannot apply a LoRA to it here
+
+
 def refuse(message: str, param: str, code: str = "invalid_adapter", status: int = 422) -> APIError:
     return APIError(status, message, param=param, code=code)
 
@@ -110,6 +113,13 @@ def parse_peft_lora(
     for name, pair in sorted(parts.items()):
         if set(pair) != {"A", "B"}:
             raise refuse(f"module {name} has lora_{''.join(pair)} but not both lora_A and lora_B", "weights")
+        if name.rsplit(".", 1)[-1] in UNSWAPPABLE:
+            raise refuse(
+                f"module {name} is the output layer: vLLM serves LoRA on the transformer's linear layers "
+                "only, so no server could load this adapter",
+                "weights",
+                code="unsupported_module",
+            )
         if name not in base_shapes:
             raise refuse(
                 f"module {name} is not a linear layer of the base model", "weights", code="unknown_module"

@@ -133,15 +133,18 @@ async def import_adapter(
         parse_peft_lora, config_bytes, weights_bytes, shapes, settings.max_lora_rank
     )
     store = _store(request)
-    record = await run_in_threadpool(
-        _publish_import,
-        store,
-        name,
-        adapter,
-        peft_config,
-        settings.max_lora_rank,
-        _audit(request, "import", name),
-    )
+    try:  # reading the live tasks and basis can meet a damaged version too: a 409 naming it
+        record = await run_in_threadpool(
+            _publish_import,
+            store,
+            name,
+            adapter,
+            peft_config,
+            settings.max_lora_rank,
+            _audit(request, "import", name),
+        )
+    except StoreError as error:
+        raise _store_refusal(error, "name") from None
     await _serve_here(request, f"imported task {record.id}")
     live = store.live()
     return {

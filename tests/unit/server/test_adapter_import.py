@@ -113,6 +113,18 @@ def test_an_unknown_module_is_refused(client: TestClient, external: Path) -> Non
     assert error["code"] == "unknown_module" and "model.layers.9.self_attn.q_proj" in error["message"]
 
 
+def test_a_lora_on_the_output_layer_is_refused_as_no_server_could_load_it(
+    client: TestClient, external: Path
+) -> None:
+    tensors = _tensors(external)
+    tensors["base_model.model.lm_head.lora_A.weight"] = torch.zeros(2, 8)
+    tensors["base_model.model.lm_head.lora_B.weight"] = torch.zeros(8, 2)
+    response = post(client, "with-head", files(external, tensors=tensors))
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_module" and "lm_head" in error["message"]
+
+
 @pytest.mark.parametrize(
     ("change", "param"),
     [

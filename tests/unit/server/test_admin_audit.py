@@ -150,3 +150,18 @@ def test_an_action_this_replica_could_not_serve_is_a_503_that_says_it_is_in_the_
     assert "removed task 'first' in the store" in error["message"] and "vLLM refused" in error["message"]
     assert "retries in" in error["message"]
     assert "remove_task" in [e["op"] for e in ledger(client)[-3:]]  # the change stands: no need to repeat it
+
+
+def test_an_import_into_a_store_with_a_damaged_task_is_a_409_naming_it_not_a_500(
+    client: TestClient, peft_files: dict
+) -> None:
+    assert (
+        client.post("/admin/adapters", data={"name": "first"}, files=peft_files, headers=HEADERS).status_code
+        == 201
+    )
+    weights = client.app.state.store.root / "tasks/first/v1/adapter_model.safetensors"  # type: ignore[attr-defined]
+    weights.write_bytes(weights.read_bytes()[:-8])
+    response = client.post("/admin/adapters", data={"name": "second"}, files=peft_files, headers=HEADERS)
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    assert error["code"] == "corrupt_version" and "task first/v1" in error["message"]
