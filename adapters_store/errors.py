@@ -40,6 +40,12 @@ class FenceLost(StoreError):
     job board gave the job up): the store refused the publish and wrote nothing."""
 
 
+class LiveChanged(StoreError):
+    """The live tasks changed (an admin rollback, removal or import) after the task being
+    published began training on them: publishing it would build on a model that is no longer
+    live (an earlier task left unprotected, ``as_learned`` unlike what was trained)."""
+
+
 class DiskFull(StoreError, OSError):
     """The store's disk ran out of space (or quota) while writing; nothing was published."""
 

@@ -53,6 +53,7 @@ from adapters_store.errors import DiskFull as DiskFull
 from adapters_store.errors import FenceLost as FenceLost
 from adapters_store.errors import FingerprintMismatch as FingerprintMismatch
 from adapters_store.errors import InvalidTaskName as InvalidTaskName
+from adapters_store.errors import LiveChanged as LiveChanged
 from adapters_store.errors import MergeNotFound as MergeNotFound
 from adapters_store.errors import StoreError as StoreError
 from adapters_store.errors import TaskExists as TaskExists
@@ -154,6 +155,7 @@ class AdapterStore:
         subspace: Subspace | None = None,
         as_learned: bool = False,
         fence: Fence | None = None,
+        trained_on: tuple[str, ...] | None = None,
     ) -> Publication:
         """Add a task version and make the merge of all live tasks plus it live.
 
@@ -169,7 +171,9 @@ class AdapterStore:
 
         ``fence`` (a worker's claim on its job) is checked under the writer lock before any
         work and again just before the ledger append: :class:`FenceLost` when it no longer
-        holds. A full disk raises :class:`DiskFull`. Either way nothing is left behind.
+        holds. ``trained_on`` (the live task ids the adapter was trained after) must still be
+        the live tasks: :class:`LiveChanged` when an admin action changed them meanwhile. A full
+        disk raises :class:`DiskFull`. Either way nothing is left behind.
         """
         check_task_name(name)
         method = get_merge(merge)
@@ -182,6 +186,11 @@ class AdapterStore:
             check_fence(fence, name)
             snapshot = self.snapshot()
             live, tasks = snapshot.live, snapshot.tasks
+            if trained_on is not None and tuple(t.id for t in tasks) != tuple(trained_on):
+                raise LiveChanged(
+                    f"the live tasks changed while {name!r} trained (it trained after "
+                    f"{list(trained_on) or 'none'}, now {[t.id for t in tasks] or 'none'})"
+                )
             if any(t.name == name for t in tasks):
                 raise TaskExists(f"task {name!r} is live; remove it before publishing it again")
             version = next_number(self.root / "tasks" / name, "v")

@@ -47,6 +47,7 @@ class TrainedTask:
     history: list[LoraAdapter]  # the live tasks it was trained after, oldest first
     subspace: Subspace | None  # the protected subspace once it is live (inflora), else None
     routing: RoutePrototype | None = None  # which prompts `continual` answers with the merge for it
+    trained_on: tuple[str, ...] | None = None  # the live task ids it trained after: the publish's fence
 
     @property
     def hyperparameters(self) -> Hyperparameters:
@@ -153,6 +154,7 @@ def train_for_store(
 ) -> TrainedTask:
     """Train ``examples`` on the store's live tasks; for methods that protect inputs, also
     measure the grown subspace on the model that will be served once this task is live."""
+    trained_on = tuple(t.id for t in store.tasks())  # the publish refuses if an admin changes them
     history = store.history()
     previous = store.subspace()
     protects_inputs = getattr(PARAMETRIZATIONS[method.parametrization], "protects_inputs", False)
@@ -184,7 +186,9 @@ def train_for_store(
             subspace_metrics(subspace), subspace_seconds=round(time.perf_counter() - started, 3)
         )
     routing = fit_task_prototype(model, tokenizer, examples, store.fingerprint, hp.applies_to, cache_dir)
-    return TrainedTask(result=result, history=history, subspace=subspace, routing=routing)
+    return TrainedTask(
+        result=result, history=history, subspace=subspace, routing=routing, trained_on=trained_on
+    )
 
 
 SEED_CACHE_VERSION = 1  # part of the seed cache's file names: bump when base_subspace changes
@@ -274,6 +278,7 @@ def publish_trained(
         subspace=trained.subspace,
         as_learned=method.stack_history,
         fence=fence,
+        trained_on=trained.trained_on,
     )
 
 

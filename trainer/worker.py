@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery.signals import worker_ready
 
-from adapters_store.errors import DiskFull, FenceLost
+from adapters_store.errors import DiskFull, FenceLost, LiveChanged
 from adapters_store.events import redis_notifier
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
 from trainer.admission import AdmissionError
 from trainer.celery_app import TRAIN_TASK, make_celery
 from trainer.config import Hyperparameters, resolve_method
-from trainer.contract.board import DISK_FULL, Job, JobBoard, JobError, JobStatus, Progress
+from trainer.contract.board import DISK_FULL, STORE_CHANGED, Job, JobBoard, JobError, JobStatus, Progress
 from trainer.contract.logs import log_context
 from trainer.contract.settings import LaminaSettings
 
@@ -119,6 +119,9 @@ def open_store(settings: LaminaSettings) -> AdapterStore:
     )
 
 
+PUBLISH_ATTEMPTS = 2  # a job whose live tasks an admin changed while it trained trains once more
+
+
 def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Callable[[], Any]) -> None:
     """Validate, train, publish a job this worker has claimed; every failure ends the job as
     failed with the store untouched (publishing is the last step and is atomic)."""
@@ -131,19 +134,26 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
         heartbeat(board, job.id, me, settings.job_lease_s, keep_lock) as claim_held,
     ):
         try:
-            trained, publication = train_and_publish(
-                open_store(settings),
-                job.name,
-                board.examples(job.id),
-                resolve_method(job.method),
-                Hyperparameters.model_validate(job.hyperparameters),
-                lambda: _base_model(str(settings.model), settings.device),
-                max_lora_rank=settings.max_lora_rank,
-                loraf_grow_rank=settings.loraf_grow_rank,
-                hooks=_job_hooks(settings, board, job, me, claim_held),
-                extra_meta={"job_id": job.id},
-                cache_dir=settings.home / "cache",
-            )
+            for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+                try:
+                    trained, publication = train_and_publish(
+                        open_store(settings),
+                        job.name,
+                        board.examples(job.id),
+                        resolve_method(job.method),
+                        Hyperparameters.model_validate(job.hyperparameters),
+                        lambda: _base_model(str(settings.model), settings.device),
+                        max_lora_rank=settings.max_lora_rank,
+                        loraf_grow_rank=settings.loraf_grow_rank,
+                        hooks=_job_hooks(settings, board, job, me, claim_held),
+                        extra_meta={"job_id": job.id},
+                        cache_dir=settings.home / "cache",
+                    )
+                    break
+                except LiveChanged as error:  # an admin action moved the live model: train again on it
+                    if attempt == PUBLISH_ATTEMPTS:
+                        raise
+                    log.warning("job %s: %s; training again on the live tasks", job.id, error)
             board.update_claimed(
                 job.id,
                 me,
@@ -171,6 +181,12 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
             log.warning("job %s: claim lapsed; stopped without publishing", job.id)
         except FenceLost as error:
             log.warning("job %s: claim lapsed while publishing; the store refused it: %s", job.id, error)
+        except LiveChanged as error:
+            log.error("job %s: %s", job.id, error)
+            message = f"{error}; the live model changed again during the retry: post the task again"
+            board.update_claimed(
+                job.id, me, status=JobStatus.failed, error=JobError(message=message, code=STORE_CHANGED)
+            )
         except DiskFull as error:
             log.error("job %s: %s", job.id, error)
             board.update_claimed(

@@ -28,6 +28,7 @@ from trainer.contract.jobs import Job, JobError, JobNotFound, JobRefused, JobSta
 __all__ = [
     "CLAIMED",
     "DISK_FULL",
+    "STORE_CHANGED",
     "WORKER_LOST",
     "ClaimFence",
     "Job",
@@ -46,6 +47,7 @@ __all__ = [
 CLAIMED = (JobStatus.validating, JobStatus.running)
 WORKER_LOST = "worker_lost"
 DISK_FULL = "disk_full"
+STORE_CHANGED = "store_changed"  # an admin action changed the live tasks while the job trained, twice
 
 
 def now() -> str:

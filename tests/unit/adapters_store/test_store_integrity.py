@@ -344,3 +344,19 @@ def test_a_really_full_tmpfs_fails_the_publish_cleanly(small_tmpfs: Path) -> Non
 
     ballast.unlink()  # space is back
     assert store.publish("beta", make_adapter(1), META, "concat").merge.parents == ("alpha/v1", "beta/v1")
+
+
+def test_a_publish_trained_on_tasks_no_longer_live_is_refused_and_writes_nothing(store: AdapterStore) -> None:
+    from adapters_store.errors import LiveChanged
+
+    store.publish("alpha", make_adapter(0), META, "concat")
+    store.publish("beta", make_adapter(1), META, "concat")
+    trained_on = tuple(t.id for t in store.tasks())
+    store.rollback("m1")  # an admin, while gamma trained
+    ledger, files = store.ledger(), visible_versions(store.root)
+    with pytest.raises(LiveChanged, match="alpha/v1"):
+        store.publish("gamma", make_adapter(2), META, "concat", trained_on=trained_on)
+    assert store.ledger() == ledger and visible_versions(store.root) == files
+    store.publish(
+        "gamma", make_adapter(2), META, "concat", trained_on=("alpha/v1",)
+    )  # trained on what is live

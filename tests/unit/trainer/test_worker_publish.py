@@ -80,3 +80,33 @@ def test_a_job_cancelled_after_its_claim_publishes_nothing(base_model_dir: Path,
     cancelled = board.get(train_next(settings, board, "stopped", cancel=True))
     assert cancelled.status == JobStatus.cancelled and cancelled.task_version is None
     assert worker.open_store(settings).ledger() == []
+
+
+def test_a_rollback_while_a_task_trains_makes_it_train_again_on_the_live_tasks(
+    base_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, an admin rollback during an inflora job let it publish a basis grown from a merge
+    that was no longer live, leaving the task the rollback restored unprotected."""
+    from trainer import publish as publish_module
+
+    settings = LaminaSettings(model=base_model_dir, home=tmp_path, job_lease_s=60)
+    board = JobBoard(settings.store_dir)
+    for name in ("first", "second"):
+        assert board.get(train_next(settings, board, name)).status == JobStatus.succeeded
+    store = worker.open_store(settings)
+    first_merge = store.merges()[0].id
+    real_train = publish_module.train_for_store
+    trained_after: list[tuple[str, ...]] = []
+
+    def rollback_while_training(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        trained = real_train(*args, **kwargs)
+        trained_after.append(trained.trained_on)
+        if len(trained_after) == 1:
+            store.rollback(first_merge)  # the admin acts while the first attempt trains
+        return trained
+
+    monkeypatch.setattr(publish_module, "train_for_store", rollback_while_training)
+    done = board.get(train_next(settings, board, "third"))
+    assert done.status == JobStatus.succeeded, done.error
+    assert trained_after == [("first/v1", "second/v1"), ("first/v1",)]  # trained again on what is live
+    assert store.live().parents == ("first/v1", "third/v1")  # type: ignore[union-attr]
