@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -114,6 +116,8 @@ class WeightsServing:
             self.registry.replace_routes(routes)
         self.status.corrections = corrections
         self._served = key
+        keep = correction_cache_path(self.cache_dir, live, None, self.max_lora_rank).parent if live else None
+        await asyncio.to_thread(evict_corrections, self.cache_dir / "corrections", keep)
 
     async def _swap(self, live: MergeRecord | None, routes: list[Route]) -> None:
         started = time.perf_counter()
@@ -184,6 +188,30 @@ def write_cached(target: Path, fill: Callable[[Path], None]) -> None:
     except OSError:
         if not target.is_dir():
             raise
+
+
+EVICT_AFTER_S = 3600.0  # another replica may still serve an older merge for a moment: keep an hour
+
+
+def evict_corrections(root: Path, keep: Path | None, older_than_s: float = EVICT_AFTER_S) -> list[Path]:
+    """Remove the cached corrections of merges other than ``keep`` untouched for ``older_than_s``.
+
+    Why: a correction is as large as a rank-``max_lora_rank`` LoRA of the whole model, built for
+    every task under every merge; kept forever they fill the disk. A replica that still needs an
+    evicted one rebuilds it (the cache is derived data). Returns what was removed."""
+    if not root.is_dir():
+        return []
+    if keep is not None and keep.is_dir():
+        os.utime(keep)  # in use now: no other replica evicts it for another hour
+    cutoff = time.time() - older_than_s
+    removed = []
+    for entry in root.iterdir():
+        if entry == keep or not entry.is_dir():
+            continue
+        if entry.stat().st_mtime < cutoff:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def correction_cache_path(

@@ -90,3 +90,20 @@ def test_a_failed_write_leaves_no_temporary_directory_and_no_cached_entry(
     assert [p for p in left if p.is_file()] == []
     assert not any(p.name.startswith(".") for p in left), f"temporary directories left: {left}"
     assert not any((p / SUMMARY_FILE).exists() for p in left)
+
+
+def test_corrections_of_merges_no_longer_live_are_evicted_once_stale(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from server.weights_sync import evict_corrections
+
+    root = tmp_path / "corrections"
+    live, old, recent = root / "m3-aaaa", root / "m1-bbbb", root / "m2-cccc"
+    for entry in (live, old, recent):
+        (entry / "base-r8").mkdir(parents=True)
+    hour_ago = time.time() - 7200
+    for entry in (live, old):
+        os.utime(entry, (hour_ago, hour_ago))
+    assert evict_corrections(root, keep=live) == [old]  # another replica may still use m2
+    assert sorted(p.name for p in root.iterdir()) == ["m2-cccc", "m3-aaaa"]
