@@ -122,7 +122,7 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         max_lora_rank=settings.max_lora_rank,
         events_url=settings.events_url,
         poll_interval_s=settings.ledger_poll_s,
-        dense_serving=settings.continual_serving,
+        dense_serving=settings.serving_mode,
         drain_s=settings.weights_swap_drain_s,
         base_model_dir=settings.model,
         metrics=metrics,

@@ -169,9 +169,10 @@ class AdapterSync:
         self.status.tasks = [t.id for t in tasks]
         self._serving = (self.status.live_merge, tuple(self.status.tasks))
         if self.router is not None:
-            self.router.follow(
-                {t.name: t.meta for t in tasks}, tasks_exact=live is None or live.kind == "lora"
-            )
+            # a task's own adapter is exact unless weights serving holds a dense merge, where
+            # each task is a truncated SVD of a full-rank correction (its prompts go to the merge)
+            exact = self.weights is None or live is None or live.kind == "lora"
+            self.router.follow({t.name: t.meta for t in tasks}, tasks_exact=exact)
         self.metrics.serving(live)
         self.metrics.approximations(self.registry.routes())
 

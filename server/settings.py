@@ -38,17 +38,19 @@ class ServerSettings(LaminaSettings):
     enforce_eager: bool = Field(True, description="Skip graph compilation (faster start, right for CPU).")
     max_loras: int = Field(8, ge=1, description="Adapters that can be active in one batch.")
     max_cpu_loras: int = Field(64, ge=1, description="Adapters the engine keeps loaded in host memory.")
-    continual_serving: Literal["weights", "lora"] = Field(
-        "weights",
+    continual_serving: Literal["auto", "weights", "lora"] = Field(
+        "auto",
         validation_alias=AliasChoices(
             "continual_serving", "LAMINA_CONTINUAL_SERVING", "LAMINA_DENSE_MERGE_SERVING"
         ),
-        description="How the live merge (`continual`) is served. `weights` (default): W0 + ΔW written into "
-        "the engine's weights, for every merge (exact, base speed per token); `base` and each task are "
-        "then LoRA corrections relative to those weights, exact when their rank fits max_lora_rank, "
-        "else truncated SVDs whose error /admin/adapters reports. `lora`: the merge as a LoRA adapter "
-        "(its rank grows with each concat task; a dense merge as its rank-max_lora_rank SVD), base and "
-        "tasks as themselves. LAMINA_DENSE_MERGE_SERVING is the old name of this variable.",
+        description="How the engine holds the models. `lora`: the engine's weights are the base model's, so "
+        "`base` is exact at the base's speed, each task is its own adapter and the merge (`continual`) a LoRA "
+        "adapter (a dense merge as its rank-max_lora_rank SVD). `weights`: W0 + ΔW_live written into the "
+        "weights, so the merge runs at the base's speed, and `base` and each task become LoRA corrections "
+        "relative to it, exact while their rank fits max_lora_rank. `auto` (default): `lora` while "
+        "continual_routing is `task` (then general prompts go to the base and task prompts to the tasks' "
+        "models, so those are the hot ones), `weights` otherwise. LAMINA_DENSE_MERGE_SERVING is the old "
+        "name of this variable.",
     )
     continual_routing: Literal["merge", "task", "off"] = Field(
         "task",
@@ -103,6 +105,13 @@ class ServerSettings(LaminaSettings):
         description="Comma-separated bearer keys for completions and training. Empty: those endpoints are "
         "open (the demo); set them in production.",
     )
+
+    @property
+    def serving_mode(self) -> Literal["weights", "lora"]:
+        """``continual_serving`` with ``auto`` resolved (see its description)."""
+        if self.continual_serving == "auto":
+            return "lora" if self.continual_routing == "task" else "weights"
+        return self.continual_serving
 
     @model_validator(mode="after")
     def _file_fits_a_request(self) -> Self:

@@ -188,8 +188,9 @@ class _Served:
 
     def __init__(self, store: AdapterStore) -> None:
         self.store = store
-        live = store.live()
-        self.tasks_exact = live is None or live.kind == "lora"  # as the server serves a dense merge's tasks
+        # As the default server (LAMINA_CONTINUAL_SERVING=auto: lora under task routing) serves them:
+        # every task's own model exactly, whatever kind of merge is live.
+        self.tasks_exact = True
         self._deltas: dict[str | None, dict[str, torch.Tensor]] = {None: {}}
 
     def deltas(self, target: str | None) -> dict[str, torch.Tensor]:
