@@ -190,7 +190,7 @@ def test_failed_job_leaves_continual_unchanged(stack: Stack) -> None:
         ({"examples": [{"prompt": "x"}]}, 400, "examples.0.completion"),
         ({"hyperparameters": {"r": 0}}, 400, "hyperparameters.r"),
         ({"hyperparameters": {"bogus": 1}}, 400, "hyperparameters.bogus"),
-        ({"hyperparameters": {"r": 64}}, 409, "hyperparameters.r"),
+        ({"hyperparameters": {"r": 128}}, 409, "hyperparameters.r"),
     ],
 )
 def test_bad_submissions_are_refused_and_nothing_is_queued(
