@@ -1,8 +1,8 @@
 """Merges: how the live task adapters become the one continual model that the server serves.
 
-Each merge is a small function registered by name (STYLE.md item 7), so that a method preset
+Each merge is a small function registered by name, so that a method preset
 picks its merge with a string and the store never branches on it. Every merge cites the
-equation it implements. Notation (DESIGN.md "Methods"): task t contributes
+equation it implements. Notation (README, "Methods"): task t contributes
 ΔW_t = s_t · (B_t ⊙ M_t) @ A_t with A_t (r_t, d_in), B_t (d_out, r_t), mask M_t (d_out, r_t)
 (all ones when the task has none) and s_t = alpha_t / r_t.
 
@@ -11,8 +11,8 @@ PEFT's layout allows one ``lora_alpha`` per adapter. ``magnitude`` cannot be wri
 low-rank product, so it returns a :class:`DenseDelta`; :meth:`DenseDelta.to_lora_svd` exports a
 rank-R approximation of it and reports what that costs.
 
-Everything is computed in fp32 and checked with ``torch.isfinite`` before it is returned
-(STYLE.md item 6): a NaN that reaches the store would reach every later merge.
+Everything is computed in fp32 and checked with ``torch.isfinite`` before it is returned:
+a NaN that reaches the store would reach every later merge.
 """
 
 from __future__ import annotations
@@ -233,8 +233,7 @@ def _merged_masks(adapters: list[LoraAdapter], name: str, combine: str) -> torch
 def concat(adapters: list[LoraAdapter], weights: list[float], previous: DenseDelta | None) -> LoraAdapter:
     """LoRI eq. 5–6: A = vstack(A_t), B = hstack(w_t · s_t · (B_t ⊙ M_t)), scale 1.
 
-    B @ A = Σ_t w_t ΔW_t exactly, at rank Σ_t r_t. DESIGN.md writes w_t on both A and B; that
-    would weigh each task by w_t², so the weight is applied once, on B.
+    B @ A = Σ_t w_t ΔW_t exactly, at rank Σ_t r_t. Writing w_t on both A and B would weigh each task by w_t², so the weight is applied once, on B.
     """
     modules: dict[str, LoraModule] = {}
     masks: dict[str, torch.Tensor] = {}

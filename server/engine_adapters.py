@@ -1,7 +1,7 @@
 """The adapters this server has put into the engine: one explicit record per engine adapter.
 
 Every version the hot-swap serves goes into the engine under its own name and a fresh integer id
-(vLLM caches prefix blocks per adapter, DESIGN.md "Engine") and comes out once no route points at
+(vLLM caches prefix blocks per adapter name and id) and comes out once no route points at
 it and no request still decodes with it. :class:`EngineAdapters` is the one place that adds
 adapters to the engine and removes them, so what the engine holds, and in which state, is read
 from one record per adapter (as LoRAX's loader keeps a state per adapter) instead of being

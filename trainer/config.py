@@ -4,7 +4,7 @@ This module imports neither torch nor transformers: the API process imports it t
 ``POST /tasks`` request before anything is queued, so a bad key is rejected at the door with
 the offending field's name instead of failing minutes later inside a worker.
 
-A method is three independent choices (DESIGN.md, "Methods"): a *parametrization* (how
+A method is three independent choices (README, "Methods"): a *parametrization* (how
 ΔW = scale · B @ A is trained), *regularizers* added to the loss, each with its own λ, and a
 *merge* (how the continual model combines the tasks). :data:`PRESETS` names the papers'
 combinations; :class:`Hyperparameters` holds the numbers a user may tune per task.
@@ -255,7 +255,7 @@ else:
 
 
 class MethodSpec(BaseModel):
-    """One continual-learning method: parametrization + regularizers + merge (DESIGN.md, "Methods")."""
+    """One continual-learning method: parametrization + regularizers + merge (README, "Methods")."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

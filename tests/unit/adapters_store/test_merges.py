@@ -1,4 +1,4 @@
-"""Every merge against a plain dense reference computation (STYLE.md item 9)."""
+"""Every merge against a plain dense reference computation."""
 
 from __future__ import annotations
 

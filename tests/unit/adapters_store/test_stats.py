@@ -1,4 +1,4 @@
-"""Store statistics against plain dense reference computations (STYLE.md item 9), on constructed
+"""Store statistics against plain dense reference computations, on constructed
 adapters whose numbers are known by hand, and through the store's cache."""
 
 from __future__ import annotations
