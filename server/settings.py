@@ -52,15 +52,6 @@ class ServerSettings(LaminaSettings):
         "models, so those are the hot ones), `weights` otherwise. LAMINA_DENSE_MERGE_SERVING is the old "
         "name of this variable.",
     )
-    continual_routing: Literal["merge", "task", "off"] = Field(
-        "task",
-        description="Which model answers a request for `continual`. `task` (default): the model of the learned "
-        "task whose prompts the request looks like (what `model=<task>` serves), the base model itself when it "
-        "looks like none, so no task is forgotten and what the base knew stays exactly as it was. `merge`: the "
-        "live merge instead of the task's model, the base otherwise. `off`: the live merge for every prompt. "
-        'A task posted with hyperparameters.applies_to = "all" (a style or persona) sends every prompt to the '
-        "merge while it is live.",
-    )
     weights_swap_drain_s: float = Field(
         60.0,
         ge=0,

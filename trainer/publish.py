@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -24,9 +25,10 @@ from adapters_store.atomic import write_atomically
 from adapters_store.interface import Fence
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import build_merge
-from adapters_store.routing import RoutePrototype
+from adapters_store.routing import MERGE, RoutePrototype, RoutingMode
 from adapters_store.store import AdapterStore, Publication
 from adapters_store.subspace import Subspace, occupancy
+from trainer import regression
 from trainer.admission import admit
 from trainer.config import ChatExample, Hyperparameters, MethodSpec, TrainingExample
 from trainer.loop import TrainResult, train_task
@@ -95,6 +97,7 @@ def train_and_publish(
     hooks: Hooks | None = None,
     extra_meta: dict[str, Any] | None = None,
     cache_dir: Path | None = None,
+    gate: Gate | None = None,
 ) -> tuple[TrainedTask, Publication]:
     """Admit the task named ``name``, train it on the store's live state and publish it.
 
@@ -134,10 +137,79 @@ def train_and_publish(
         should_stop=hooks.should_stop,
         cache_dir=cache_dir,
     )
+    evaluation = regression.evaluation_examples(examples, trained.hyperparameters)
+    row = run_gate(gate, model, tokenizer, store, name, method, trained, evaluation) if gate else None
     fence = hooks.before_publish()
-    meta = {"requested_rank": requested_rank, **(extra_meta or {})}
+    meta = {
+        "requested_rank": requested_rank,
+        "evaluation": regression.evaluation_meta(evaluation, row),
+        **(extra_meta or {}),
+    }
     publication = publish_trained(store, name, examples, method, hp, trained, extra_meta=meta, fence=fence)
     return trained, publication
+
+
+@dataclass(frozen=True)
+class Gate:
+    """How a worker checks a candidate before it publishes (:mod:`trainer.regression`)."""
+
+    routing: RoutingMode  # LAMINA_CONTINUAL_ROUTING: what `continual` will serve
+    max_forgetting: float  # points an earlier task may lose
+    policy: Literal["refuse", "warn"]
+
+
+def run_gate(
+    gate: Gate,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    store: AdapterStore,
+    name: str,
+    method: MethodSpec,
+    trained: TrainedTask,
+    evaluation: list[TrainingExample],
+) -> dict[str, float]:
+    """Score the candidate as it will be served on every live task's evaluation set; raise
+    :class:`trainer.regression.WouldForget` (or, under the ``warn`` policy, add a warning)."""
+    started = time.perf_counter()
+    tasks = store.tasks()
+    live_metas = {t.name: t.meta for t in tasks}
+    new_meta: dict[str, Any] = {"evaluation": regression.evaluation_meta(evaluation, None)}
+    if trained.routing is not None:
+        new_meta["routing"] = trained.routing.to_dict()
+    adapter = trained.result.adapter
+    own = (
+        merge_deltas(build_merge("concat", [*trained.history, adapter]))
+        if method.stack_history
+        else adapter.deltas()
+    )
+    served: dict[str | None, dict[str, torch.Tensor]] = {None: {}, name: own}
+
+    def deltas(target: str | None) -> dict[str, torch.Tensor]:
+        if target not in served:
+            if target == MERGE:
+                served[target] = merge_deltas(build_merge(method.merge, [*trained.history, adapter]))
+            else:
+                record = next(t for t in tasks if t.name == target)
+                served[target] = LoraAdapter.load_peft(record.serving_path).deltas()
+        return served[target]
+
+    try:
+        row = regression.check(
+            model,
+            tokenizer,
+            live_metas,
+            {**live_metas, name: new_meta},
+            gate.routing,
+            deltas,
+            gate.max_forgetting,
+        )
+    except regression.WouldForget as refusal:
+        if gate.policy == "refuse":
+            raise
+        trained.result.warnings.append(str(refusal).replace("; the live model stays as it was", ""))
+        row = refusal.row
+    trained.result.metrics["regression_seconds"] = round(time.perf_counter() - started, 3)
+    return row
 
 
 def train_for_store(

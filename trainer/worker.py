@@ -33,7 +33,16 @@ from adapters_store.store import AdapterStore
 from trainer.admission import AdmissionError
 from trainer.celery_app import TRAIN_TASK, make_celery
 from trainer.config import Hyperparameters, resolve_method
-from trainer.contract.board import DISK_FULL, STORE_CHANGED, Job, JobBoard, JobError, JobStatus, Progress
+from trainer.contract.board import (
+    DISK_FULL,
+    STORE_CHANGED,
+    WOULD_FORGET,
+    Job,
+    JobBoard,
+    JobError,
+    JobStatus,
+    Progress,
+)
 from trainer.contract.logs import log_context
 from trainer.contract.settings import LaminaSettings
 
@@ -126,7 +135,8 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
     """Validate, train, publish a job this worker has claimed; every failure ends the job as
     failed with the store untouched (publishing is the last step and is atomic)."""
     from trainer.loop import TrainingCancelled
-    from trainer.publish import train_and_publish
+    from trainer.publish import Gate, train_and_publish
+    from trainer.regression import WouldForget
 
     me = job.worker or worker_name()
     with (
@@ -148,6 +158,9 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
                         hooks=_job_hooks(settings, board, job, me, claim_held),
                         extra_meta={"job_id": job.id},
                         cache_dir=settings.home / "cache",
+                        gate=Gate(
+                            settings.continual_routing, settings.max_forgetting, settings.forgetting_policy
+                        ),
                     )
                     break
                 except LiveChanged as error:  # an admin action moved the live model: train again on it
@@ -181,6 +194,15 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
             log.warning("job %s: claim lapsed; stopped without publishing", job.id)
         except FenceLost as error:
             log.warning("job %s: claim lapsed while publishing; the store refused it: %s", job.id, error)
+        except WouldForget as error:
+            log.warning("job %s: %s", job.id, error)
+            board.update_claimed(
+                job.id,
+                me,
+                status=JobStatus.failed,
+                metrics={"evaluation_row": error.row, "forgetting": error.drops},
+                error=JobError(message=str(error), code=WOULD_FORGET),
+            )
         except LiveChanged as error:
             log.error("job %s: %s", job.id, error)
             message = f"{error}; the live model changed again during the retry: post the task again"

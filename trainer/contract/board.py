@@ -29,6 +29,7 @@ __all__ = [
     "CLAIMED",
     "DISK_FULL",
     "STORE_CHANGED",
+    "WOULD_FORGET",
     "WORKER_LOST",
     "ClaimFence",
     "Job",
@@ -47,6 +48,7 @@ __all__ = [
 CLAIMED = (JobStatus.validating, JobStatus.running)
 WORKER_LOST = "worker_lost"
 DISK_FULL = "disk_full"
+WOULD_FORGET = "would_forget"  # the candidate scored an earlier task too low (trainer.regression)
 STORE_CHANGED = "store_changed"  # an admin action changed the live tasks while the job trained, twice
 
 
@@ -141,7 +143,7 @@ class JobBoard:
 
     def examples(self, job_id: str) -> list[TrainingExample]:
         text = self._examples_path(job_id).read_text()
-        return [_example_from_json(json.loads(line)) for line in text.splitlines() if line.strip()]
+        return [example_from_json(json.loads(line)) for line in text.splitlines() if line.strip()]
 
     def update(self, job_id: str, **changes: Any) -> Job:
         """Read-modify-write one job under the board's lock."""
@@ -286,7 +288,7 @@ class ClaimFence:
         return self.board.holds(self.job_id, self.worker, self.token, self.lease_s)
 
 
-def _example_from_json(data: dict[str, Any]) -> TrainingExample:
+def example_from_json(data: dict[str, Any]) -> TrainingExample:
     """One line of a job's examples file (``asdict`` of the example) back as the trainer's type."""
     if "messages" in data:
         return ChatExample(messages=tuple(ChatMessage(**message) for message in data["messages"]))

@@ -52,6 +52,29 @@ class LaminaSettings(BaseSettings):
         "when it is a Redis URL; None: servers poll the ledger and the lock is a file lock.",
     )
     queue: str = Field("lamina", description="Celery queue the API sends tasks to and the worker consumes.")
+    continual_routing: Literal["merge", "task", "off"] = Field(
+        "task",
+        description="Which model answers a request for `continual`. `task` (default): the model of the learned "
+        "task whose prompts the request looks like (what `model=<task>` serves), the base model itself when it "
+        "looks like none, so no task is forgotten and what the base knew stays exactly as it was. `merge`: the "
+        "live merge instead of the task's model, the base otherwise. `off`: the live merge for every prompt. "
+        'A task posted with hyperparameters.applies_to = "all" (a style or persona) sends every prompt to the '
+        "merge while it is live.",
+    )
+    max_forgetting: float = Field(
+        2.0,
+        ge=0,
+        le=100,
+        description="Points of accuracy an earlier task may lose when a new task goes live. Before it "
+        "publishes, the worker scores `continual` as it will be served on every live task's evaluation set "
+        "(held-out examples, or a sample of the training ones); a larger drop ends the job failed with "
+        "code would_forget and the live model unchanged (LAMINA_FORGETTING_POLICY).",
+    )
+    forgetting_policy: Literal["refuse", "warn"] = Field(
+        "refuse",
+        description="What a publish that would forget more than LAMINA_MAX_FORGETTING does: `refuse` (the job "
+        "fails, would_forget) or `warn` (it publishes, with the drops in the job's warnings).",
+    )
     max_lora_rank: int = Field(
         128,
         description="Largest adapter rank the engine can serve. It bounds how many tasks a concat store "

@@ -110,3 +110,43 @@ def test_a_rollback_while_a_task_trains_makes_it_train_again_on_the_live_tasks(
     assert done.status == JobStatus.succeeded, done.error
     assert trained_after == [("first/v1", "second/v1"), ("first/v1",)]  # trained again on what is live
     assert store.live().parents == ("first/v1", "third/v1")  # type: ignore[union-attr]
+
+
+def test_a_task_that_would_overwrite_an_earlier_one_is_refused_and_a_harmless_one_publishes(
+    base_model_dir: Path, tmp_path: Path
+) -> None:
+    """The regression gate (trainer/regression.py) with real training: the same prompts taught
+    other answers, served through the merge (routing off) by a method that forgets (lori-d: its
+    merge is the plain sum), is refused; a task on other prompts publishes under task routing,
+    where each task's prompts keep their own model. The gate judges `continual` as it is served."""
+    routed = LaminaSettings(model=base_model_dir, home=tmp_path, job_lease_s=120)
+    settings = routed.model_copy(update={"continual_routing": "off"})
+    board = JobBoard(settings.store_dir)
+    learn = {"steps": 40, "batch_size": 4, "r": 4, "learning_rate": 0.02, "seed": 0}
+    colours = [Example(f"Item {i} has colour", f" {c}") for i, c in enumerate(["red", "blue", "green", "red"])]
+    swapped = [Example(e.prompt, " yellow") for e in colours]
+    sizes = [Example(f"Box {i} is", f" {s}") for i, s in enumerate(["big", "small", "big", "small"])]
+
+    def post(name: str, examples: list[Example], under: LaminaSettings = settings):  # noqa: ANN202
+        job_id = board.create(name, "lori-d", learn, examples).id
+        job = board.claim_next(worker.worker_name(), under.job_lease_s)
+        assert job is not None and job.id == job_id
+        worker.run_job(under, board, job, keep_lock=lambda: None)
+        return board.get(job_id)
+
+    first = post("colours", colours)
+    assert first.status == JobStatus.succeeded, first.error
+    store = worker.open_store(settings)
+    assert store.tasks()[0].meta["evaluation"]["row"] == {"colours": 100.0}  # it learned its examples
+
+    refused = post("overwrite", swapped)
+    assert refused.status == JobStatus.failed and refused.error is not None
+    assert refused.error.code == "would_forget" and "colours 100 %" in refused.error.message
+    assert refused.metrics["forgetting"]["colours"] > 2
+    assert [t.name for t in store.tasks()] == ["colours"]  # the live model is as it was
+
+    harmless = post("sizes", sizes, under=routed)
+    assert harmless.status == JobStatus.succeeded, harmless.error
+    row = store.tasks()[-1].meta["evaluation"]["row"]
+    assert set(row) == {"colours", "sizes"} and row["colours"] >= 98.0
+    assert harmless.metrics["regression_seconds"] > 0
