@@ -92,6 +92,8 @@ def _adapters_view(request: Request, store: AdapterStore) -> dict[str, Any]:
             "created_at": t.meta.get("created_at"),
             "metrics": t.meta.get("metrics", {}),
             "hyperparameters": t.meta.get("hyperparameters", {}),
+            # what `continual` scored on every live task when this version was published (in %)
+            "evaluation_row": t.meta.get("evaluation", {}).get("row"),
         }
         for t in store.tasks()
     ]
@@ -100,6 +102,10 @@ def _adapters_view(request: Request, store: AdapterStore) -> dict[str, Any]:
     return {
         "live_merge": live_id,
         "tasks": tasks,
+        # the live versions' rows, oldest first: row i is continual right after task i went live
+        "accuracy_matrix": [
+            {"after": t["id"], "row": t["evaluation_row"]} for t in tasks if t["evaluation_row"]
+        ],
         "merges": merges,
         "growth": [e for e in ledger if e.get("op") == "grow"],  # LoRAF rank growth, oldest first
         "audit": [e for e in ledger if e.get("op") == "audit"],  # admin actions, oldest first

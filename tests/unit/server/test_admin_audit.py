@@ -165,3 +165,25 @@ def test_an_import_into_a_store_with_a_damaged_task_is_a_409_naming_it_not_a_500
     assert response.status_code == 409, response.text
     error = response.json()["error"]
     assert error["code"] == "corrupt_version" and "task first/v1" in error["message"]
+
+
+def test_the_adapters_view_shows_each_live_versions_evaluation_row_as_the_accuracy_matrix(
+    client: TestClient, peft_files: dict
+) -> None:
+    store = client.app.state.store  # type: ignore[attr-defined]
+    assert (
+        client.post("/admin/adapters", data={"name": "first"}, files=peft_files, headers=HEADERS).status_code
+        == 201
+    )
+    adapter = store.task_adapter("first")
+    rows = [{"second": 90.0, "first": 100.0}, {"third": 80.0, "second": 88.0, "first": 100.0}]
+    for name, row in zip(("second", "third"), rows, strict=True):
+        store.publish(
+            name, adapter, {"method": "import", "evaluation": {"examples": [], "row": row}}, "concat"
+        )
+    listed = client.get("/admin/adapters", headers=HEADERS).json()
+    assert listed["accuracy_matrix"] == [
+        {"after": "second/v1", "row": rows[0]},
+        {"after": "third/v1", "row": rows[1]},
+    ]
+    assert [t["evaluation_row"] for t in listed["tasks"]] == [None, *rows]  # an import is not scored

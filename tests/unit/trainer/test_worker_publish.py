@@ -123,7 +123,9 @@ def test_a_task_that_would_overwrite_an_earlier_one_is_refused_and_a_harmless_on
     settings = routed.model_copy(update={"continual_routing": "off"})
     board = JobBoard(settings.store_dir)
     learn = {"steps": 40, "batch_size": 4, "r": 4, "learning_rate": 0.02, "seed": 0}
-    colours = [Example(f"Item {i} has colour", f" {c}") for i, c in enumerate(["red", "blue", "green", "red"])]
+    colours = [
+        Example(f"Item {i} has colour", f" {c}") for i, c in enumerate(["red", "blue", "green", "red"])
+    ]
     swapped = [Example(e.prompt, " yellow") for e in colours]
     sizes = [Example(f"Box {i} is", f" {s}") for i, s in enumerate(["big", "small", "big", "small"])]
 
