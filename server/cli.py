@@ -275,6 +275,7 @@ def stats(
     from rich.console import Console
     from rich.table import Table
 
+    from adapters_store.evaluation import accuracy_matrix
     from adapters_store.fingerprint import fingerprint_model
     from adapters_store.stats_cache import stats_for_store
     from adapters_store.store import STORE_FILE, AdapterStore, FingerprintMismatch
@@ -291,7 +292,7 @@ def stats(
         store = AdapterStore(settings.store_dir, fingerprint_model(settings.model))
     except FingerprintMismatch as error:
         fail(f"{error}: LAMINA_MODEL names another base model than the store's", 2)
-    data = stats_for_store(store)
+    data = {**stats_for_store(store), "accuracy_matrix": accuracy_matrix(store.tasks())}
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -334,6 +335,16 @@ def stats(
         )
         per_task.add_row(task, *(fmt(agg[k][i]) for k in keys))
     console.print(per_task)
+
+    if data["accuracy_matrix"]:  # what `continual` scored on each task as each one went live
+        names = list(dict.fromkeys(name for entry in data["accuracy_matrix"] for name in entry["row"]))
+        matrix = Table(title="Accuracy matrix: continual on each task (%) right after each version went live")
+        matrix.add_column("after")
+        for name in names:
+            matrix.add_column(name, justify="right")
+        for entry in data["accuracy_matrix"]:
+            matrix.add_row(entry["after"], *(fmt(entry["row"].get(name)) for name in names))
+        console.print(matrix)
 
     collisions = Table(title="Collision rate CR_ij in ΔW space")
     collisions.add_column("")

@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from adapters_store.errors import CorruptVersion, DiskFull, FingerprintMismatch, StoreError
+from adapters_store.evaluation import accuracy_matrix
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import MergeError
 from adapters_store.store import (
@@ -82,6 +83,7 @@ async def adapters(request: Request) -> dict[str, Any]:
 def _adapters_view(request: Request, store: AdapterStore) -> dict[str, Any]:
     live = store.live()
     live_id = live.id if live else None
+    records = store.tasks()
     tasks = [
         {
             "name": t.name,
@@ -95,7 +97,7 @@ def _adapters_view(request: Request, store: AdapterStore) -> dict[str, Any]:
             # what `continual` scored on every live task when this version was published (in %)
             "evaluation_row": t.meta.get("evaluation", {}).get("row"),
         }
-        for t in store.tasks()
+        for t in records
     ]
     merges = [_merge_view(m, live_id) for m in store.merges()]
     ledger = store.ledger()
@@ -286,7 +288,9 @@ async def stats(request: Request) -> dict[str, Any]:
     and effective rank, per module and aggregated (cached per live merge)."""
     from adapters_store.stats_cache import stats_for_store
 
-    return await run_in_threadpool(stats_for_store, _store(request))
+    store = _store(request)
+    stats = await run_in_threadpool(stats_for_store, store)
+    return {**stats, "accuracy_matrix": accuracy_matrix(await run_in_threadpool(store.tasks))}
 
 
 @router.get("/stats.png", response_class=Response)
