@@ -244,9 +244,4 @@ register_preset(
 register_preset(
     Preset("inflora", parametrization="inflora", sparsity=0.0, merge="concat", stack_history=True)
 )
-# The same parametrization trained on the base alone: with `continual` routing each task's prompts
-# to its own model, the merge matters only for applies_to=all tasks, and a task that does not
-# train on top of its predecessors learns more (README, Results) and is served at rank r.
-register_preset(
-    Preset("inflora-solo", parametrization="inflora", sparsity=0.0, merge="concat", stack_history=False)
-)
+
