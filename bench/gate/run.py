@@ -19,8 +19,8 @@ import torch
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
 from bench import provenance
-from bench.continual.config import server_default
 from bench.report import envelope, markdown_table, write_result
+from server.settings import ServerSettings
 from trainer.base_model.catalog import resolve_model
 from trainer.config import Hyperparameters, resolve_method
 from trainer.contract.settings import LaminaSettings
@@ -43,7 +43,7 @@ def main() -> None:
     result = envelope("gate", vars(args) | {"out": str(args.out), "model_dir": str(model_dir)})
     result["machine"] = {**provenance.machine("cpu"), "load_average_at_start": provenance.load_average()}
     model, tokenizer = load_base(model_dir)
-    method = resolve_method(server_default("default_method"))  # what a POST /tasks naming none gets
+    method = resolve_method(ServerSettings.model_fields["default_method"].default)  # a POST /tasks naming none
     gate = Gate(settings.continual_routing, settings.max_forgetting, settings.forgetting_policy)
     rows = []
     with tempfile.TemporaryDirectory() as root:
