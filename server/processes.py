@@ -175,6 +175,7 @@ def stop_process(
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=timeout_s)
     _, alive = psutil.wait_procs(family, timeout=grace_s)
+    alive = [proc for proc in alive if _running(proc)]  # a zombie has stopped: only its reaping is late
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
@@ -192,6 +193,14 @@ def running(started: ManagedProcess) -> Iterator[ManagedProcess]:
         yield started
     finally:
         started.stop()
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Still executing: neither gone nor a zombie waiting for its parent (or init) to reap it."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _family(pid: int) -> list[psutil.Process]:

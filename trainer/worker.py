@@ -48,7 +48,7 @@ from trainer.contract.settings import LaminaSettings
 
 if TYPE_CHECKING:
     from adapters_store.interface import Fence
-    from trainer.publish import Hooks
+    from trainer.publish import Gate, Hooks
 
 log = logging.getLogger(__name__)
 settings = LaminaSettings()
@@ -128,6 +128,16 @@ def open_store(settings: LaminaSettings) -> AdapterStore:
     )
 
 
+def _gate(settings: LaminaSettings) -> Gate | None:
+    """The check before every publish, as the settings ask for it (None: ``off``)."""
+    from trainer.publish import Gate
+
+    policy = settings.forgetting_policy
+    if policy == "off":
+        return None
+    return Gate(settings.continual_routing, settings.max_forgetting, policy)
+
+
 PUBLISH_ATTEMPTS = 2  # a job whose live tasks an admin changed while it trained trains once more
 
 
@@ -135,7 +145,7 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
     """Validate, train, publish a job this worker has claimed; every failure ends the job as
     failed with the store untouched (publishing is the last step and is atomic)."""
     from trainer.loop import TrainingCancelled
-    from trainer.publish import Gate, train_and_publish
+    from trainer.publish import train_and_publish
     from trainer.regression import WouldForget
 
     me = job.worker or worker_name()
@@ -158,9 +168,7 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
                         hooks=_job_hooks(settings, board, job, me, claim_held),
                         extra_meta={"job_id": job.id},
                         cache_dir=settings.home / "cache",
-                        gate=Gate(
-                            settings.continual_routing, settings.max_forgetting, settings.forgetting_policy
-                        ),
+                        gate=_gate(settings),
                     )
                     break
                 except LiveChanged as error:  # an admin action moved the live model: train again on it

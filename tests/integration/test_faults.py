@@ -66,6 +66,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, private_redis: RedisServer) 
         "LAMINA_DEFAULT_METHOD": METHOD,
         "LAMINA_JOB_LEASE_S": str(LEASE_S),
         "LAMINA_ADMIN_KEY": ADMIN["Authorization"].removeprefix("Bearer "),
+        # these tests are about crashes and order over ~30 tasks, not what a task keeps: the check
+        # before each publish (one evaluation per live task) would cost them minutes for nothing
+        "LAMINA_FORGETTING_POLICY": "off",
     }
     with running_stack(
         tmp_path_factory.mktemp("lamina-home"), settings, private_redis.url, queue="lamina-faults"

@@ -70,10 +70,11 @@ class LaminaSettings(BaseSettings):
         "(held-out examples, or a sample of the training ones); a larger drop ends the job failed with "
         "code would_forget and the live model unchanged (LAMINA_FORGETTING_POLICY).",
     )
-    forgetting_policy: Literal["refuse", "warn"] = Field(
+    forgetting_policy: Literal["refuse", "warn", "off"] = Field(
         "refuse",
         description="What a publish that would forget more than LAMINA_MAX_FORGETTING does: `refuse` (the job "
-        "fails, would_forget) or `warn` (it publishes, with the drops in the job's warnings).",
+        "fails, would_forget) or `warn` (it publishes, with the drops in the job's warnings). `off` skips the "
+        "check and records no rows (it costs a few % of a job per live task).",
     )
     max_lora_rank: int = Field(
         128,

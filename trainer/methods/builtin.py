@@ -244,4 +244,3 @@ register_preset(
 register_preset(
     Preset("inflora", parametrization="inflora", sparsity=0.0, merge="concat", stack_history=True)
 )
-
