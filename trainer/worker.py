@@ -128,7 +128,7 @@ def open_store(settings: LaminaSettings) -> AdapterStore:
     )
 
 
-def _gate(settings: LaminaSettings) -> Gate | None:
+def gate_for(settings: LaminaSettings) -> Gate | None:
     """The check before every publish, as the settings ask for it (None: ``off``)."""
     from trainer.publish import Gate
 
@@ -168,7 +168,7 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
                         hooks=_job_hooks(settings, board, job, me, claim_held),
                         extra_meta={"job_id": job.id},
                         cache_dir=settings.home / "cache",
-                        gate=_gate(settings),
+                        gate=gate_for(settings),
                     )
                     break
                 except LiveChanged as error:  # an admin action moved the live model: train again on it

@@ -25,8 +25,9 @@ from trainer.base_model.catalog import resolve_model
 from trainer.config import Hyperparameters, resolve_method
 from trainer.contract.settings import LaminaSettings
 from trainer.loop import load_base
-from trainer.publish import Gate, train_and_publish
+from trainer.publish import train_and_publish
 from trainer.suite import get_order, get_task
+from trainer.worker import gate_for
 
 
 def main() -> None:
@@ -43,8 +44,10 @@ def main() -> None:
     result = envelope("gate", vars(args) | {"out": str(args.out), "model_dir": str(model_dir)})
     result["machine"] = {**provenance.machine("cpu"), "load_average_at_start": provenance.load_average()}
     model, tokenizer = load_base(model_dir)
-    method = resolve_method(ServerSettings.model_fields["default_method"].default)  # a POST /tasks naming none
-    gate = Gate(settings.continual_routing, settings.max_forgetting, settings.forgetting_policy)
+    method = resolve_method(
+        ServerSettings.model_fields["default_method"].default
+    )  # a POST /tasks naming none
+    gate = gate_for(settings.model_copy(update={"forgetting_policy": "warn"}))  # measure it, never refuse
     rows = []
     with tempfile.TemporaryDirectory() as root:
         store = AdapterStore(

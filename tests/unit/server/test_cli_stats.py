@@ -24,7 +24,9 @@ def test_stats_prints_tasks_and_collision_matrix(
     base_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = AdapterStore(tmp_path / "store", fingerprint_model(base_model_dir))
-    checked = {"evaluation": {"examples": [], "row": {"alpha": 97.5, "beta": 88.25}}}  # as the worker records it
+    checked = {
+        "evaluation": {"examples": [], "row": {"alpha": 97.5, "beta": 88.25}}
+    }  # as the worker records it
     store.publish("alpha", _adapter(0), {"method": "inc-lora"}, merge="concat")
     store.publish("beta", _adapter(1), {"method": "inc-lora", **checked}, merge="concat")
     monkeypatch.setenv("LAMINA_STORE", str(tmp_path / "store"))

@@ -156,6 +156,6 @@ def test_a_task_that_would_overwrite_an_earlier_one_is_refused_and_a_harmless_on
 
 def test_the_check_before_publishing_can_be_turned_off(base_model_dir: Path, tmp_path: Path) -> None:
     settings = LaminaSettings(model=base_model_dir, home=tmp_path, forgetting_policy="off")
-    assert worker._gate(settings) is None
-    gate = worker._gate(settings.model_copy(update={"forgetting_policy": "warn", "max_forgetting": 5.0}))
+    assert worker.gate_for(settings) is None
+    gate = worker.gate_for(settings.model_copy(update={"forgetting_policy": "warn", "max_forgetting": 5.0}))
     assert gate is not None and (gate.routing, gate.max_forgetting, gate.policy) == ("task", 5.0, "warn")
