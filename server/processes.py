@@ -107,8 +107,17 @@ def spawn(
             stdout=log,
             stderr=subprocess.STDOUT if log else None,
             start_new_session=True,
+            preexec_fn=_default_stop_signals,
         )
     return ManagedProcess(name, process, log_path, url)
+
+
+def _default_stop_signals() -> None:
+    """In the child before exec: Ctrl-C and SIGTERM at their defaults. An ignored signal is
+    inherited across exec, so a parent that ignores SIGINT (a shell's background job, a
+    supervisor) would otherwise start servers and workers that no Ctrl-C can stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def wait_ready(server: ManagedProcess, path: str = "/ready", timeout_s: float = START_TIMEOUT_S) -> float:

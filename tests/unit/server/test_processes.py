@@ -159,3 +159,13 @@ def test_the_worker_command_is_the_workers_own_entry_point() -> None:
     shown = subprocess.run([*processes.WORKER_COMMAND, "--help"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     assert "Run the training worker" in shown.stdout
+
+
+def test_a_process_started_by_a_parent_that_ignores_ctrl_c_still_obeys_it(tmp_path: Path) -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's background job is
+    try:
+        process, child = start_family(tmp_path, "obedient")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stop_process(process, timeout_s=10, grace_s=5) == []
+    assert process.returncode is not None and gone(child)
