@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from adapters_store.routing import MERGE, PromptEmbedder, RoutingMode, destination, router_from_metas
+from adapters_store.routing import MERGE, PromptEmbedder, Router, RoutingMode, destination, router_from_metas
 from trainer.chat import prompt_and_answer
 from trainer.config import TrainingExample
 from trainer.contract.board import example_from_json
@@ -80,14 +80,13 @@ def served_accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     embedder: PromptEmbedder,
-    metas: Mapping[str, Mapping[str, Any]],
+    router: Router,
     mode: RoutingMode,
     deltas: Deltas,
     examples: Sequence[TrainingExample],
 ) -> float:
-    """Accuracy in % of ``continual`` on ``examples`` when the live tasks are ``metas``: each prompt
-    routed as the server routes it and answered greedily by the model it lands on."""
-    router = router_from_metas(metas)
+    """Accuracy in % of ``continual`` on ``examples`` under ``router`` (the live tasks'): each
+    prompt routed as the server routes it and answered greedily by the model it lands on."""
     texts = [example_text(e) for e in examples]
     if mode == "off":
         targets: list[str | None] = [MERGE] * len(texts)
@@ -116,12 +115,13 @@ def check(
     """The candidate's row (task -> accuracy in %, the new task included); raises
     :class:`WouldForget` when a live task drops more than ``max_drop`` points below its last score."""
     embedder = PromptEmbedder.from_model(model, tokenizer)
+    router = router_from_metas(candidate_metas)
     before = previous_row(list(live_metas.values()))
     row: dict[str, float] = {}
     for name, meta in candidate_metas.items():
         examples = stored_examples(meta)
         if examples:
-            row[name] = served_accuracy(model, tokenizer, embedder, candidate_metas, mode, deltas, examples)
+            row[name] = served_accuracy(model, tokenizer, embedder, router, mode, deltas, examples)
     drops = {n: round(before[n] - row[n], 2) for n in row if n in before and before[n] - row[n] > max_drop}
     if drops:
         worst = ", ".join(f"{n} {before[n]:.0f} % -> {row[n]:.0f} %" for n in drops)
