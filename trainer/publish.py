@@ -98,6 +98,7 @@ def train_and_publish(
     extra_meta: dict[str, Any] | None = None,
     cache_dir: Path | None = None,
     gate: Gate | None = None,
+    validation: Sequence[TrainingExample] = (),
 ) -> tuple[TrainedTask, Publication]:
     """Admit the task named ``name``, train it on the store's live state and publish it.
 
@@ -119,7 +120,9 @@ def train_and_publish(
 
     The meta records the rank asked for (``requested_rank``) beside the rank admission settled,
     then ``extra_meta``. ``cache_dir`` keeps what depends on the base model alone (the routing
-    calibration's sampled text) for later jobs and stores. Raises :class:`trainer.admission.AdmissionError` on a refusal, and
+    calibration's sampled text) for later jobs and stores. ``validation`` (the user's own
+    examples, if any) is what the task is scored on at this and every later publish, instead of
+    its held-out examples. Raises :class:`trainer.admission.AdmissionError` on a refusal, and
     whatever a hook raises."""
     hooks = hooks or Hooks()
     requested_rank = hp.r
@@ -137,8 +140,10 @@ def train_and_publish(
         should_stop=hooks.should_stop,
         cache_dir=cache_dir,
     )
-    evaluation = regression.evaluation_examples(examples, trained.hyperparameters)
+    evaluation = regression.evaluation_examples(examples, trained.hyperparameters, validation)
     row = run_gate(gate, model, tokenizer, store, name, method, trained, evaluation) if gate else None
+    if validation and row is not None and name in row:
+        trained.result.metrics["validation_accuracy"] = round(row[name] / 100, 4)
     fence = hooks.before_publish()
     meta = {
         "requested_rank": requested_rank,

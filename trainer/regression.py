@@ -49,11 +49,14 @@ class WouldForget(Exception):
         self.row, self.drops = row, drops
 
 
-def evaluation_examples(examples: Sequence[TrainingExample], hp: Any) -> list[TrainingExample]:
-    """What a task is scored on at later publishes: its held-out examples (inputs it never saw),
-    or, for a task too small to hold any out, a seeded sample of its training examples."""
+def evaluation_examples(
+    examples: Sequence[TrainingExample], hp: Any, validation: Sequence[TrainingExample] = ()
+) -> list[TrainingExample]:
+    """What a task is scored on at later publishes: the user's ``validation`` examples when
+    given, else its held-out examples (inputs it never saw), or, for a task too small to hold any
+    out, its training examples; a seeded sample of at most ``EVAL_CAP`` of them."""
     _, held_out = split_held_out(examples, hp)
-    chosen = held_out or list(examples)
+    chosen = list(validation) or held_out or list(examples)
     if len(chosen) > EVAL_CAP:
         chosen = random.Random(hp.seed).sample(chosen, EVAL_CAP)
     return chosen

@@ -43,6 +43,7 @@ from trainer.contract.board import (
     JobStatus,
     Progress,
 )
+from trainer.contract.jobs import LOSS_CURVE_POINTS
 from trainer.contract.logs import log_context
 from trainer.contract.settings import LaminaSettings
 
@@ -169,6 +170,7 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
                         extra_meta={"job_id": job.id},
                         cache_dir=settings.home / "cache",
                         gate=gate_for(settings),
+                        validation=board.validation_examples(job.id),
                     )
                     break
                 except LiveChanged as error:  # an admin action moved the live model: train again on it
@@ -299,11 +301,37 @@ def _job_hooks(
 
 
 def _progress_reporter(board: JobBoard, job_id: str, worker: str) -> Callable[[int, int, float], None]:
+    curve = LossCurve()
+
     def report(step: int, total: int, loss: float) -> None:
         progress = Progress(step=step, total=total, loss=round(float(loss), 6))
-        board.update_claimed(job_id, worker, progress=progress)
+        board.update_claimed(
+            job_id, worker, progress=progress, loss_curve=curve.add(step, progress.loss or 0.0)
+        )
 
     return report
+
+
+class LossCurve:
+    """A job's loss curve in at most ``limit`` points: every ``stride``-th step from the first,
+    the stride doubling (and every other point going) whenever the curve fills, plus the latest
+    point; so the board's record stays small while the curve spans the whole run evenly."""
+
+    def __init__(self, limit: int = LOSS_CURVE_POINTS) -> None:
+        self.limit, self.stride = limit, 1
+        self.points: list[tuple[int, float]] = []
+        self.latest: tuple[int, float] | None = None
+
+    def add(self, step: int, loss: float) -> list[tuple[int, float]]:
+        """Record one step; returns the curve as it stands."""
+        first = self.points[0][0] if self.points else step
+        if (step - first) % self.stride == 0:
+            self.points.append((step, loss))
+            if len(self.points) >= self.limit:
+                self.stride *= 2
+                self.points = [p for p in self.points if (p[0] - first) % self.stride == 0]
+        self.latest = (step, loss)
+        return self.points if self.points[-1] == self.latest else [*self.points, self.latest]
 
 
 def _stop_checker(board: JobBoard, job_id: str, claim_held: Callable[[], bool]) -> Callable[[], bool]:

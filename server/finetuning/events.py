@@ -81,9 +81,8 @@ def job_events(job: Job, record: FineTuneRecord | None, points: list[dict]) -> l
         add(
             "validation-file",
             created,
-            f"validation_file {record.validation_file} was checked but is not used: Lamina measures the "
-            "task on a held-out share of the training file (hyper-parameter validation_fraction).",
-            "warn",
+            f"validation_file {record.validation_file} is the task's evaluation set: it is scored on it "
+            "before it goes live and before every later publish.",
         )
     started = unix(job.started_at)
     if started is not None:

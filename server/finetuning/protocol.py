@@ -87,8 +87,9 @@ class FineTuningJobCreate(BaseModel):
     training_file: str = Field(description="A file-... id uploaded with purpose fine-tune.")
     validation_file: str | None = Field(
         None,
-        description="Checked like the training file but not trained on or scored: Lamina holds out "
-        "validation_fraction of the training examples instead (a warning event says so).",
+        description="Never trained on: the task's evaluation set. The task is scored on it before it "
+        "goes live and before every later publish, which is refused if it would make `continual` "
+        "forget this task (at most 50 of its examples are used, a seeded sample).",
     )
     suffix: str | None = Field(
         None,

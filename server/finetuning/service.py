@@ -103,13 +103,17 @@ class FineTuningService:
     def create(self, request: FineTuningJobCreate) -> FineTuningJob:
         planned = plan(request, self.base_names, self.default_method)
         examples = _examples(self.files, request.training_file, "training_file")
-        if request.validation_file is not None:
+        validation = (
             _examples(self.files, request.validation_file, "validation_file")
+            if request.validation_file is not None
+            else None
+        )
         task = TaskCreate.model_validate(
             {
                 "name": planned.name,
                 "method": planned.method,
                 "examples": examples,
+                "validation_examples": validation,
                 "hyperparameters": planned.hyperparameters,
             }
         )

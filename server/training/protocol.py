@@ -107,6 +107,13 @@ class TaskCreate(BaseModel):
         None, description="A preset (lori-s, ps-lora, ...). Default: LAMINA_DEFAULT_METHOD."
     )
     examples: list[ExampleIn] = Field(min_length=1)
+    validation_examples: list[ExampleIn] | None = Field(
+        None,
+        description="Your own evaluation set, never trained on: the task is scored on it before it "
+        "goes live (metrics.validation_accuracy) and again before every later publish, so that a "
+        "later task that would make `continual` forget it is refused. Default: the examples the "
+        "job holds out. At most 50 are used (a seeded sample).",
+    )
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -42,6 +42,11 @@ _UPLOAD_SCHEMA = {
         "name": {"type": "string"},
         "method": {"type": "string"},
         "hyperparameters": {"type": "string", "description": "A JSON object."},
+        "validation_file": {
+            "type": "string",
+            "format": "binary",
+            "description": "JSONL like `file`: the task's own evaluation set (see TaskCreate.validation_examples).",
+        },
     },
 }
 _BODY = {
@@ -90,12 +95,16 @@ async def _read_body(request: Request) -> TaskCreate:
         except ValueError:
             raise APIError(400, "hyperparameters must be a JSON object", param="hyperparameters") from None
         examples = await run_in_threadpool(parse_jsonl, await upload.read())
+        validation = form.get("validation_file")
         data = {
             "name": form.get("name"),
             "method": form.get("method") or None,
             "examples": [e.model_dump() for e in examples],
             "hyperparameters": hyperparameters,
         }
+        if isinstance(validation, UploadFile):
+            held = await run_in_threadpool(parse_jsonl, await validation.read(), "validation_file")
+            data["validation_examples"] = [e.model_dump() for e in held]
     else:
         try:
             data = await request.json()

@@ -69,13 +69,17 @@ class TrainingService:
         )
 
     def submit(self, request: TaskCreate) -> Job:
-        if len(request.examples) > self.max_examples:
-            raise APIError(
-                413,
-                f"{len(request.examples)} examples; a task may have at most {self.max_examples}.",
-                param="examples",
-                code="too_many_examples",
-            )
+        for param, given in (
+            ("examples", request.examples),
+            ("validation_examples", request.validation_examples),
+        ):
+            if given is not None and len(given) > self.max_examples:
+                raise APIError(
+                    413,
+                    f"{len(given)} {param}; a task may have at most {self.max_examples}.",
+                    param=param,
+                    code="too_many_examples",
+                )
         if request.name in self.reserved_names:
             raise APIError(
                 400,
@@ -115,6 +119,7 @@ class TrainingService:
                 hp.model_dump(mode="json", exclude_unset=True),
                 examples,
                 max_pending=self.settings.max_pending_tasks,
+                validation=[e.to_example() for e in request.validation_examples or []],
             )
         except JobRefused as refused:
             if refused.reason == "name_pending":
@@ -180,13 +185,13 @@ def _queue_unavailable() -> APIError:
     )
 
 
-def parse_jsonl(content: bytes) -> list[ExampleIn]:
-    """Examples from an uploaded JSONL file, one object a line, ``{"prompt", "completion"}`` or
-    ``{"messages": [...]}``; errors name the line and the field."""
+def parse_jsonl(content: bytes, param: str = "file") -> list[ExampleIn]:
+    """Examples from an uploaded JSONL file (the form field ``param``), one object a line,
+    ``{"prompt", "completion"}`` or ``{"messages": [...]}``; errors name the line and the field."""
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError:
-        raise APIError(400, "file: not UTF-8 text", param="file") from None
+        raise APIError(400, f"{param}: not UTF-8 text", param=param) from None
     examples: list[ExampleIn] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -195,11 +200,11 @@ def parse_jsonl(content: bytes) -> list[ExampleIn]:
             data: Any = json.loads(line)
             examples.append(ExampleIn.model_validate(data))
         except ValidationError as error:
-            raise APIError(400, f"file line {number}: {_first_error(error)}", param="file") from None
+            raise APIError(400, f"{param} line {number}: {_first_error(error)}", param=param) from None
         except ValueError:
-            raise APIError(400, f"file line {number}: not valid JSON", param="file") from None
+            raise APIError(400, f"{param} line {number}: not valid JSON", param=param) from None
     if not examples:
-        raise APIError(400, "file: no examples", param="file")
+        raise APIError(400, f"{param}: no examples", param=param)
     return examples
 
 

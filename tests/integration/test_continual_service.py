@@ -221,6 +221,15 @@ def test_jsonl_upload_errors_name_the_line(stack: Stack) -> None:
         "param": "file",
         "code": None,
     }
+    good = b'{"prompt": "a", "completion": "b"}\n'
+    held = httpx.post(
+        f"{stack.url}/tasks",
+        data={"name": "uploaded"},
+        files={"file": ("t.jsonl", good), "validation_file": ("v.jsonl", b'{"prompt": "a"}\n')},
+    )
+    assert held.status_code == 400
+    assert held.json()["error"]["param"] == "validation_file"
+    assert held.json()["error"]["message"].startswith("validation_file line 1: completion")
 
 
 def test_unknown_job_is_404(stack: Stack) -> None:

@@ -73,6 +73,9 @@ class JobBoard:
     def _examples_path(self, job_id: str) -> Path:
         return self.root / f"{job_id}.examples.jsonl"
 
+    def _validation_path(self, job_id: str) -> Path:
+        return self.root / f"{job_id}.validation.jsonl"
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
         with open(self.root / ".lock", "a+") as lock:
@@ -94,14 +97,17 @@ class JobBoard:
         hyperparameters: dict[str, Any],
         examples: list[TrainingExample],
         max_pending: int | None = None,
+        validation: list[TrainingExample] | None = None,
     ) -> Job:
-        """Record a queued job with its examples; the examples file is written first, so a
+        """Record a queued job with its examples (and the user's ``validation`` examples, the
+        set the task is scored on at every later publish); the files are written first, so a
         visible job always has its data. Under the board's lock, so that concurrent submissions
         get distinct arrival numbers and neither two jobs of one name nor more than
         ``max_pending`` unfinished jobs are ever recorded (:class:`JobRefused`)."""
         job_id = f"job-{uuid.uuid4().hex[:20]}"
-        lines = "".join(json.dumps(asdict(example)) + "\n" for example in examples)
-        atomic_write(self._examples_path(job_id), lines)
+        atomic_write(self._examples_path(job_id), _jsonl(examples))
+        if validation:
+            atomic_write(self._validation_path(job_id), _jsonl(validation))
         try:
             with self._locked():
                 jobs = self._fail_lapsed(self.all())
@@ -117,11 +123,13 @@ class JobBoard:
                     seq=1 + max((j.seq for j in jobs), default=0),
                     created_at=now(),
                     n_examples=len(examples),
+                    n_validation_examples=len(validation or []),
                     hyperparameters=hyperparameters,
                 )
                 self._write(job)
         except JobRefused:
             self._examples_path(job_id).unlink(missing_ok=True)
+            self._validation_path(job_id).unlink(missing_ok=True)
             raise
         return job
 
@@ -142,8 +150,12 @@ class JobBoard:
         return sorted(jobs, key=lambda j: j.seq)
 
     def examples(self, job_id: str) -> list[TrainingExample]:
-        text = self._examples_path(job_id).read_text()
-        return [example_from_json(json.loads(line)) for line in text.splitlines() if line.strip()]
+        return _read_jsonl(self._examples_path(job_id))
+
+    def validation_examples(self, job_id: str) -> list[TrainingExample]:
+        """The user's validation examples; empty when the job was posted without any."""
+        path = self._validation_path(job_id)
+        return _read_jsonl(path) if path.exists() else []
 
     def update(self, job_id: str, **changes: Any) -> Job:
         """Read-modify-write one job under the board's lock."""
@@ -164,6 +176,7 @@ class JobBoard:
                 return True
             self._path(job_id).unlink(missing_ok=True)
             self._examples_path(job_id).unlink(missing_ok=True)
+            self._validation_path(job_id).unlink(missing_ok=True)
             return True
 
     def request_cancel(self, job_id: str) -> Job:
@@ -293,3 +306,11 @@ def example_from_json(data: dict[str, Any]) -> TrainingExample:
     if "messages" in data:
         return ChatExample(messages=tuple(ChatMessage(**message) for message in data["messages"]))
     return Example(**data)
+
+
+def _jsonl(examples: list[TrainingExample]) -> str:
+    return "".join(json.dumps(asdict(example)) + "\n" for example in examples)
+
+
+def _read_jsonl(path: Path) -> list[TrainingExample]:
+    return [example_from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]

@@ -22,6 +22,9 @@ class JobStatus(StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+LOSS_CURVE_POINTS = 100
+
+
 class Progress(BaseModel):
     step: int
     total: int
@@ -48,11 +51,20 @@ class PublicJob(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     n_examples: int
+    n_validation_examples: int = Field(
+        0,
+        description="The user's own evaluation set, if posted (else the task is scored on held-out examples).",
+    )
     hyperparameters: dict[str, Any] = Field(
         default_factory=dict,
         description='As posted; once the job succeeds, as trained (every "auto" value resolved).',
     )
     progress: Progress | None = None
+    loss_curve: list[tuple[int, float]] = Field(
+        default_factory=list,
+        description="[step, loss] points of the training so far, at most LOSS_CURVE_POINTS "
+        "(thinned evenly as training goes on): the job's loss curve without a metrics service.",
+    )
     metrics: dict[str, Any] = Field(default_factory=dict)
     warnings: list[str] = Field(
         default_factory=list,

@@ -80,15 +80,25 @@ def test_an_accepted_task_is_one_queued_job_and_one_message_naming_it(build: Bui
     assert job.hyperparameters == {"r": 4}  # as given: the worker fills in the rest
     assert [e.prompt for e in service.board.examples(job.id)] == ["Sky:"]  # type: ignore[union-attr]
     assert messages(queue) == [(TRAIN_TASK, repr([job.id]))]
+    assert job.n_validation_examples == 0 and service.board.validation_examples(job.id) == []
+    checked = service.submit(
+        task(name="sizes", validation_examples=[{"prompt": "Sea:", "completion": " blue"}])
+    )
+    assert checked.n_validation_examples == 1
+    assert [e.prompt for e in service.board.validation_examples(checked.id)] == ["Sea:"]
     chosen = service.submit(task(name="shapes", method="lori-s"))
     assert chosen.method == "lori-s"
-    assert [j.id for j in service.list()] == [job.id, chosen.id]
+    assert [j.id for j in service.list()] == [job.id, checked.id, chosen.id]
 
 
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
         ({"examples": [EXAMPLE] * (MAX_EXAMPLES + 1)}, (413, "too_many_examples", "examples")),
+        (
+            {"validation_examples": [EXAMPLE] * (MAX_EXAMPLES + 1)},
+            (413, "too_many_examples", "validation_examples"),
+        ),
         ({"name": "continual"}, (400, "reserved_name", "name")),
         ({"method": "no-such-method"}, (400, "unknown_method", "method")),
         ({"hyperparameters": {"r": 0}}, (400, "invalid_value", "hyperparameters.r")),

@@ -159,3 +159,17 @@ def test_a_redis_lock_gone_before_its_release_ends_the_turn_quietly(
     with worker.store_turn(redis_settings):
         redis.Redis.from_url(REDIS_URL).delete(lock_key(redis_settings))  # expired, or Redis restarted
     assert "training lock expired" in caplog.text
+
+
+def test_progress_keeps_a_bounded_loss_curve_that_spans_the_whole_run(tmp_path: Path) -> None:
+    board = JobBoard(tmp_path)
+    job = claimed(board)
+    report = worker._progress_reporter(board, job.id, "w1")
+    for step in range(1, 1001):
+        report(step, 1000, 10.0 / step)
+    curve = board.get(job.id).loss_curve
+    assert len(curve) <= worker.LOSS_CURVE_POINTS
+    assert curve[0] == (1, 10.0) and curve[-1] == (1000, 0.01)
+    assert [s for s, _ in curve] == sorted(s for s, _ in curve)
+    gaps = {b - a for (a, _), (b, _) in zip(curve[:-2], curve[1:-1], strict=True)}
+    assert len(gaps) == 1, "points thinned unevenly"

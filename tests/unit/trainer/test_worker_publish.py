@@ -129,8 +129,8 @@ def test_a_task_that_would_overwrite_an_earlier_one_is_refused_and_a_harmless_on
     swapped = [Example(e.prompt, " yellow") for e in colours]
     sizes = [Example(f"Box {i} is", f" {s}") for i, s in enumerate(["big", "small", "big", "small"])]
 
-    def post(name: str, examples: list[Example], under: LaminaSettings = settings):  # noqa: ANN202
-        job_id = board.create(name, "lori-d", learn, examples).id
+    def post(name: str, examples: list[Example], under: LaminaSettings = settings, **extra):  # noqa: ANN202
+        job_id = board.create(name, "lori-d", learn, examples, **extra).id
         job = board.claim_next(worker.worker_name(), under.job_lease_s)
         assert job is not None and job.id == job_id
         worker.run_job(under, board, job, keep_lock=lambda: None)
@@ -147,10 +147,18 @@ def test_a_task_that_would_overwrite_an_earlier_one_is_refused_and_a_harmless_on
     assert refused.metrics["forgetting"]["colours"] > 2
     assert [t.name for t in store.tasks()] == ["colours"]  # the live model is as it was
 
-    harmless = post("sizes", sizes, under=routed)
+    own_set = [Example("Box 1 is", " small"), Example("Box 2 is", " big")]  # the user's validation set
+    harmless = post("sizes", sizes, under=routed, validation=own_set)
     assert harmless.status == JobStatus.succeeded, harmless.error
-    row = store.tasks()[-1].meta["evaluation"]["row"]
+    assert harmless.n_validation_examples == 2
+    evaluation = store.tasks()[-1].meta["evaluation"]
+    assert [(e["prompt"], e["completion"]) for e in evaluation["examples"]] == [
+        ("Box 1 is", " small"),
+        ("Box 2 is", " big"),
+    ]
+    row = evaluation["row"]
     assert set(row) == {"colours", "sizes"} and row["colours"] >= 98.0
+    assert harmless.metrics["validation_accuracy"] == row["sizes"] / 100
     assert harmless.metrics["regression_seconds"] > 0
 
 
