@@ -6,6 +6,9 @@ diagonal is each task's own share of active positions), tasks labelled oldest fi
 in the title. Middle: one bar per module, the share of its B positions some task owns and how
 many are left. Right: ACR against ε (log axis) in ΔW and in B space, because one ε alone misleads
 (a comparison of two methods can flip by two orders of magnitude between ε = 10⁻³ and 10⁻¹).
+With an ``accuracy_matrix`` in the stats (:mod:`adapters_store.evaluation`), a last panel shows it
+as a heat map: one row per live version, one column per task (and the base's general answers),
+so forgetting shows as a column that pales downwards.
 The figure grows with the number of tasks and of modules, so labels never overlap.
 
 Built on matplotlib's object API with the Agg canvas (no pyplot, no global state), so it is safe
@@ -43,11 +46,15 @@ def render_stats_png(stats: dict[str, Any], dpi: int = 100) -> bytes:
         return _png(fig, dpi)
 
     subspace = stats.get("subspace")
+    matrix = stats.get("accuracy_matrix") or []
     side = 2.5 + 0.45 * len(tasks)  # inches of heatmap per side
     height = max(side, 1.2 + 0.22 * len(modules), 4.0)
-    widths = [side, 4.5, 4.0] + ([4.5] if subspace else [])
+    widths = [side, 4.5, 4.0] + ([4.5] if subspace else []) + ([side + 0.5] if matrix else [])
     fig = Figure(figsize=(sum(widths) + 1.5, height), layout="constrained")
-    cr_axes, bar_axes, eps_axes, *subspace_axes = fig.subplots(1, len(widths), width_ratios=widths)
+    cr_axes, bar_axes, eps_axes, *more_axes = fig.subplots(1, len(widths), width_ratios=widths)
+    subspace_axes = more_axes[:1] if subspace else []
+    if matrix:
+        accuracy_heatmap(fig, more_axes[-1], matrix)
     eps = stats.get("params", {}).get("eps")
     _cr_heatmap(fig, cr_axes, stats["aggregate"], tasks, eps)
     b_shares = {n: (m["occupancy"] or 0.0, f"{m['b_positions_free']} left") for n, m in modules.items()}
@@ -81,6 +88,31 @@ def _cr_heatmap(fig: Figure, ax: Any, aggregate: dict[str, Any], tasks: list[str
                 colour = "black" if value > 0.6 else "white"
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
     fig.colorbar(image, ax=ax, shrink=0.8, label="share of positions active in both")
+
+
+def accuracy_heatmap(fig: Figure, ax: Any, matrix: list[dict[str, Any]]) -> None:
+    """The accuracy matrix: row i is `continual` right after the i-th version went live, each
+    cell a task's accuracy in % (blank before the task existed); the first column, when the base
+    was scored, is the share of general prompts given the base's own answer."""
+    names = list(dict.fromkeys(name for entry in matrix for name in entry["row"]))
+    general = any("general" in entry for entry in matrix)
+    columns = (["base (general)"] if general else []) + names
+    nan = float("nan")
+    cells = [
+        ([entry.get("general", {}).get("agreement", nan)] if general else [])
+        + [entry["row"].get(name, nan) for name in names]
+        for entry in matrix
+    ]
+    image = ax.imshow(cells, cmap="RdYlGn", vmin=0.0, vmax=100.0, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(matrix)), [entry["after"] for entry in matrix], fontsize=8)
+    ax.set_title("continual's accuracy (%) after each version", fontsize=10)
+    if len(columns) <= _ANNOTATE_UP_TO:
+        for i, row in enumerate(cells):
+            for j, value in enumerate(row):
+                if value == value:  # not NaN
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="%")
 
 
 _SPACES = (("acr_dw_by_eps", "ΔW", "#1f77b4"), ("acr_b_by_eps", "B", "#ff7f0e"))

@@ -118,7 +118,7 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         engine,
         registry,
         store,
-        cache_dir=settings.home / "cache",
+        cache_dir=settings.cache_dir,
         max_lora_rank=settings.max_lora_rank,
         events_url=settings.events_url,
         poll_interval_s=settings.ledger_poll_s,

@@ -268,8 +268,13 @@ def stats(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the JSON the admin endpoint serves.")
     ] = False,
+    png: Annotated[
+        Path | None,
+        typer.Option("--png", help="Also write the picture GET /admin/stats.png serves to this file."),
+    ] = None,
 ) -> None:
-    """Print the store's occupancy and interference statistics (the admin view) as tables."""
+    """Print the store's occupancy and interference statistics and its accuracy matrix (the
+    admin view) as tables."""
     import json
 
     from rich.console import Console
@@ -293,6 +298,10 @@ def stats(
     except FingerprintMismatch as error:
         fail(f"{error}: LAMINA_MODEL names another base model than the store's", 2)
     data = {**stats_for_store(store), "accuracy_matrix": accuracy_matrix(store.tasks())}
+    if png is not None:
+        from adapters_store.stats_plot import render_stats_png
+
+        png.write_bytes(render_stats_png(data))
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -338,12 +347,16 @@ def stats(
 
     if data["accuracy_matrix"]:  # what `continual` scored on each task as each one went live
         names = list(dict.fromkeys(name for entry in data["accuracy_matrix"] for name in entry["row"]))
+        general = any("general" in entry for entry in data["accuracy_matrix"])
         matrix = Table(title="Accuracy matrix: continual on each task (%) right after each version went live")
         matrix.add_column("after")
+        if general:  # the share of general prompts given the base's own answer
+            matrix.add_column("base (general)", justify="right")
         for name in names:
             matrix.add_column(name, justify="right")
         for entry in data["accuracy_matrix"]:
-            matrix.add_row(entry["after"], *(fmt(entry["row"].get(name)) for name in names))
+            base = [fmt(entry.get("general", {}).get("agreement"))] if general else []
+            matrix.add_row(entry["after"], *base, *(fmt(entry["row"].get(name)) for name in names))
         console.print(matrix)
 
     collisions = Table(title="Collision rate CR_ij in ΔW space")

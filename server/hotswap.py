@@ -174,6 +174,7 @@ class AdapterSync:
             exact = self.weights is None or live is None or live.kind == "lora"
             self.router.follow({t.name: t.meta for t in tasks}, tasks_exact=exact)
         self.metrics.serving(live)
+        self.metrics.evaluated(tasks)
         self.metrics.approximations(self.registry.routes())
 
     async def _load_task(self, task: TaskRecord) -> AdapterHandle:

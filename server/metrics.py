@@ -13,7 +13,10 @@ Two sources, one text:
   trained (read from the job board when scraped), and the live merge's capacity: inflora's
   subspace occupancy (from the merge's meta, set on every swap) and the B-position (mask)
   occupancy of the admin stats (computed in the background once per live merge, on the first
-  scrape that sees it, and cached with the admin stats; never at every scrape).
+  scrape that sees it, and cached with the admin stats; never at every scrape); and what the
+  check before each publish measured (:mod:`adapters_store.evaluation`): each live task's latest
+  accuracy, the share of general prompts given the base's own answer, and the publishes it
+  refused (jobs failed ``would_forget``).
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from trainer.contract.board import JobBoard
+from trainer.contract.board import WOULD_FORGET, JobBoard
 from trainer.contract.jobs import JobStatus
 
 if TYPE_CHECKING:
-    from adapters_store.store import AdapterStore, MergeRecord
+    from adapters_store.store import AdapterStore, MergeRecord, TaskRecord
     from server.model_registry import Route
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,19 @@ class LaminaMetrics:
             "Share of the live merge's B positions owned by some live task (the admin stats' occupancy).",
             registry=r,
         )
+        self.task_accuracy = Gauge(
+            "lamina_task_accuracy_percent",
+            "Each live task's accuracy (%) on its evaluation set, served as `continual`, as the check before "
+            "the latest publish measured it (the last row of the admin view's accuracy matrix).",
+            ["task"],
+            registry=r,
+        )
+        self.general_agreement = Gauge(
+            "lamina_general_agreement_percent",
+            "Share (%) of general prompts on which `continual` gives the base model's own answer, as the "
+            "check before the latest publish measured it (100 with no live task).",
+            registry=r,
+        )
         if board is not None:
             r.register(JobBoardCollector(board))
         self._live: str | None = None  # the merge served as continual, as of the last swap
@@ -149,6 +165,21 @@ class LaminaMetrics:
             self.subspace_occupancy.labels(module=module).set(figures["occupancy"])
         self.subspace_occupancy_max.set(view["occupancy_max"] or 0)
         self.subspace_free_min.set(view["free_min"] or 0)
+
+    def evaluated(self, tasks: list[TaskRecord]) -> None:
+        """The live tasks' latest scores and general agreement, after a sync flipped the routes."""
+        from adapters_store.evaluation import accuracy_matrix
+
+        matrix = accuracy_matrix(tasks)
+        self.task_accuracy.clear()
+        latest: dict[str, float] = {}
+        for entry in matrix:
+            latest.update(entry["row"])
+        for name in (t.name for t in tasks):
+            if name in latest:
+                self.task_accuracy.labels(task=name).set(latest[name])
+        general = [e["general"]["agreement"] for e in matrix if "general" in e]
+        self.general_agreement.set(general[-1] if general else 100.0 if not tasks else float("nan"))
 
     def swapped(self, changed_at: str | None) -> None:
         """A store change reached this server; ``changed_at`` is its ledger entry's timestamp."""
@@ -201,11 +232,14 @@ class JobBoardCollector(Collector):
         return list(_job_families())
 
     def collect(self) -> Iterable[Metric]:
-        jobs, trained = _job_families()
+        jobs, trained, refused = _job_families()
         board = self.board.all()
         counts = Tally(job.status for job in board)
         for status in JobStatus:
             jobs.add_metric([status.value], counts.get(status, 0))
+        refused.add_metric(
+            [], sum(1 for job in board if job.error is not None and job.error.code == WOULD_FORGET)
+        )
         seconds: dict[str, float] = {}
         for job in board:
             spent = job.metrics.get("seconds")
@@ -213,10 +247,10 @@ class JobBoardCollector(Collector):
                 seconds[job.method] = seconds.get(job.method, 0.0) + float(spent)
         for method, total in sorted(seconds.items()):
             trained.add_metric([method], total)
-        return [jobs, trained]
+        return [jobs, trained, refused]
 
 
-def _job_families() -> tuple[GaugeMetricFamily, CounterMetricFamily]:
+def _job_families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
     return (
         GaugeMetricFamily(
             "lamina_jobs", "Training jobs on the store's job board, by status.", labels=["status"]
@@ -225,5 +259,10 @@ def _job_families() -> tuple[GaugeMetricFamily, CounterMetricFamily]:
             "lamina_training_seconds",
             "Seconds in the training loop (scoring excluded) of the finished jobs on the board, by method.",
             labels=["method"],
+        ),
+        CounterMetricFamily(
+            "lamina_publishes_refused",
+            "Jobs on the board whose publish the check refused because `continual` would have forgotten "
+            "(failed with code would_forget): the live model stayed as it was.",
         ),
     )

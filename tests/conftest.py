@@ -4,6 +4,7 @@ processes lives in ``tests/support``; test modules import it from there, never f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,16 @@ import pytest
 
 from server.settings import ServerSettings
 from tests.support.processes import RunningServer, start_server, stop_server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One LAMINA_CACHE for the whole run (every process started later inherits it): what is
+    derived from the base model alone (the general-ability set, routing calibration text) is
+    built once per run instead of once per test's home. The cache is keyed by content, so
+    sharing it is how it is meant to be used."""
+    path = Path(os.environ.setdefault("LAMINA_CACHE", str(tmp_path_factory.getbasetemp() / "shared-cache")))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,7 @@ from trainer.methods.registry import PARAMETRIZATIONS
 from trainer.routing import fit_task_prototype
 from trainer.served import merge_deltas
 from trainer.subspace import base_subspace, grow_subspace, target_names
+from trainer.suite.general import GeneralSet, load_or_build
 
 BASE_MIN_FREE_TASKS = 4  # the base model's seed leaves every module room for this many tasks
 
@@ -141,13 +142,15 @@ def train_and_publish(
         cache_dir=cache_dir,
     )
     evaluation = regression.evaluation_examples(examples, trained.hyperparameters, validation)
-    row = run_gate(gate, model, tokenizer, store, name, method, trained, evaluation) if gate else None
-    if validation and row is not None and name in row:
-        trained.result.metrics["validation_accuracy"] = round(row[name] / 100, 4)
+    scores = None
+    if gate is not None:
+        scores = run_gate(gate, model, tokenizer, store, name, method, trained, evaluation, cache_dir)
+        if validation and name in scores.row:
+            trained.result.metrics["validation_accuracy"] = round(scores.row[name] / 100, 4)
     fence = hooks.before_publish()
     meta = {
         "requested_rank": requested_rank,
-        "evaluation": regression.evaluation_meta(evaluation, row),
+        "evaluation": regression.evaluation_meta(evaluation, scores),
         **(extra_meta or {}),
     }
     publication = publish_trained(store, name, examples, method, hp, trained, extra_meta=meta, fence=fence)
@@ -161,6 +164,25 @@ class Gate:
     routing: RoutingMode  # LAMINA_CONTINUAL_ROUTING: what `continual` will serve
     max_forgetting: float  # points an earlier task may lose
     policy: Literal["refuse", "warn"]
+    max_general_drop: float = 3.0  # points of agreement with the base's answers on general prompts
+
+
+def gate_general_set(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fingerprint: str, cache_dir: Path | None
+) -> GeneralSet | None:
+    """The gate's general-ability set for this base, built on first use and kept in
+    ``cache_dir/general`` (None without a cache directory: building it per job would cost more
+    than the check)."""
+    if cache_dir is None:
+        return None
+    return load_or_build(
+        cache_dir / "general",
+        fingerprint,
+        model,
+        tokenizer,
+        n_sampled=regression.GENERAL_SAMPLES,
+        max_questions=regression.GENERAL_QUESTIONS,
+    )
 
 
 def run_gate(
@@ -172,10 +194,19 @@ def run_gate(
     method: MethodSpec,
     trained: TrainedTask,
     evaluation: list[TrainingExample],
-) -> dict[str, float]:
-    """Score the candidate as it will be served on every live task's evaluation set; raise
-    :class:`trainer.regression.WouldForget` (or, under the ``warn`` policy, add a warning)."""
+    cache_dir: Path | None = None,
+) -> regression.Scores:
+    """Score the candidate as it will be served on every live task's evaluation set and on the
+    general set; raise :class:`trainer.regression.WouldForget` (or, under the ``warn`` policy,
+    add a warning). A task taught to apply to every prompt is meant to change general answers:
+    its drop there is a warning, never a refusal."""
+    loading = time.perf_counter()
+    general = gate_general_set(model, tokenizer, store.fingerprint, cache_dir)
+    trained.result.metrics["general_set_seconds"] = round(
+        time.perf_counter() - loading, 3
+    )  # built once per base
     started = time.perf_counter()
+    everywhere = trained.routing is not None and trained.routing.applies_to == "all"
     tasks = store.tasks()
     live_metas = {t.name: t.meta for t in tasks}
     new_meta: dict[str, Any] = {"evaluation": regression.evaluation_meta(evaluation, None)}
@@ -199,7 +230,7 @@ def run_gate(
         return served[target]
 
     try:
-        row = regression.check(
+        scores = regression.check(
             model,
             tokenizer,
             live_metas,
@@ -207,14 +238,24 @@ def run_gate(
             gate.routing,
             deltas,
             gate.max_forgetting,
+            general,
+            100.0 if everywhere else gate.max_general_drop,
         )
     except regression.WouldForget as refusal:
         if gate.policy == "refuse":
             raise
         trained.result.warnings.append(str(refusal).replace("; the live model stays as it was", ""))
-        row = refusal.row
+        scores = refusal.scores
     trained.result.metrics["regression_seconds"] = round(time.perf_counter() - started, 3)
-    return row
+    if scores.general is not None:
+        trained.result.metrics["general_agreement"] = scores.general
+        before = regression.previous_general(list(live_metas.values()))
+        if everywhere and before is not None and before - scores.general > gate.max_general_drop:
+            trained.result.warnings.append(
+                f"this task applies to every prompt, so it changes general answers: `continual` gives the "
+                f"base's own answer on {scores.general:.0f} % of general prompts ({before:.0f} % before)"
+            )
+    return scores
 
 
 def train_for_store(

@@ -15,38 +15,70 @@ the job held out, else a seeded sample of its training examples, at most ``EVAL_
 publish records its row (``evaluation.row``: task -> accuracy in %), so the rows of the live
 tasks, oldest first, are the store's accuracy matrix. Tasks published before this carry no set
 and are not scored.
+
+The base is scored too, as the matrix's first column: on a small general-ability set
+(:mod:`trainer.suite.general`, built once per base model and cached), the share of prompts on
+which ``continual`` as served gives the base's own greedy answer (``evaluation.general``). A
+publish that lowers it by more than ``LAMINA_MAX_GENERAL_DROP`` points is refused like a
+forgotten task, unless the new task was taught to apply to every prompt (it is meant to change
+them).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters_store.routing import MERGE, PromptEmbedder, Router, RoutingMode, destination, router_from_metas
-from trainer.chat import prompt_and_answer
+from trainer.chat import encode_prompt, prompt_and_answer
 from trainer.config import TrainingExample
 from trainer.contract.board import example_from_json
 from trainer.evaluate import EXTRA_TOKENS, greedy_completions, matches
 from trainer.loop import split_held_out
 from trainer.routing import example_text
 from trainer.served import merged_into
+from trainer.suite.general import GeneralSet, forced_greedy
 
 EVAL_CAP = 50  # examples per task's evaluation set: each publish decodes every live task's set
+GENERAL_SAMPLES = 96  # base-sampled prompts of the gate's general set (plus its known-answer questions)
+GENERAL_QUESTIONS = 64  # candidate known-answer questions (kept where the base answers them)
 
 Deltas = Callable[[str | None], Mapping[str, torch.Tensor]]  # destination -> ΔW over the base
 
 
-class WouldForget(Exception):
-    """The candidate would lower an earlier task by more than the allowed points."""
+@dataclass(frozen=True)
+class Scores:
+    """A candidate's scores as served: each task's accuracy in % (``row``) and the general
+    set's agreement with the base in % (None without a general set)."""
 
-    def __init__(self, message: str, row: dict[str, float], drops: dict[str, float]) -> None:
+    row: dict[str, float]
+    general: float | None = None
+    general_prompts: int = 0
+
+    def general_meta(self) -> dict[str, Any] | None:
+        if self.general is None:
+            return None
+        return {"agreement": self.general, "n": self.general_prompts}
+
+
+class WouldForget(Exception):
+    """The candidate would lower an earlier task (or the base's general answers) by more than
+    the allowed points."""
+
+    def __init__(
+        self, message: str, scores: Scores, drops: dict[str, float], general_drop: float | None
+    ) -> None:
         super().__init__(message)
-        self.row, self.drops = row, drops
+        self.scores, self.drops, self.general_drop = scores, drops, general_drop
+
+    @property
+    def row(self) -> dict[str, float]:
+        return self.scores.row
 
 
 def evaluation_examples(
@@ -62,9 +94,14 @@ def evaluation_examples(
     return chosen
 
 
-def evaluation_meta(examples: Sequence[TrainingExample], row: dict[str, float] | None) -> dict[str, Any]:
+def evaluation_meta(examples: Sequence[TrainingExample], scores: Scores | None) -> dict[str, Any]:
     """The ``evaluation`` entry of a task version's meta."""
-    return {"examples": [asdict(e) for e in examples], **({"row": row} if row is not None else {})}
+    meta: dict[str, Any] = {"examples": [asdict(e) for e in examples]}
+    if scores is not None:
+        meta["row"] = scores.row
+        if scores.general is not None:
+            meta["general"] = scores.general_meta()
+    return meta
 
 
 def stored_examples(meta: Mapping[str, Any]) -> list[TrainingExample]:
@@ -77,6 +114,44 @@ def previous_row(metas: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     for meta in metas:
         row.update(meta.get("evaluation", {}).get("row", {}))
     return row
+
+
+def previous_general(metas: Sequence[Mapping[str, Any]]) -> float | None:
+    """The general agreement at the last publish that measured it; 100 with no live task (the
+    base agrees with itself); None when the live tasks predate the measurement."""
+    if not metas:
+        return 100.0
+    found = [m["evaluation"]["general"]["agreement"] for m in metas if "general" in m.get("evaluation", {})]
+    return found[-1] if found else None
+
+
+def general_agreement(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    embedder: PromptEmbedder,
+    router: Router,
+    mode: RoutingMode,
+    deltas: Deltas,
+    gset: GeneralSet,
+) -> float:
+    """The share in % of the general set's prompts on which ``continual`` as served (each
+    prompt routed as the server routes it) gives the base's greedy answer, token for token.
+    Prompts routed to the base agree by construction and are not run; the others are checked by
+    one teacher-forced pass along the base's answer (:func:`trainer.suite.general.forced_greedy`)."""
+    prompts = gset.prompts
+    if mode == "off":
+        targets: list[str | None] = [MERGE] * len(prompts)
+    else:
+        targets = [destination(d, mode) for d in router.decide(embedder.embed(prompts))]
+    agree = sum(t is None for t in targets)
+    for target in dict.fromkeys(t for t in targets if t is not None):
+        indices = [i for i, t in enumerate(targets) if t == target]
+        prompt_ids = [encode_prompt(tokenizer, prompts[i]) for i in indices]
+        references = [gset.base_greedy[i] for i in indices]
+        with merged_into(model, dict(deltas(target))):
+            forced = forced_greedy(model, tokenizer, prompt_ids, references)
+        agree += sum(ids == ref for ids, ref in zip(forced, references, strict=True))
+    return round(100.0 * agree / len(prompts), 2)
 
 
 def served_accuracy(
@@ -114,24 +189,43 @@ def check(
     mode: RoutingMode,
     deltas: Deltas,
     max_drop: float,
-) -> dict[str, float]:
-    """The candidate's row (task -> accuracy in %, the new task included); raises
-    :class:`WouldForget` when a live task drops more than ``max_drop`` points below its last score."""
+    general: GeneralSet | None = None,
+    max_general_drop: float = 100.0,
+) -> Scores:
+    """The candidate's scores (task -> accuracy in %, the new task included, and the general
+    agreement when ``general`` is given); raises :class:`WouldForget` when a live task drops more
+    than ``max_drop`` points below its last score, or the general agreement more than
+    ``max_general_drop``."""
     embedder = PromptEmbedder.from_model(model, tokenizer)
     router = router_from_metas(candidate_metas)
-    before = previous_row(list(live_metas.values()))
+    live = list(live_metas.values())
+    before = previous_row(live)
     row: dict[str, float] = {}
     for name, meta in candidate_metas.items():
         examples = stored_examples(meta)
         if examples:
             row[name] = served_accuracy(model, tokenizer, embedder, router, mode, deltas, examples)
+    agreement = None
+    if general is not None:
+        agreement = general_agreement(model, tokenizer, embedder, router, mode, deltas, general)
+    scores = Scores(row, agreement, len(general.prompts) if general is not None else 0)
     drops = {n: round(before[n] - row[n], 2) for n in row if n in before and before[n] - row[n] > max_drop}
-    if drops:
-        worst = ", ".join(f"{n} {before[n]:.0f} % -> {row[n]:.0f} %" for n in drops)
-        raise WouldForget(
-            f"publishing this task would make `continual` forget: {worst} (more than {max_drop:g} points "
-            "each, LAMINA_MAX_FORGETTING); the live model stays as it was",
-            row,
-            drops,
+    reasons = [f"{n} {before[n]:.0f} % -> {row[n]:.0f} %" for n in drops]
+    general_before = previous_general(live)
+    general_drop = None
+    if agreement is not None and general_before is not None and general_before - agreement > max_general_drop:
+        general_drop = round(general_before - agreement, 2)
+        reasons.append(
+            f"the base's own answers to general prompts {general_before:.0f} % -> {agreement:.0f} % "
+            f"(more than {max_general_drop:g} points, LAMINA_MAX_GENERAL_DROP)"
         )
-    return row
+    if reasons:
+        raise WouldForget(
+            f"publishing this task would make `continual` forget: {', '.join(reasons)}"
+            + (f" (more than {max_drop:g} points each, LAMINA_MAX_FORGETTING)" if drops else "")
+            + "; the live model stays as it was",
+            scores,
+            drops,
+            general_drop,
+        )
+    return scores

@@ -136,7 +136,7 @@ def gate_for(settings: LaminaSettings) -> Gate | None:
     policy = settings.forgetting_policy
     if policy == "off":
         return None
-    return Gate(settings.continual_routing, settings.max_forgetting, policy)
+    return Gate(settings.continual_routing, settings.max_forgetting, policy, settings.max_general_drop)
 
 
 PUBLISH_ATTEMPTS = 2  # a job whose live tasks an admin changed while it trained trains once more
@@ -168,7 +168,7 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
                         loraf_grow_rank=settings.loraf_grow_rank,
                         hooks=_job_hooks(settings, board, job, me, claim_held),
                         extra_meta={"job_id": job.id},
-                        cache_dir=settings.home / "cache",
+                        cache_dir=settings.cache_dir,
                         gate=gate_for(settings),
                         validation=board.validation_examples(job.id),
                     )
@@ -210,7 +210,16 @@ def run_job(settings: LaminaSettings, board: JobBoard, job: Job, keep_lock: Call
                 job.id,
                 me,
                 status=JobStatus.failed,
-                metrics={"evaluation_row": error.row, "forgetting": error.drops},
+                metrics={
+                    "evaluation_row": error.row,
+                    "forgetting": error.drops,
+                    **(
+                        {"general_agreement": error.scores.general}
+                        if error.scores.general is not None
+                        else {}
+                    ),
+                    **({"general_drop": error.general_drop} if error.general_drop is not None else {}),
+                },
                 error=JobError(message=str(error), code=WOULD_FORGET),
             )
         except LiveChanged as error:

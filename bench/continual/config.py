@@ -114,7 +114,7 @@ class BenchmarkConfig:
     def cache_dir(self) -> Path:
         """Where what depends on the base model alone is kept (built once, reused by every run and
         by the worker: the general-ability set under ``general/``, routing samples under ``routing/``)."""
-        return self.cache or LaminaSettings().home / "cache"
+        return self.cache or LaminaSettings().cache_dir
 
     def task_names(self) -> tuple[str, ...]:
         return get_order(self.order)[: self.n_tasks]

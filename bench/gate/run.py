@@ -58,7 +58,7 @@ def main() -> None:
             started = time.perf_counter()
             trained, _ = train_and_publish(
                 store, name, train, method, Hyperparameters(), lambda: (model, tokenizer),
-                max_lora_rank=settings.max_lora_rank, cache_dir=settings.home / "cache", gate=gate,
+                max_lora_rank=settings.max_lora_rank, cache_dir=settings.cache_dir, gate=gate,
             )  # fmt: skip
             job_s = time.perf_counter() - started
             gate_s = float(trained.result.metrics["regression_seconds"])

@@ -43,7 +43,7 @@ def main() -> None:
     load_at_start = provenance.load_average()
     model, tokenizer = load_base(model_dir)
     fingerprint = fingerprint_model(Path(model_dir))
-    cache = settings.home / "cache"
+    cache = settings.cache_dir
     embedder = PromptEmbedder.from_model(model, tokenizer)
     prototypes, tests = {}, {}
     for name in get_order(args.order):

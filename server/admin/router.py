@@ -105,9 +105,7 @@ def _adapters_view(request: Request, store: AdapterStore) -> dict[str, Any]:
         "live_merge": live_id,
         "tasks": tasks,
         # the live versions' rows, oldest first: row i is continual right after task i went live
-        "accuracy_matrix": [
-            {"after": t["id"], "row": t["evaluation_row"]} for t in tasks if t["evaluation_row"]
-        ],
+        "accuracy_matrix": accuracy_matrix(records),
         "merges": merges,
         "growth": [e for e in ledger if e.get("op") == "grow"],  # LoRAF rank growth, oldest first
         "audit": [e for e in ledger if e.get("op") == "audit"],  # admin actions, oldest first
@@ -298,5 +296,7 @@ async def stats_png(request: Request) -> Response:
     from adapters_store.stats_cache import stats_for_store
     from adapters_store.stats_plot import render_stats_png
 
-    stats = await run_in_threadpool(stats_for_store, _store(request))
+    store = _store(request)
+    stats = await run_in_threadpool(stats_for_store, store)
+    stats["accuracy_matrix"] = accuracy_matrix(await run_in_threadpool(store.tasks))
     return Response(await run_in_threadpool(render_stats_png, stats), media_type="image/png")

@@ -41,6 +41,12 @@ class LaminaSettings(BaseSettings):
         description="Local state: the store (unless `store` says otherwise) and the embedded broker's folders.",
     )
     store: Path | None = Field(None, description="The adapter store's root directory. Default: <home>/store.")
+    cache: Path | None = Field(
+        None,
+        description="What Lamina can rebuild and keeps to save time: text sampled from the base (routing "
+        "calibration, the general-ability set), corrections and exports, each keyed by what it was made "
+        "from. Default: <home>/cache.",
+    )
     broker_url: str | None = Field(
         None,
         description="Celery broker, e.g. redis://127.0.0.1:6379/0. None: kombu's filesystem transport "
@@ -69,6 +75,14 @@ class LaminaSettings(BaseSettings):
         "publishes, the worker scores `continual` as it will be served on every live task's evaluation set "
         "(held-out examples, or a sample of the training ones); a larger drop ends the job failed with "
         "code would_forget and the live model unchanged (LAMINA_FORGETTING_POLICY).",
+    )
+    max_general_drop: float = Field(
+        3.0,
+        ge=0,
+        le=100,
+        description="Points by which a new task may lower the share of general prompts (sampled from the base, "
+        "plus known-answer questions) on which `continual` gives the base's own answer. A task taught to "
+        "apply to every prompt is exempt: it is meant to change them.",
     )
     forgetting_policy: Literal["refuse", "warn", "off"] = Field(
         "refuse",
@@ -142,6 +156,10 @@ class LaminaSettings(BaseSettings):
     @property
     def store_dir(self) -> Path:
         return self.store or self.home / "store"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache or self.home / "cache"
 
     @property
     def events_url(self) -> str | None:

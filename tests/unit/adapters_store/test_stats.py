@@ -535,3 +535,22 @@ def test_cli_prints_acr_at_every_eps(
     acr = compute_stats(store.history(), names(2)).to_dict()["aggregate"]["acr_dw_by_eps"]
     for eps, value in acr.items():
         assert any(eps in row and f"{value:.4g}" in row for row in table.splitlines()), eps
+
+
+def test_the_accuracy_matrix_is_a_heat_map_with_a_cell_per_task_and_the_base() -> None:
+    from adapters_store.stats_plot import accuracy_heatmap
+
+    matrix = [
+        {"after": "a/v1", "row": {"a": 100.0}, "general": {"agreement": 100.0, "n": 10}},
+        {"after": "b/v1", "row": {"a": 90.0, "b": 75.0}, "general": {"agreement": 97.0, "n": 10}},
+    ]
+    fig = Figure()
+    ax = fig.subplots()
+    accuracy_heatmap(fig, ax, matrix)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["base (general)", "a", "b"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a/v1", "b/v1"]
+    assert sorted(t.get_text() for t in ax.texts) == ["100", "100", "75", "90", "97"]  # b before b: blank
+    view = compute_stats([random_adapter(s) for s in range(2)], names(2)).to_dict()
+    plain = png_size(render_stats_png(view))
+    with_matrix = png_size(render_stats_png({**view, "accuracy_matrix": matrix}))
+    assert with_matrix[0] > plain[0]

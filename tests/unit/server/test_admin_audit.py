@@ -177,13 +177,19 @@ def test_the_adapters_view_shows_each_live_versions_evaluation_row_as_the_accura
     )
     adapter = store.task_adapter("first")
     rows = [{"second": 90.0, "first": 100.0}, {"third": 80.0, "second": 88.0, "first": 100.0}]
-    for name, row in zip(("second", "third"), rows, strict=True):
+    general = {"agreement": 98.5, "n": 131}  # the base's general answers, scored from the third on
+    for name, evaluation in (("second", {"row": rows[0]}), ("third", {"row": rows[1], "general": general})):
         store.publish(
-            name, adapter, {"method": "import", "evaluation": {"examples": [], "row": row}}, "concat"
+            name, adapter, {"method": "import", "evaluation": {"examples": [], **evaluation}}, "concat"
         )
     listed = client.get("/admin/adapters", headers=HEADERS).json()
     assert listed["accuracy_matrix"] == [
-        {"after": "second/v1", "row": rows[0]},
-        {"after": "third/v1", "row": rows[1]},
+        {"after": "second/v1", "row": rows[0], "delta": {}},
+        {
+            "after": "third/v1",
+            "row": rows[1],
+            "delta": {"second": -2.0, "first": 0.0},  # each task against its previous score
+            "general": {**general, "delta": -1.5},  # against the base itself (100) before
+        },
     ]
     assert [t["evaluation_row"] for t in listed["tasks"]] == [None, *rows]  # an import is not scored

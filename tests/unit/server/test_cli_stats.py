@@ -24,18 +24,25 @@ def test_stats_prints_tasks_and_collision_matrix(
     base_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = AdapterStore(tmp_path / "store", fingerprint_model(base_model_dir))
-    checked = {
-        "evaluation": {"examples": [], "row": {"alpha": 97.5, "beta": 88.25}}
-    }  # as the worker records it
+    checked = {  # as the worker records it
+        "evaluation": {
+            "examples": [],
+            "row": {"alpha": 97.5, "beta": 88.25},
+            "general": {"agreement": 96.25, "n": 131},
+        }
+    }
     store.publish("alpha", _adapter(0), {"method": "inc-lora"}, merge="concat")
     store.publish("beta", _adapter(1), {"method": "inc-lora", **checked}, merge="concat")
     monkeypatch.setenv("LAMINA_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("LAMINA_MODEL", str(base_model_dir))
-    result = CliRunner().invoke(app, ["stats"], env={"COLUMNS": "200"})
+    picture = tmp_path / "stats.png"
+    result = CliRunner().invoke(app, ["stats", "--png", str(picture)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "alpha/v1" in result.output and "beta/v1" in result.output
     assert "Collision rate" in result.output and "live merge m2" in result.output
     assert "Accuracy matrix" in result.output and "97.5" in result.output and "88.25" in result.output
+    assert "base (general)" in result.output and "96.25" in result.output
+    assert picture.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_stats_refuses_a_path_that_is_not_a_store_and_creates_nothing(

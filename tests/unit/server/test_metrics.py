@@ -62,6 +62,10 @@ def test_metrics_need_the_admin_key_and_count_jobs_by_status(base_model_dir: Pat
         board.update(done.id, status=JobStatus.succeeded, metrics={"seconds": 12.5})
         failed = board.create("beta", "lori-s", {}, examples)
         board.update(failed.id, status=JobStatus.failed, metrics={"seconds": 2.0})
+        refused = board.create("delta", "lori-s", {}, examples)
+        board.update(
+            refused.id, status=JobStatus.failed, error={"message": "forgets", "code": "would_forget"}
+        )
         board.create("gamma", "inflora", {}, examples)
 
         response = client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
@@ -70,7 +74,8 @@ def test_metrics_need_the_admin_key_and_count_jobs_by_status(base_model_dir: Pat
     found = samples(response.text)
     assert found[("lamina_jobs", (("status", "queued"),))] == 1
     assert found[("lamina_jobs", (("status", "succeeded"),))] == 1
-    assert found[("lamina_jobs", (("status", "failed"),))] == 1
+    assert found[("lamina_jobs", (("status", "failed"),))] == 2
+    assert found[("lamina_publishes_refused_total", ())] == 1
     assert found[("lamina_jobs", (("status", "running"),))] == 0
     assert found[("lamina_training_seconds_total", (("method", "inflora"),))] == 12.5
     assert found[("lamina_training_seconds_total", (("method", "lori-s"),))] == 2.0
@@ -122,8 +127,21 @@ def test_a_hot_swap_counts_loads_unloads_and_latency_and_sets_occupancy(
     assert value("lamina_subspace_occupancy", module=MODULE) == pytest.approx(2 / 6)
     assert value("lamina_subspace_free_directions_min") == 4
 
-    store.publish("beta", _adapter(1), {"method": "inflora"}, merge="concat", subspace=_subspace(3))
+    assert value("lamina_general_agreement_percent") != value(
+        "lamina_general_agreement_percent"
+    )  # NaN: not scored
+    checked = {"row": {"alpha": 90.0, "beta": 100.0}, "general": {"agreement": 98.0, "n": 100}}
+    store.publish(
+        "beta",
+        _adapter(1),
+        {"method": "inflora", "evaluation": checked},
+        merge="concat",
+        subspace=_subspace(3),
+    )
     asyncio.run(sync.sync())  # beta and continual@m2 in, continual@m1 out
+    assert value("lamina_task_accuracy_percent", task="alpha") == 90.0
+    assert value("lamina_task_accuracy_percent", task="beta") == 100.0
+    assert value("lamina_general_agreement_percent") == 98.0
     assert value("lamina_adapter_loads_total") == 4
     assert value("lamina_adapter_unloads_total") == 1
     assert value("lamina_adapters_loaded") == 3 == len(engine.loaded)

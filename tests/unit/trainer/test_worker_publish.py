@@ -120,7 +120,8 @@ def test_a_task_that_would_overwrite_an_earlier_one_is_refused_and_a_harmless_on
     merge is the plain sum), is refused; a task on other prompts publishes under task routing,
     where each task's prompts keep their own model. The gate judges `continual` as it is served."""
     routed = LaminaSettings(model=base_model_dir, home=tmp_path, job_lease_s=120)
-    settings = routed.model_copy(update={"continual_routing": "off"})
+    merged = routed.model_copy(update={"continual_routing": "off"})  # every prompt served by the merge
+    settings = merged.model_copy(update={"max_general_drop": 100.0})  # this test is about the tasks
     board = JobBoard(settings.store_dir)
     learn = {"steps": 40, "batch_size": 4, "r": 4, "learning_rate": 0.02, "seed": 0}
     colours = [
@@ -135,6 +136,13 @@ def test_a_task_that_would_overwrite_an_earlier_one_is_refused_and_a_harmless_on
         assert job is not None and job.id == job_id
         worker.run_job(under, board, job, keep_lock=lambda: None)
         return board.get(job_id)
+
+    # Served through the merge, a task moves what the base answered to other prompts: refused.
+    general = post("colours", colours, under=merged)
+    assert general.status == JobStatus.failed and general.error is not None
+    assert general.error.code == "would_forget" and "LAMINA_MAX_GENERAL_DROP" in general.error.message
+    assert general.metrics["general_drop"] > 3 and general.metrics["general_agreement"] < 97
+    assert worker.open_store(settings).tasks() == []
 
     first = post("colours", colours)
     assert first.status == JobStatus.succeeded, first.error
@@ -158,6 +166,9 @@ def test_a_task_that_would_overwrite_an_earlier_one_is_refused_and_a_harmless_on
     ]
     row = evaluation["row"]
     assert set(row) == {"colours", "sizes"} and row["colours"] >= 98.0
+    # Under task routing most general prompts reach the base itself: its answers stay.
+    assert evaluation["general"]["agreement"] >= 97 and evaluation["general"]["n"] > 100
+    assert harmless.metrics["general_agreement"] == evaluation["general"]["agreement"]
     assert harmless.metrics["validation_accuracy"] == row["sizes"] / 100
     assert harmless.metrics["regression_seconds"] > 0
 
@@ -166,4 +177,9 @@ def test_the_check_before_publishing_can_be_turned_off(base_model_dir: Path, tmp
     settings = LaminaSettings(model=base_model_dir, home=tmp_path, forgetting_policy="off")
     assert worker.gate_for(settings) is None
     gate = worker.gate_for(settings.model_copy(update={"forgetting_policy": "warn", "max_forgetting": 5.0}))
-    assert gate is not None and (gate.routing, gate.max_forgetting, gate.policy) == ("task", 5.0, "warn")
+    assert gate is not None and (gate.routing, gate.max_forgetting, gate.policy, gate.max_general_drop) == (
+        "task",
+        5.0,
+        "warn",
+        3.0,
+    )
