@@ -22,6 +22,7 @@ from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
 from server.admin.auth import require_admin, require_user
 from server.admin.router import router as admin_router
+from server.admin.ui import router as admin_ui_router
 from server.engine import Engine
 from server.errors import install_error_handlers
 from server.finetuning.router import router as finetuning_router
@@ -148,6 +149,7 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
     app.include_router(training_router, dependencies=[Depends(require_user)])
     app.include_router(finetuning_router, dependencies=[Depends(require_user)])
     document_task_schema(app)
+    app.include_router(admin_ui_router)  # the admin page: public shell, data from /admin with the key
     app.include_router(admin_router)
 
     @app.get("/health", tags=["ops"])
