@@ -302,6 +302,14 @@ def test_a_task_posted_without_hyperparameters_learns_and_says_how_well(stack: S
     assert chosen["steps"] == job["metrics"]["auto/steps"] and chosen["learning_rate"] > 0
     wait_until_served(stack, job["merge_id"])
     assert accuracy(stack, "lockers", TASK_C) >= 0.9
+    # The check before the publish scored every live task and the base's general answers: the
+    # row is the accuracy matrix's last, in /admin/stats (each version's row, oldest first).
+    assert job["metrics"]["general_agreement"] >= 97 and job["metrics"]["regression_seconds"] > 0
+    matrix = httpx.get(f"{stack.url}/admin/stats", headers=ADMIN, timeout=60).json()["accuracy_matrix"]
+    assert [entry["after"] for entry in matrix] == ["codes/v1", "opposites/v1", "lockers/v1"]
+    assert set(matrix[-1]["row"]) == {"codes", "opposites", "lockers"}
+    assert min(matrix[-1]["row"].values()) >= 80 and matrix[-1]["delta"]["codes"] >= -2
+    assert matrix[-1]["general"]["agreement"] == job["metrics"]["general_agreement"]
 
 
 def test_a_task_that_did_not_learn_succeeds_with_a_warning(stack: Stack) -> None:

@@ -149,6 +149,10 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         # What is followed here is the live merge, whose version each continual answer names;
         # routing (tests/integration/test_continual_service.py) would name a task's version instead.
         "LAMINA_CONTINUAL_ROUTING": "off",
+        # With routing off every prompt meets the merge, so each task moves the base's answers to
+        # general prompts, which the check before a publish refuses by default; what is checked
+        # here is forgetting a task (the last test), and following the store.
+        "LAMINA_MAX_GENERAL_DROP": "100",
     }
     logs = [home / "worker.log", home / "worker-2.log"]  # the first is where wait_for looks
     workers = [start_worker({**shared, "LAMINA_HOME": str(home / f"w{i}")}, logs[i]) for i in range(2)]
@@ -327,3 +331,41 @@ def test_streams_on_both_replicas_keep_one_version_across_publishes_and_a_rollba
     for when in changes:  # the swaps happened under streams, not between them
         assert any(r.sent < when < r.done for r in results), f"no stream in flight at {when}"
     assert_same_version(replicas, live[-1]["merge"])
+
+
+def test_a_task_that_would_overwrite_an_earlier_one_is_refused_and_the_earlier_answers_stay(
+    replicas: Replicas,
+) -> None:
+    """The check before every publish, through the real workers and both replicas: the same
+    prompts taught other answers, by a method whose merge is a sum (lori-d) served for every
+    prompt (routing off), would overwrite the earlier task; the job fails `would_forget` with
+    the per-task numbers, and both replicas keep serving what they served."""
+    learn = {"steps": 40, "batch_size": 4, "r": 4, "learning_rate": 0.02, "seed": 0}
+    codes = [(f"Code {i} stands for", f" {w}") for i, w in enumerate(["alpha", "bravo", "delta", "kilo"])]
+    stack = replicas.stack(0)
+    first = wait_for(stack, post_task(stack, "codes", codes, METHOD, learn).json()["id"])
+    assert first["status"] == "succeeded", first["error"]
+    assert_same_version(replicas, first["merge_id"])
+    before = [answers_on(server, codes) for server in replicas.servers]
+    assert before[0] == [c for _, c in codes], "the earlier task was not learned: nothing to forget"
+
+    swapped = [(prompt, " zulu") for prompt, _ in codes]
+    refused = wait_for(stack, post_task(replicas.stack(1), "recodes", swapped, METHOD, learn).json()["id"])
+    assert refused["status"] == "failed" and refused["error"]["code"] == "would_forget", refused
+    assert "codes 100 % ->" in refused["error"]["message"]
+    assert refused["metrics"]["forgetting"]["codes"] > 2
+    assert [e["task"] for e in replicas.ledger() if e["op"] == "add_task"][-1] == "codes"
+    assert_same_version(replicas, first["merge_id"])
+    assert [answers_on(server, codes) for server in replicas.servers] == before
+    stats = httpx.get(f"{replicas.servers[1].url}/admin/stats", headers=ADMIN, timeout=60).json()
+    assert stats["accuracy_matrix"][-1]["after"] == "codes/v1"
+
+
+def answers_on(server: RunningServer, examples: list[tuple[str, str]]) -> list[str]:
+    """``continual``'s greedy answers, each cut to the length of the expected one."""
+    out = []
+    for prompt, expected in examples:
+        body = {"model": "continual", "prompt": prompt, "max_tokens": 4, "temperature": 0}
+        text = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+        out.append(text[: len(expected)])
+    return out
