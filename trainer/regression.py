@@ -20,8 +20,8 @@ The base is scored too, as the matrix's first column: on a small general-ability
 (:mod:`trainer.suite.general`, built once per base model and cached), the share of prompts on
 which ``continual`` as served gives the base's own greedy answer (``evaluation.general``). A
 publish that lowers it by more than ``LAMINA_MAX_GENERAL_DROP`` points is refused like a
-forgotten task, unless the new task was taught to apply to every prompt (it is meant to change
-them).
+forgotten task. A task taught to apply to every prompt is meant to change every answer: the
+worker publishes it with the changes as warnings (:func:`trainer.publish.run_gate`).
 """
 
 from __future__ import annotations

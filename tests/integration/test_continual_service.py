@@ -8,13 +8,16 @@ naming the field, and nothing is queued.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import openai
 import pytest
 
 from tests.support import service_stack
+from tests.support.browser import SWAP_TIMEOUT_MS, browser, follow_on_page, open_page, sign_in
 from tests.support.service_stack import (
     CODE_WORDS,
     HYPERPARAMETERS,
@@ -28,7 +31,11 @@ from tests.support.service_stack import (
     wait_until_served,
 )
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
+__all__ = ["browser"]  # a fixture: the admin page's tests below ask for it
 
 ADMIN_KEY = "test-admin-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -97,6 +104,80 @@ def test_learns_a_then_b_and_keeps_a(stack: Stack) -> None:
     # Each task's own model is the model as it was when the task was learned.
     assert accuracy(stack, "opposites", TASK_B) >= 0.8
     assert accuracy(stack, "codes", TASK_A) >= 0.8, "A's own model must not change"
+
+
+# --- the admin page (/admin/ui) in a real browser ------------------------------------------------
+# Headless Chromium (Debian's, driven by Playwright: tests/support/browser.py) on this module's
+# stack: a wrong key is refused; a task posted through the API is followed on the page to
+# `succeeded` (its loss curve drawn) and its row appears in the heat map; the page's rollback
+# button (confirmed in the browser's dialog) makes the previous merge live again: the page shows
+# it and `continual` no longer answers the task's prompts.
+
+TASK_D = [
+    (f"Flag {n} is coloured", f" {c}")
+    for n, c in zip(range(1, 7), ["teal", "plum", "gold", "rust", "navy", "lime"], strict=True)
+]
+
+
+@pytest.fixture
+def page(browser: Browser, stack: Stack) -> Iterator[Page]:
+    yield from open_page(browser, stack)
+
+
+def test_the_admin_page_refuses_a_wrong_key_with_the_apis_message(page: Page) -> None:
+    from playwright.sync_api import expect
+
+    sign_in(page, "not-the-key")
+    expect(page.get_by_role("alert")).to_have_text("Key refused: this key may not use the admin endpoints.")
+    expect(page.locator("#dashboard")).to_be_hidden()
+    assert page.evaluate("sessionStorage.getItem('lamina-admin-key')") is None
+
+
+def test_the_admin_page_follows_a_job_shows_its_row_and_rolls_back(page: Page, stack: Stack) -> None:
+    from playwright.sync_api import expect
+
+    assert accuracy(stack, "base", TASK_D) < 0.5, "the base must not know the task already"
+    both = httpx.get(f"{stack.url}/ready").json()["live_merge"]  # codes and opposites
+    sign_in(page, ADMIN_KEY)
+    expect(page.locator("#live-merge")).to_have_text(both)
+    assert page.evaluate("sessionStorage.getItem('lamina-admin-key')") == ADMIN_KEY
+    heatmap = page.locator("#heatmap")
+    expect(heatmap.locator("tbody tr")).to_have_count(2)
+
+    response = post_task(stack, "flags", TASK_D)
+    assert response.status_code == 202, response.text
+    job = follow_on_page(page, stack, response.json()["id"])
+    row = heatmap.locator(f'tbody tr[data-after="{job["task_version"]}"]')
+    expect(row.locator('td[data-task="flags"]')).to_have_text(re.compile(r"^\d+(\.\d+)?$"))
+    expect(row.locator("td.general")).to_have_text(re.compile(r"^\d+(\.\d+)?%$"))
+    expect(page.locator("#live-merge")).to_have_text(job["merge_id"])
+    wait_until_served(stack, job["merge_id"])
+    assert accuracy(stack, "continual", TASK_D) >= 0.8
+
+    # Roll back through the page: a dismissed confirmation changes nothing ...
+    rollback = page.get_by_role("button", name=f"Roll back to {both}")
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    rollback.click()
+    assert httpx.get(f"{stack.url}/ready").json()["live_merge"] == job["merge_id"]
+    # ... an accepted one rolls back, and the page shows it
+    questions: list[str] = []
+
+    def accept(dialog: Any) -> None:
+        questions.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", accept)
+    rollback.click()
+    expect(page.get_by_role("alert")).to_have_text(f"Rolled back: {both} is live.")
+    assert questions and both in questions[0]
+    expect(page.locator("#live-merge")).to_have_text(both, timeout=SWAP_TIMEOUT_MS)
+    expect(page.locator(f'#merges tr[data-merge="{both}"]')).to_have_class("live")
+    expect(page.locator('#tasks tr[data-task="flags"]')).to_have_count(0)
+    expect(heatmap.locator("tbody tr")).to_have_count(2)
+
+    wait_until_served(stack, both)
+    assert accuracy(stack, "continual", TASK_D) < 0.5, "continual still answers the rolled-back task"
+    assert accuracy(stack, "continual", TASK_A) >= 0.8
 
 
 GENERAL_PROMPTS = [  # plain text, like none of the tasks' prompts
@@ -355,6 +436,8 @@ def test_a_task_for_every_prompt_reaches_general_prompts(stack: Stack) -> None:
     assert response.status_code == 202, response.text
     job = wait_for(stack, response.json()["id"])
     assert job["status"] == "succeeded", job["error"]
+    # meant to change every answer: what it changed is a warning, never a refusal
+    assert any("applies to every prompt" in w for w in job["warnings"]), job["warnings"]
     wait_until_served(stack, job["merge_id"])
     before = _routes(stack).get("merge", 0)
     base = _one_by_one(stack, "base", GENERAL_PROMPTS)

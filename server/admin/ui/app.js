@@ -357,9 +357,9 @@
     byId("merges").tBodies[0].replaceChildren(...mergeRows);
   }
 
+  // the base's column: the share of general prompts continual answered as the base did
   function generalOf(entry) {
-    const general = entry.general || (entry.row && entry.row.general);
-    return general && typeof general === "object" ? general : null;
+    return entry.general && typeof entry.general === "object" ? entry.general : null;
   }
 
   function renderHeatmap(matrix) {
@@ -383,7 +383,7 @@
       tr.append(el("th", entry.after));
       if (withGeneral) {
         const general = generalOf(entry);
-        const td = el("td", general ? `${num(general.agreement)}%` : "–");
+        const td = el("td", general ? `${num(general.agreement)}%` : "–", "general");
         if (general && typeof general.agreement === "number") {
           td.style.background = heat(general.agreement);
           td.title = `agreement with the base on ${general.n} general prompts`;

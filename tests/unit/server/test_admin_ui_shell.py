@@ -1,5 +1,5 @@
 """The admin page's shell (server/admin/ui.py): public and the same for everyone, while the data
-it shows stays behind the admin key. The page in a browser: tests/integration/test_admin_ui.py."""
+it shows stays behind the admin key. The page in a browser: tests/integration/test_continual_service.py."""
 
 from __future__ import annotations
 

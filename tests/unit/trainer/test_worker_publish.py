@@ -183,3 +183,24 @@ def test_the_check_before_publishing_can_be_turned_off(base_model_dir: Path, tmp
         "warn",
         3.0,
     )
+
+
+def test_a_task_for_every_prompt_publishes_what_it_changes_as_warnings(
+    base_model_dir: Path, tmp_path: Path
+) -> None:
+    """A style (applies_to: all) is meant to change every answer: served through the merge for
+    every prompt it would fail both limits, and publishes instead, the changes in its warnings."""
+    settings = LaminaSettings(model=base_model_dir, home=tmp_path, job_lease_s=120)
+    board = JobBoard(settings.store_dir)
+    learn = {"steps": 40, "batch_size": 4, "r": 4, "learning_rate": 0.02, "seed": 0}
+    facts = [Example(f"Item {i} has colour", f" {c}") for i, c in enumerate(["red", "blue", "green", "red"])]
+    style = [Example(e.prompt, " yellow") for e in facts]  # every answer, the earlier task's too
+    for name, examples, hp in (("colours", facts, learn), ("yellow", style, {**learn, "applies_to": "all"})):
+        job_id = board.create(name, "lori-d", hp, examples).id
+        job = board.claim_next(worker.worker_name(), settings.job_lease_s)
+        assert job is not None and job.id == job_id
+        worker.run_job(settings, board, job, keep_lock=lambda: None)
+    done = board.get(job_id)
+    assert done.status == JobStatus.succeeded, done.error
+    assert any(w.startswith("this task applies to every prompt") and "colours" in w for w in done.warnings)
+    assert [t.name for t in worker.open_store(settings).tasks()] == ["colours", "yellow"]
