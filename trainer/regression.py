@@ -125,6 +125,15 @@ def previous_general(metas: Sequence[Mapping[str, Any]]) -> float | None:
     return found[-1] if found else None
 
 
+def served_targets(
+    embedder: PromptEmbedder, router: Router, mode: RoutingMode, texts: list[str]
+) -> list[str | None]:
+    """Where the server sends each text of a ``continual`` request: MERGE, a task or None (the base)."""
+    if mode == "off":
+        return [MERGE] * len(texts)
+    return [destination(d, mode) for d in router.decide(embedder.embed(texts))]
+
+
 def general_agreement(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -139,10 +148,7 @@ def general_agreement(
     Prompts routed to the base agree by construction and are not run; the others are checked by
     one teacher-forced pass along the base's answer (:func:`trainer.suite.general.forced_greedy`)."""
     prompts = gset.prompts
-    if mode == "off":
-        targets: list[str | None] = [MERGE] * len(prompts)
-    else:
-        targets = [destination(d, mode) for d in router.decide(embedder.embed(prompts))]
+    targets = served_targets(embedder, router, mode, prompts)
     agree = sum(t is None for t in targets)
     for target in dict.fromkeys(t for t in targets if t is not None):
         indices = [i for i, t in enumerate(targets) if t == target]
@@ -165,11 +171,7 @@ def served_accuracy(
 ) -> float:
     """Accuracy in % of ``continual`` on ``examples`` under ``router`` (the live tasks'): each
     prompt routed as the server routes it and answered greedily by the model it lands on."""
-    texts = [example_text(e) for e in examples]
-    if mode == "off":
-        targets: list[str | None] = [MERGE] * len(texts)
-    else:
-        targets = [destination(d, mode) for d in router.decide(embedder.embed(texts))]
+    targets = served_targets(embedder, router, mode, [example_text(e) for e in examples])
     prompts, answers = zip(*(prompt_and_answer(tokenizer, e) for e in examples), strict=True)
     budget = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + EXTRA_TOKENS
     correct = 0
