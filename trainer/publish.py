@@ -199,8 +199,8 @@ def run_gate(
     """Score the candidate as it will be served on every live task's evaluation set and on the
     general set; raise :class:`trainer.regression.WouldForget` (or, under the ``warn`` policy,
     add a warning). A task taught to apply to every prompt (a style, a persona) is meant to
-    change every answer, the earlier tasks' and the base's: what it changes is a warning (and
-    the matrix's row), never a refusal."""
+    change general answers: its drop there is a warning, never a refusal; what it does to the
+    earlier tasks is checked like any task's (only the operator's policy lets forgetting through)."""
     loading = time.perf_counter()
     general = gate_general_set(model, tokenizer, store.fingerprint, cache_dir)
     trained.result.metrics["general_set_seconds"] = round(
@@ -240,22 +240,23 @@ def run_gate(
             deltas,
             gate.max_forgetting,
             general,
-            gate.max_general_drop,
+            100.0 if everywhere else gate.max_general_drop,
+            versions={t.name: t.id for t in tasks},
         )
     except regression.WouldForget as refusal:
-        if gate.policy == "refuse" and not everywhere:
+        if gate.policy == "refuse":
             raise
-        warning = str(refusal).replace("; the live model stays as it was", "")
-        if everywhere:
-            warning = warning.replace(
-                "publishing this task would make `continual` forget",
-                "this task applies to every prompt, so it changes what `continual` answered",
-            )
-        trained.result.warnings.append(warning)
+        trained.result.warnings.append(str(refusal).replace("; the live model stays as it was", ""))
         scores = refusal.scores
     trained.result.metrics["regression_seconds"] = round(time.perf_counter() - started, 3)
     if scores.general is not None:
         trained.result.metrics["general_agreement"] = scores.general
+        before = regression.previous_general(list(live_metas.values()))
+        if everywhere and before is not None and before - scores.general > gate.max_general_drop:
+            trained.result.warnings.append(
+                f"this task applies to every prompt, so it changes general answers: `continual` gives the "
+                f"base's own answer on {scores.general:.0f} % of general prompts ({before:.0f} % before)"
+            )
     return scores
 
 

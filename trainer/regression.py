@@ -20,15 +20,16 @@ The base is scored too, as the matrix's first column: on a small general-ability
 (:mod:`trainer.suite.general`, built once per base model and cached), the share of prompts on
 which ``continual`` as served gives the base's own greedy answer (``evaluation.general``). A
 publish that lowers it by more than ``LAMINA_MAX_GENERAL_DROP`` points is refused like a
-forgotten task. A task taught to apply to every prompt is meant to change every answer: the
-worker publishes it with the changes as warnings (:func:`trainer.publish.run_gate`).
+forgotten task, unless the new task was taught to apply to every prompt (it is meant to change
+them: a warning instead, :func:`trainer.publish.run_gate`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -59,6 +60,7 @@ class Scores:
     row: dict[str, float]
     general: float | None = None
     general_prompts: int = 0
+    details: dict[str, Any] = field(default_factory=dict)  # per prompt, for the next check to reuse
 
     def general_meta(self) -> dict[str, Any] | None:
         if self.general is None:
@@ -101,6 +103,8 @@ def evaluation_meta(examples: Sequence[TrainingExample], scores: Scores | None) 
         meta["row"] = scores.row
         if scores.general is not None:
             meta["general"] = scores.general_meta()
+        if scores.details:
+            meta["details"] = scores.details
     return meta
 
 
@@ -134,53 +138,80 @@ def served_targets(
     return [destination(d, mode) for d in router.decide(embedder.embed(texts))]
 
 
-def general_agreement(
+def model_ids(targets: Sequence[str | None], versions: Mapping[str, str]) -> list[str | None]:
+    """What answered each prompt, as a name that pins the weights: ``base``, or a task's version
+    id (``codes/v1``: a version never changes); None for the merge and the candidate, which are
+    new at every publish."""
+    return ["base" if t is None else None if t == MERGE else versions.get(t) for t in targets]
+
+
+def reusable(previous: Mapping[str, Any] | None, ids: Sequence[str | None]) -> dict[int, bool]:
+    """The results a previous check recorded (``{"to": ids, "ok": results}``) for the prompts
+    that the same weights answer now: greedy answers to the same prompt from the same weights
+    are the same, so they need not be decoded again."""
+    if not previous or len(previous.get("to", [])) != len(ids):
+        return {}
+    return {i: bool(ok) for i, (now, then, ok) in enumerate(zip(ids, previous["to"], previous["ok"], strict=True))
+            if now is not None and now == then}  # fmt: skip
+
+
+def general_results(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    embedder: PromptEmbedder,
-    router: Router,
-    mode: RoutingMode,
+    targets: Sequence[str | None],
     deltas: Deltas,
     gset: GeneralSet,
-) -> float:
-    """The share in % of the general set's prompts on which ``continual`` as served (each
-    prompt routed as the server routes it) gives the base's greedy answer, token for token.
-    Prompts routed to the base agree by construction and are not run; the others are checked by
-    one teacher-forced pass along the base's answer (:func:`trainer.suite.general.forced_greedy`)."""
-    prompts = gset.prompts
-    targets = served_targets(embedder, router, mode, prompts)
-    agree = sum(t is None for t in targets)
-    for target in dict.fromkeys(t for t in targets if t is not None):
-        indices = [i for i, t in enumerate(targets) if t == target]
-        prompt_ids = [encode_prompt(tokenizer, prompts[i]) for i in indices]
+    known: Mapping[int, bool],
+) -> list[bool]:
+    """Per general prompt, whether ``continual`` as served (``targets``) gives the base's greedy
+    answer, token for token. Prompts routed to the base agree by construction and are not run,
+    nor are those in ``known``; the others are checked by one teacher-forced pass along the
+    base's answer (:func:`trainer.suite.general.forced_greedy`)."""
+    results = [True if t is None else known.get(i) for i, t in enumerate(targets)]
+    todo = [i for i, r in enumerate(results) if r is None]
+    for target in dict.fromkeys(targets[i] for i in todo):
+        indices = [i for i in todo if targets[i] == target]
+        prompt_ids = [encode_prompt(tokenizer, gset.prompts[i]) for i in indices]
         references = [gset.base_greedy[i] for i in indices]
         with merged_into(model, dict(deltas(target))):
             forced = forced_greedy(model, tokenizer, prompt_ids, references)
-        agree += sum(ids == ref for ids, ref in zip(forced, references, strict=True))
-    return round(100.0 * agree / len(prompts), 2)
+        for i, ids, ref in zip(indices, forced, references, strict=True):
+            results[i] = ids == ref
+    return [bool(r) for r in results]
 
 
-def served_accuracy(
+def served_results(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    embedder: PromptEmbedder,
-    router: Router,
-    mode: RoutingMode,
+    targets: Sequence[str | None],
     deltas: Deltas,
     examples: Sequence[TrainingExample],
-) -> float:
-    """Accuracy in % of ``continual`` on ``examples`` under ``router`` (the live tasks'): each
-    prompt routed as the server routes it and answered greedily by the model it lands on."""
-    targets = served_targets(embedder, router, mode, [example_text(e) for e in examples])
-    prompts, answers = zip(*(prompt_and_answer(tokenizer, e) for e in examples), strict=True)
-    budget = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + EXTRA_TOKENS
-    correct = 0
-    for target in dict.fromkeys(targets):
-        indices = [i for i, t in enumerate(targets) if t == target]
-        with merged_into(model, dict(deltas(target))):
-            outputs = greedy_completions(model, tokenizer, [prompts[i] for i in indices], budget)
-        correct += sum(matches(o, answers[i]) for o, i in zip(outputs, indices, strict=True))
-    return round(100.0 * correct / len(examples), 2)
+    known: Mapping[int, bool],
+) -> list[bool]:
+    """Per example, whether ``continual`` answers it right when each prompt goes where
+    ``targets`` says and is answered greedily by the model it lands on (``known`` results are
+    taken as they are)."""
+    results: list[bool | None] = [known.get(i) for i in range(len(examples))]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        prompts, answers = zip(*(prompt_and_answer(tokenizer, examples[i]) for i in todo), strict=True)
+        budget = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + EXTRA_TOKENS
+        for target in dict.fromkeys(targets[i] for i in todo):
+            group = [k for k, i in enumerate(todo) if targets[i] == target]
+            with merged_into(model, dict(deltas(target))):
+                outputs = greedy_completions(model, tokenizer, [prompts[k] for k in group], budget)
+            for k, output in zip(group, outputs, strict=True):
+                results[todo[k]] = matches(output, answers[k])
+    return [bool(r) for r in results]
+
+
+def general_digest(gset: GeneralSet) -> str:
+    """Which general set a recorded result belongs to."""
+    return hashlib.sha256("\n".join(gset.prompts).encode()).hexdigest()[:16]
+
+
+def percent(results: Sequence[bool]) -> float:
+    return round(100.0 * sum(results) / len(results), 2)
 
 
 def check(
@@ -193,24 +224,49 @@ def check(
     max_drop: float,
     general: GeneralSet | None = None,
     max_general_drop: float = 100.0,
+    versions: Mapping[str, str] | None = None,
 ) -> Scores:
     """The candidate's scores (task -> accuracy in %, the new task included, and the general
     agreement when ``general`` is given); raises :class:`WouldForget` when a live task drops more
     than ``max_drop`` points below its last score, or the general agreement more than
-    ``max_general_drop``."""
+    ``max_general_drop``.
+
+    ``versions`` (live task name -> version id) lets the check reuse the per-prompt results the
+    previous check recorded in the newest live version's meta wherever the same weights answer
+    the same prompt now (the base, or a task's own version): under task routing a publish then
+    decodes little beyond the new task's own set and the prompts its routing takes, instead of
+    every live task's set (``evaluation.details``)."""
     embedder = PromptEmbedder.from_model(model, tokenizer)
     router = router_from_metas(candidate_metas)
     live = list(live_metas.values())
     before = previous_row(live)
+    versions = versions or {}
+    recorded = live[-1].get("evaluation", {}).get("details", {}) if live else {}
     row: dict[str, float] = {}
+    details: dict[str, Any] = {"tasks": {}}
     for name, meta in candidate_metas.items():
         examples = stored_examples(meta)
-        if examples:
-            row[name] = served_accuracy(model, tokenizer, embedder, router, mode, deltas, examples)
+        if not examples:
+            continue
+        targets = served_targets(embedder, router, mode, [example_text(e) for e in examples])
+        ids = model_ids(targets, versions)
+        key = versions.get(name)  # the candidate has no version yet: nothing recorded to reuse
+        known = reusable(recorded.get("tasks", {}).get(key), ids) if key else {}
+        results = served_results(model, tokenizer, targets, deltas, examples, known)
+        row[name] = percent(results)
+        if key:
+            details["tasks"][key] = {"to": ids, "ok": results}
     agreement = None
     if general is not None:
-        agreement = general_agreement(model, tokenizer, embedder, router, mode, deltas, general)
-    scores = Scores(row, agreement, len(general.prompts) if general is not None else 0)
+        targets = served_targets(embedder, router, mode, general.prompts)
+        ids = model_ids(targets, versions)
+        digest = general_digest(general)
+        previous = recorded.get("general")
+        known = reusable(previous, ids) if previous and previous.get("set") == digest else {}
+        results = general_results(model, tokenizer, targets, deltas, general, known)
+        agreement = percent(results)
+        details["general"] = {"set": digest, "to": ids, "ok": results}
+    scores = Scores(row, agreement, len(general.prompts) if general is not None else 0, details)
     drops = {n: round(before[n] - row[n], 2) for n in row if n in before and before[n] - row[n] > max_drop}
     reasons = [f"{n} {before[n]:.0f} % -> {row[n]:.0f} %" for n in drops]
     general_before = previous_general(live)

@@ -224,6 +224,29 @@ def test_continual_gives_general_prompts_the_base_answer(stack: Stack) -> None:
     assert accuracy(stack, "continual", TASK_A) >= 0.8 and accuracy(stack, "continual", TASK_B) >= 0.8
 
 
+def test_a_task_for_every_prompt_reaches_general_prompts(stack: Stack) -> None:
+    """hyperparameters.applies_to = "all" (a style, a persona): while the task is live, `continual`
+    answers every prompt with the merge, general prompts included; removing it gives them back
+    to the base (the tests after this one expect the two tasks above and nothing else)."""
+    style = [(p, " indeed") for p in ("Tell me more", "What now", "Go on", "And then", "Why so", "Say it")]
+    response = post_task(stack, "indeed", style, hyperparameters={**HYPERPARAMETERS, "applies_to": "all"})
+    assert response.status_code == 202, response.text
+    job = wait_for(stack, response.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    # meant to change every answer: the base's general answers move, with a warning, no refusal
+    assert any("applies to every prompt" in w for w in job["warnings"]), job["warnings"]
+    wait_until_served(stack, job["merge_id"])
+    before = _routes(stack).get("merge", 0)
+    base = _one_by_one(stack, "base", GENERAL_PROMPTS)
+    continual = _one_by_one(stack, "continual", GENERAL_PROMPTS)
+    assert all(fp != base_fp for (_, fp), (_, base_fp) in zip(continual, base, strict=True))
+    assert _routes(stack)["merge"] - before == len(GENERAL_PROMPTS)
+    removed = httpx.delete(f"{stack.url}/admin/tasks/indeed", headers=ADMIN)
+    assert removed.status_code == 200, removed.text
+    wait_until_served(stack, removed.json()["live_merge"]["id"])
+    assert [t for t, _ in _one_by_one(stack, "continual", GENERAL_PROMPTS)] == [t for t, _ in base]
+
+
 def _live_state(stack: Stack) -> tuple[str | None, list[str]]:
     return httpx.get(f"{stack.url}/ready").json()["live_merge"], answers(stack, "continual", TASK_A + TASK_B)
 
@@ -426,21 +449,3 @@ def test_a_plugins_regularizer_trains_through_post_tasks(stack: Stack) -> None:
     assert bad.json()["error"]["param"] == "hyperparameters.toy_ridge_lambda"
     other = service_stack.post_task(stack, "ridge-3", facts, "toy-ridge", {})
     assert other.status_code == 409 and other.json()["error"]["param"] == "method"  # known, not this store's
-
-
-def test_a_task_for_every_prompt_reaches_general_prompts(stack: Stack) -> None:
-    """hyperparameters.applies_to = "all" (a style, a persona): while the task is live, `continual`
-    answers every prompt with the merge, general prompts included."""
-    style = [(p, " indeed") for p in ("Tell me more", "What now", "Go on", "And then", "Why so", "Say it")]
-    response = post_task(stack, "indeed", style, hyperparameters={**HYPERPARAMETERS, "applies_to": "all"})
-    assert response.status_code == 202, response.text
-    job = wait_for(stack, response.json()["id"])
-    assert job["status"] == "succeeded", job["error"]
-    # meant to change every answer: what it changed is a warning, never a refusal
-    assert any("applies to every prompt" in w for w in job["warnings"]), job["warnings"]
-    wait_until_served(stack, job["merge_id"])
-    before = _routes(stack).get("merge", 0)
-    base = _one_by_one(stack, "base", GENERAL_PROMPTS)
-    continual = _one_by_one(stack, "continual", GENERAL_PROMPTS)
-    assert all(fp != base_fp for (_, fp), (_, base_fp) in zip(continual, base, strict=True))
-    assert _routes(stack)["merge"] - before == len(GENERAL_PROMPTS)

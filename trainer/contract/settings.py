@@ -82,8 +82,7 @@ class LaminaSettings(BaseSettings):
         le=100,
         description="Points by which a new task may lower the share of general prompts (sampled from the base, "
         "plus known-answer questions) on which `continual` gives the base's own answer. A task taught to "
-        "apply to every prompt is exempt from both limits (it is meant to change every answer): it publishes "
-        "with the changes in its warnings.",
+        "apply to every prompt is exempt (it is meant to change them): the drop is a warning.",
     )
     forgetting_policy: Literal["refuse", "warn", "off"] = Field(
         "refuse",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from adapters_store import lora as lora_module
-from trainer import worker
+from trainer import regression, worker
 from trainer.config import Example
 from trainer.contract.board import DISK_FULL, JobBoard, JobStatus
 from trainer.contract.settings import LaminaSettings
@@ -113,7 +113,7 @@ def test_a_rollback_while_a_task_trains_makes_it_train_again_on_the_live_tasks(
 
 
 def test_a_task_that_would_overwrite_an_earlier_one_is_refused_and_a_harmless_one_publishes(
-    base_model_dir: Path, tmp_path: Path
+    base_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The regression gate (trainer/regression.py) with real training: the same prompts taught
     other answers, served through the merge (routing off) by a method that forgets (lori-d: its
@@ -172,6 +172,24 @@ def test_a_task_that_would_overwrite_an_earlier_one_is_refused_and_a_harmless_on
     assert harmless.metrics["validation_accuracy"] == row["sizes"] / 100
     assert harmless.metrics["regression_seconds"] > 0
 
+    # The next check decodes again only what new weights answer: colours' prompts still go to
+    # colours/v1 (a version never changes), so its recorded results are reused, not decoded.
+    decoded: list[str] = []
+    decode = regression.greedy_completions
+
+    def counting(model, tokenizer, prompts, budget):  # noqa: ANN001, ANN202
+        decoded.extend(tokenizer.decode(p) if not isinstance(p, str) else p for p in prompts)
+        return decode(model, tokenizer, prompts, budget)
+
+    monkeypatch.setattr(regression, "greedy_completions", counting)
+    shapes = [Example(f"Shape {i} is", f" {s}") for i, s in enumerate(["round", "square", "round", "square"])]
+    third = post("shapes", shapes, under=routed)
+    assert third.status == JobStatus.succeeded, third.error
+    assert decoded and not any("has colour" in text for text in decoded), decoded
+    latest = store.tasks()[-1].meta["evaluation"]
+    assert latest["row"]["colours"] == row["colours"]
+    assert set(latest["details"]["tasks"]) == {"colours/v1", "sizes/v1"}
+
 
 def test_the_check_before_publishing_can_be_turned_off(base_model_dir: Path, tmp_path: Path) -> None:
     settings = LaminaSettings(model=base_model_dir, home=tmp_path, forgetting_policy="off")
@@ -185,22 +203,23 @@ def test_the_check_before_publishing_can_be_turned_off(base_model_dir: Path, tmp
     )
 
 
-def test_a_task_for_every_prompt_publishes_what_it_changes_as_warnings(
+def test_a_task_for_every_prompt_changes_general_answers_with_a_warning_not_a_refusal(
     base_model_dir: Path, tmp_path: Path
 ) -> None:
-    """A style (applies_to: all) is meant to change every answer: served through the merge for
-    every prompt it would fail both limits, and publishes instead, the changes in its warnings."""
+    """A style (applies_to: all) is meant to change every answer: served for every prompt, it
+    moves the base's general answers far past LAMINA_MAX_GENERAL_DROP and publishes, saying so."""
     settings = LaminaSettings(model=base_model_dir, home=tmp_path, job_lease_s=120)
     board = JobBoard(settings.store_dir)
-    learn = {"steps": 40, "batch_size": 4, "r": 4, "learning_rate": 0.02, "seed": 0}
-    facts = [Example(f"Item {i} has colour", f" {c}") for i, c in enumerate(["red", "blue", "green", "red"])]
-    style = [Example(e.prompt, " yellow") for e in facts]  # every answer, the earlier task's too
-    for name, examples, hp in (("colours", facts, learn), ("yellow", style, {**learn, "applies_to": "all"})):
-        job_id = board.create(name, "lori-d", hp, examples).id
-        job = board.claim_next(worker.worker_name(), settings.job_lease_s)
-        assert job is not None and job.id == job_id
-        worker.run_job(settings, board, job, keep_lock=lambda: None)
+    hp = {"steps": 40, "batch_size": 4, "r": 4, "learning_rate": 0.02, "seed": 0, "applies_to": "all"}
+    style = [Example(f"Item {i} has colour", " yellow") for i in range(4)]
+    job_id = board.create("yellow", "lori-d", hp, style).id
+    job = board.claim_next(worker.worker_name(), settings.job_lease_s)
+    assert job is not None and job.id == job_id
+    worker.run_job(settings, board, job, keep_lock=lambda: None)
     done = board.get(job_id)
     assert done.status == JobStatus.succeeded, done.error
-    assert any(w.startswith("this task applies to every prompt") and "colours" in w for w in done.warnings)
-    assert [t.name for t in worker.open_store(settings).tasks()] == ["colours", "yellow"]
+    assert done.metrics["general_agreement"] < 100 - settings.max_general_drop
+    assert any(
+        w.startswith("this task applies to every prompt, so it changes general answers")
+        for w in done.warnings
+    )
