@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from server.settings import ServerSettings
-from tests.support.processes import RunningServer, start_server, stop_server
+from tests.support.processes import SERVER_ADMIN_KEY, RunningServer, start_server, stop_server
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,6 +39,6 @@ def base_model_dir() -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    running = start_server({}, log_path)
+    running = start_server({"LAMINA_ADMIN_KEY": SERVER_ADMIN_KEY}, log_path)
     yield running
     stop_server(running)

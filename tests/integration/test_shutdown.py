@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -116,24 +116,38 @@ def wait_for_log(server: RunningServer, text: str, timeout: float) -> None:
     pytest.fail(f"{text!r} not in the server log after {timeout} s:\n{server.log_tail()}")
 
 
-@contextmanager
-def serving(tmp_path: Path, env: dict[str, str]) -> Iterator[tuple[RunningServer, list[psutil.Process]]]:
-    """A server and its whole process family (taken while it runs); whatever is still alive
-    at the end is killed, so a failing test leaves nothing behind."""
+Served = tuple[RunningServer, list[psutil.Process]]
+
+
+def _start(tmp_path: Path, env: dict[str, str]) -> Served:
+    """A server and its whole process family (taken while it runs)."""
     server = start_server(env, tmp_path / "server.log")
     family = [
         psutil.Process(server.process.pid),
         *psutil.Process(server.process.pid).children(recursive=True),
     ]
+    return server, family
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Served]]:
+    """One server per test, both started at once (a start is mostly waiting for vLLM's
+    processes): ``default`` drains for the default 30 s, ``short`` for DRAIN_S. Whatever is
+    still alive at the end is killed, so a failing test leaves nothing behind."""
+    settings = {"default": {}, "short": {"LAMINA_DRAIN_TIMEOUT_S": str(DRAIN_S)}}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {k: pool.submit(_start, tmp_path_factory.mktemp(k), env) for k, env in settings.items()}
+        started = {k: f.result() for k, f in futures.items()}
     try:
-        yield server, family
+        yield started
     finally:
-        for proc in family:
-            try:
-                proc.resume()  # a frozen engine core cannot even take SIGKILL's cleanup
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        for _, family in started.values():
+            for proc in family:
+                try:
+                    proc.resume()  # a frozen engine core cannot even take SIGKILL's cleanup
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
 
 
 def assert_all_exited(server: RunningServer, family: list[psutil.Process], timeout: float) -> None:
@@ -143,40 +157,44 @@ def assert_all_exited(server: RunningServer, family: list[psutil.Process], timeo
     assert "Application shutdown complete" in server.log_path.read_text()
 
 
-def test_ctrl_c_to_the_process_group_drains_a_stream_then_leaves_no_process(tmp_path: Path) -> None:
-    with serving(tmp_path, {}) as (server, family):
-        core = engine_core(server)
-        assert os.getpgid(core.pid) != os.getpgid(server.process.pid), "the engine must not get the Ctrl-C"
-        core.suspend()
-        stream = Stream(server.url, max_tokens=48)
-        stream.wait_started()
-        os.killpg(server.process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        wait_refused(server.url)
-        core.resume()
-        stream.join()
-        stream.assert_complete()
-        assert_all_exited(server, family, timeout=60)
-        assert "Waiting for connections to close" in server.log_path.read_text()
+def test_ctrl_c_to_the_process_group_drains_a_stream_then_leaves_no_process(
+    servers: dict[str, Served],
+) -> None:
+    server, family = servers["default"]
+    core = engine_core(server)
+    assert os.getpgid(core.pid) != os.getpgid(server.process.pid), "the engine must not get the Ctrl-C"
+    core.suspend()
+    stream = Stream(server.url, max_tokens=48)
+    stream.wait_started()
+    os.killpg(server.process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    wait_refused(server.url)
+    core.resume()
+    stream.join()
+    stream.assert_complete()
+    assert_all_exited(server, family, timeout=60)
+    assert "Waiting for connections to close" in server.log_path.read_text()
 
 
-def test_sigterm_drains_streams_and_cuts_one_that_outlasts_the_drain_timeout(tmp_path: Path) -> None:
-    with serving(tmp_path, {"LAMINA_DRAIN_TIMEOUT_S": str(DRAIN_S)}) as (server, family):
-        core = engine_core(server)
-        core.suspend()
-        short, long = Stream(server.url, max_tokens=8), Stream(server.url, max_tokens=400)
-        short.wait_started()
-        long.wait_started()
-        server.process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        wait_refused(server.url)
-        core.resume()
-        short.join()
-        core.suspend()  # the long stream now outlasts the drain timeout
-        short.assert_complete()
-        wait_for_log(server, "timeout graceful shutdown exceeded", timeout=DRAIN_S + 30)
-        assert time.monotonic() - signalled >= DRAIN_S - 0.5
-        core.resume()
-        long.join()
-        assert "data: [DONE]" not in long.lines
-        assert len(long.chunks) < long.max_tokens
-        assert_all_exited(server, family, timeout=60)
+def test_sigterm_drains_streams_and_cuts_one_that_outlasts_the_drain_timeout(
+    servers: dict[str, Served],
+) -> None:
+    server, family = servers["short"]
+    core = engine_core(server)
+    core.suspend()
+    short, long = Stream(server.url, max_tokens=8), Stream(server.url, max_tokens=400)
+    short.wait_started()
+    long.wait_started()
+    server.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    wait_refused(server.url)
+    core.resume()
+    short.join()
+    core.suspend()  # the long stream now outlasts the drain timeout
+    short.assert_complete()
+    wait_for_log(server, "timeout graceful shutdown exceeded", timeout=DRAIN_S + 30)
+    assert time.monotonic() - signalled >= DRAIN_S - 0.5
+    core.resume()
+    long.join()
+    assert "data: [DONE]" not in long.lines
+    assert len(long.chunks) < long.max_tokens
+    assert_all_exited(server, family, timeout=60)

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 SERVER_START_TIMEOUT_S = 300
 
 RunningServer = ManagedProcess  # what the tests call a started server
+SERVER_ADMIN_KEY = "test-admin-key"  # the shared `server` fixture's admin key (tests/conftest.py)
 
 
 def start_server(env_overrides: dict[str, str], log_path: Path) -> RunningServer:

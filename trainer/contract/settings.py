@@ -88,7 +88,7 @@ class LaminaSettings(BaseSettings):
         "refuse",
         description="What a publish that would forget more than LAMINA_MAX_FORGETTING does: `refuse` (the job "
         "fails, would_forget) or `warn` (it publishes, with the drops in the job's warnings). `off` skips the "
-        "check and records no rows (it costs a few % of a job per live task).",
+        "check and records no rows (it costs a few % of a job, bench/gate).",
     )
     max_lora_rank: int = Field(
         128,

@@ -190,7 +190,16 @@ def test_cli_runs_a_one_task_benchmark(base_model_dir: Path, tmp_path: Path) -> 
     app = typer.Typer()
     app.add_typer(bench_app, name="bench")  # how the main CLI mounts it
     args = ["bench", "continual", "--methods", "seq-lora", "--n-tasks", "1", "--steps", "2", "--n-test", "4"]
-    args += ["--seed", "0", "--no-upper-bound", "--model", str(base_model_dir), "--out", str(tmp_path)]
+    args += [
+        "--seed",
+        "0",
+        "--no-upper-bound",
+        "--no-general",
+        "--model",
+        str(base_model_dir),
+        "--out",
+        str(tmp_path),
+    ]
     args += ["--max-lora-rank", "128", "--loraf-grow-rank", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
