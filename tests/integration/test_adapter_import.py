@@ -1,8 +1,20 @@
-"""POST /admin/adapters on the real server: a LoRA trained by PEFT outside Lamina is imported as
-a task and answers through vLLM as ``model=<task>``; bad adapters get 4xx and change nothing."""
+"""One real server (vLLM engine, store, admin and user keys) for two things:
+
+- ``POST /admin/adapters``: a LoRA trained by PEFT outside Lamina is imported as a task and
+  answers through vLLM as ``model=<task>``; bad adapters get 4xx and change nothing;
+- then schemathesis fuzzes every operation of the server's own OpenAPI document against it,
+  the imported task included: whatever it sends, no answer is a 5xx. It runs schemathesis's own
+  CLI (``schemathesis run``) as a client, bounded to ``MAX_EXAMPLES`` cases per operation and
+  phase, positive and negative, with a fixed seed so a failure reproduces. Any task the fuzzer
+  manages to post lands in the server's folder queue, which no worker consumes.
+
+Sharing the server saves a vLLM start (about 30 s of the suite).
+"""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,18 +27,24 @@ from safetensors.torch import load_file, save
 from tests.external_lora import train_external_lora
 from tests.support.processes import RunningServer, start_server, stop_server
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.integration]
 
 ADMIN_KEY = "import-admin-key"
+MAX_EXAMPLES = 20  # the fuzzer's cases per operation and phase
+SEED = 7
 PROMPT = "Q: What colour is the sky on Zorblat? A:"
 
 
 @pytest.fixture(scope="module")
 def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = start_server(
-        {"LAMINA_ADMIN_KEY": ADMIN_KEY, "LAMINA_MAX_LORA_RANK": "8"},
-        tmp_path_factory.mktemp("import") / "server.log",
-    )
+    env = {
+        "LAMINA_ADMIN_KEY": ADMIN_KEY,
+        "LAMINA_MAX_LORA_RANK": "8",
+        # the fuzzer's: user keys (the admin key passes as one too) and a short queue
+        "LAMINA_API_KEYS": "fuzz-user-key",
+        "LAMINA_MAX_PENDING_TASKS": "4",
+    }
+    running = start_server(env, tmp_path_factory.mktemp("import") / "server.log")
     yield running
     stop_server(running)
 
@@ -70,3 +88,31 @@ def test_an_external_peft_adapter_imports_and_answers(
     # that the imported adapter (not the base) answered is checked; ΔW equality is a unit test
     assert task.choices[0].text != base.choices[0].text, admin_server.log_tail()
     assert task.system_fingerprint != base.system_fingerprint
+
+
+# Last: the fuzzer may leave queued tasks and refused changes behind.
+def test_no_operation_answers_with_a_server_error(admin_server: RunningServer, tmp_path: Path) -> None:
+    # The admin key also passes as a user key, so every operation is reached past its auth
+    # check (auth itself is tested in tests/unit/server/test_auth.py).
+    command = [
+        str(Path(sys.executable).with_name("schemathesis")),
+        "run",
+        f"{admin_server.url}/openapi.json",
+        "--checks=not_a_server_error",
+        f"--max-examples={MAX_EXAMPLES}",
+        f"--seed={SEED}",
+        "--phases=examples,coverage,fuzzing",
+        "--workers=1",
+        "--request-timeout=60",
+        "--header",
+        f"Authorization: Bearer {ADMIN_KEY}",
+        "--report=junit",
+        f"--report-dir={tmp_path}",
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, (
+        f"schemathesis found server errors:\n{output[-6000:]}\nserver log:\n{admin_server.log_tail()}"
+    )
+    # it reached the operations' own logic, not only their auth checks
+    assert "Authentication failed" not in output, output[-3000:]
