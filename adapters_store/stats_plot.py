@@ -94,15 +94,10 @@ def accuracy_heatmap(fig: Figure, ax: Any, matrix: list[dict[str, Any]]) -> None
     """The accuracy matrix: row i is `continual` right after the i-th version went live, each
     cell a task's accuracy in % (blank before the task existed); the first column, when the base
     was scored, is the share of general prompts given the base's own answer."""
-    names = list(dict.fromkeys(name for entry in matrix for name in entry["row"]))
-    general = any("general" in entry for entry in matrix)
-    columns = (["base (general)"] if general else []) + names
-    nan = float("nan")
-    cells = [
-        ([entry.get("general", {}).get("agreement", nan)] if general else [])
-        + [entry["row"].get(name, nan) for name in names]
-        for entry in matrix
-    ]
+    from adapters_store.evaluation import matrix_table
+
+    columns, table = matrix_table(matrix)
+    cells = [[float("nan") if value is None else value for value in row] for row in table]
     image = ax.imshow(cells, cmap="RdYlGn", vmin=0.0, vmax=100.0, aspect="auto")
     ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(matrix)), [entry["after"] for entry in matrix], fontsize=8)

@@ -280,9 +280,8 @@ def stats(
     from rich.console import Console
     from rich.table import Table
 
-    from adapters_store.evaluation import accuracy_matrix
+    from adapters_store.evaluation import matrix_table, stats_with_accuracy
     from adapters_store.fingerprint import fingerprint_model
-    from adapters_store.stats_cache import stats_for_store
     from adapters_store.store import STORE_FILE, AdapterStore, FingerprintMismatch
     from trainer.contract.settings import LaminaSettings
 
@@ -297,7 +296,7 @@ def stats(
         store = AdapterStore(settings.store_dir, fingerprint_model(settings.model))
     except FingerprintMismatch as error:
         fail(f"{error}: LAMINA_MODEL names another base model than the store's", 2)
-    data = {**stats_for_store(store), "accuracy_matrix": accuracy_matrix(store.tasks())}
+    data = stats_with_accuracy(store)
     if png is not None:
         from adapters_store.stats_plot import render_stats_png
 
@@ -346,17 +345,13 @@ def stats(
     console.print(per_task)
 
     if data["accuracy_matrix"]:  # what `continual` scored on each task as each one went live
-        names = list(dict.fromkeys(name for entry in data["accuracy_matrix"] for name in entry["row"]))
-        general = any("general" in entry for entry in data["accuracy_matrix"])
+        columns, cells = matrix_table(data["accuracy_matrix"])
         matrix = Table(title="Accuracy matrix: continual on each task (%) right after each version went live")
         matrix.add_column("after")
-        if general:  # the share of general prompts given the base's own answer
-            matrix.add_column("base (general)", justify="right")
-        for name in names:
-            matrix.add_column(name, justify="right")
-        for entry in data["accuracy_matrix"]:
-            base = [fmt(entry.get("general", {}).get("agreement"))] if general else []
-            matrix.add_row(entry["after"], *base, *(fmt(entry["row"].get(name)) for name in names))
+        for column in columns:  # the base's general answers kept first, where scored
+            matrix.add_column(column, justify="right")
+        for entry, row in zip(data["accuracy_matrix"], cells, strict=True):
+            matrix.add_row(entry["after"], *(fmt(value) for value in row))
         console.print(matrix)
 
     collisions = Table(title="Collision rate CR_ij in ΔW space")

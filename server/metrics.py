@@ -168,18 +168,16 @@ class LaminaMetrics:
 
     def evaluated(self, tasks: list[TaskRecord]) -> None:
         """The live tasks' latest scores and general agreement, after a sync flipped the routes."""
-        from adapters_store.evaluation import accuracy_matrix
+        from adapters_store.evaluation import latest_general, latest_row
 
-        matrix = accuracy_matrix(tasks)
+        metas = [t.meta for t in tasks]
+        latest = latest_row(metas)
         self.task_accuracy.clear()
-        latest: dict[str, float] = {}
-        for entry in matrix:
-            latest.update(entry["row"])
         for name in (t.name for t in tasks):
             if name in latest:
                 self.task_accuracy.labels(task=name).set(latest[name])
-        general = [e["general"]["agreement"] for e in matrix if "general" in e]
-        self.general_agreement.set(general[-1] if general else 100.0 if not tasks else float("nan"))
+        general = latest_general(metas)
+        self.general_agreement.set(float("nan") if general is None else general)
 
     def swapped(self, changed_at: str | None) -> None:
         """A store change reached this server; ``changed_at`` is its ledger entry's timestamp."""

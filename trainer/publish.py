@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters_store.atomic import write_atomically
+from adapters_store.evaluation import latest_general
 from adapters_store.interface import Fence
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import build_merge
@@ -251,7 +252,7 @@ def run_gate(
     trained.result.metrics["regression_seconds"] = round(time.perf_counter() - started, 3)
     if scores.general is not None:
         trained.result.metrics["general_agreement"] = scores.general
-        before = regression.previous_general(list(live_metas.values()))
+        before = latest_general(list(live_metas.values()))
         if everywhere and before is not None and before - scores.general > gate.max_general_drop:
             trained.result.warnings.append(
                 f"this task applies to every prompt, so it changes general answers: `continual` gives the "

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from adapters_store.evaluation import latest_general, latest_row
 from adapters_store.routing import MERGE, PromptEmbedder, Router, RoutingMode, destination, router_from_metas
 from trainer.chat import encode_prompt, prompt_and_answer
 from trainer.config import TrainingExample
@@ -110,23 +111,6 @@ def evaluation_meta(examples: Sequence[TrainingExample], scores: Scores | None) 
 
 def stored_examples(meta: Mapping[str, Any]) -> list[TrainingExample]:
     return [example_from_json(e) for e in meta.get("evaluation", {}).get("examples", [])]
-
-
-def previous_row(metas: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Each live task's score at the last publish that scored it (the live tasks' rows, newest wins)."""
-    row: dict[str, float] = {}
-    for meta in metas:
-        row.update(meta.get("evaluation", {}).get("row", {}))
-    return row
-
-
-def previous_general(metas: Sequence[Mapping[str, Any]]) -> float | None:
-    """The general agreement at the last publish that measured it; 100 with no live task (the
-    base agrees with itself); None when the live tasks predate the measurement."""
-    if not metas:
-        return 100.0
-    found = [m["evaluation"]["general"]["agreement"] for m in metas if "general" in m.get("evaluation", {})]
-    return found[-1] if found else None
 
 
 def served_targets(
@@ -239,7 +223,7 @@ def check(
     embedder = PromptEmbedder.from_model(model, tokenizer)
     router = router_from_metas(candidate_metas)
     live = list(live_metas.values())
-    before = previous_row(live)
+    before = latest_row(live)
     versions = versions or {}
     recorded = live[-1].get("evaluation", {}).get("details", {}) if live else {}
     row: dict[str, float] = {}
@@ -269,7 +253,7 @@ def check(
     scores = Scores(row, agreement, len(general.prompts) if general is not None else 0, details)
     drops = {n: round(before[n] - row[n], 2) for n in row if n in before and before[n] - row[n] > max_drop}
     reasons = [f"{n} {before[n]:.0f} % -> {row[n]:.0f} %" for n in drops]
-    general_before = previous_general(live)
+    general_before = latest_general(live)
     general_drop = None
     if agreement is not None and general_before is not None and general_before - agreement > max_general_drop:
         general_drop = round(general_before - agreement, 2)

@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from adapters_store.errors import CorruptVersion, DiskFull, FingerprintMismatch, StoreError
-from adapters_store.evaluation import accuracy_matrix
+from adapters_store.evaluation import accuracy_matrix, stats_with_accuracy
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import MergeError
 from adapters_store.store import (
@@ -284,19 +284,12 @@ async def remove_task(name: str, request: Request) -> dict[str, Any]:
 async def stats(request: Request) -> dict[str, Any]:
     """Occupancy, mask overlap, collision rates, orthogonal overlap, sparsity, sign conflicts
     and effective rank, per module and aggregated (cached per live merge)."""
-    from adapters_store.stats_cache import stats_for_store
-
-    store = _store(request)
-    stats = await run_in_threadpool(stats_for_store, store)
-    return {**stats, "accuracy_matrix": accuracy_matrix(await run_in_threadpool(store.tasks))}
+    return await run_in_threadpool(stats_with_accuracy, _store(request))
 
 
 @router.get("/stats.png", response_class=Response)
 async def stats_png(request: Request) -> Response:
-    from adapters_store.stats_cache import stats_for_store
     from adapters_store.stats_plot import render_stats_png
 
-    store = _store(request)
-    stats = await run_in_threadpool(stats_for_store, store)
-    stats["accuracy_matrix"] = accuracy_matrix(await run_in_threadpool(store.tasks))
+    stats = await run_in_threadpool(stats_with_accuracy, _store(request))
     return Response(await run_in_threadpool(render_stats_png, stats), media_type="image/png")
