@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from adapters_store.errors import CorruptVersion, DiskFull, FingerprintMismatch, StoreError
+from adapters_store.errors import CorruptVersion, DiskFull, FingerprintMismatch, LiveChanged, StoreError
 from adapters_store.evaluation import accuracy_matrix, stats_with_accuracy
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import MergeError
@@ -162,6 +162,9 @@ async def import_adapter(
     }
 
 
+IMPORT_ATTEMPTS = 3  # a training job's publish can move the live model between the read and the write
+
+
 def _publish_import(
     store: AdapterStore,
     name: str,
@@ -170,9 +173,37 @@ def _publish_import(
     max_lora_rank: int,
     audit: list[dict[str, Any]],
 ) -> TaskRecord:
-    """Publish through the store's one atomic path, with the live merge's method; what cannot
-    join it (other target modules, a concat rank beyond the engine's) is a 409."""
-    live, tasks = store.live(), store.tasks()
+    """Publish through the store's one atomic path, under the rules a trained task meets: it
+    joins the live model it was checked against (the store refuses it with LiveChanged when a
+    job published or an admin changed the live tasks meanwhile, and the checks run again on
+    the new live model), with the live merge's method; what cannot join it (other target
+    modules, a concat rank beyond the engine's) is a 409."""
+    for _ in range(IMPORT_ATTEMPTS - 1):
+        try:
+            return _publish_import_once(store, name, adapter, peft_config, max_lora_rank, audit)
+        except LiveChanged:
+            continue
+    try:
+        return _publish_import_once(store, name, adapter, peft_config, max_lora_rank, audit)
+    except LiveChanged as error:
+        raise refuse(
+            f"the live tasks kept changing while the adapter was imported ({error}); try again",
+            "name",
+            code="store_changed",
+            status=409,
+        ) from None
+
+
+def _publish_import_once(
+    store: AdapterStore,
+    name: str,
+    adapter: LoraAdapter,
+    peft_config: dict[str, Any],
+    max_lora_rank: int,
+    audit: list[dict[str, Any]],
+) -> TaskRecord:
+    snapshot = store.snapshot()
+    live, tasks = snapshot.live, snapshot.tasks
     merge = live.method if live is not None else "concat"
     if tasks:
         theirs = sorted(store.task_adapter(tasks[0].name).modules)
@@ -215,6 +246,7 @@ def _publish_import(
             merge,
             subspace=live_subspace.unchanged() if live_subspace is not None else None,
             notes=audit,
+            trained_on=tuple(t.id for t in tasks),
         )
     except TaskExists as error:
         raise refuse(str(error), "name", code="task_exists", status=409) from None
@@ -222,6 +254,8 @@ def _publish_import(
         raise refuse(
             f"cannot join the live {merge} merge: {error}", "weights", code="merge_failed", status=409
         ) from None
+    except LiveChanged:
+        raise  # read the new live model and check again (_publish_import)
     except StoreError as error:
         raise _store_refusal(error, "name") from None
     return publication.task

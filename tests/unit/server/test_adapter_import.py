@@ -150,3 +150,38 @@ def test_bad_names_and_files_are_refused(client: TestClient, external: Path) -> 
     assert post(client, "garbage", garbage).json()["error"]["param"] == "weights"
     lora_only_a = {k: v for k, v in _tensors(external).items() if "lora_B" not in k}
     assert post(client, "half", files(external, tensors=lora_only_a)).status_code == 422
+
+
+def test_an_import_is_checked_against_the_live_model_it_joins(
+    base_model_dir: Path, tmp_path: Path, external: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training job publishes between the import's read of the live model and its write: the
+    import's checks must run again on the model it actually joins (here: the concat rank no
+    longer fits), not publish on what it read before."""
+    settings = ServerSettings(model=base_model_dir, home=tmp_path, admin_key=ADMIN, max_lora_rank=8)
+    with TestClient(create_app(settings, start_engine=False)) as client:
+        store = client.app.state.store  # type: ignore[attr-defined]
+        adapter, _ = parse_peft_lora(
+            (external / "adapter_config.json").read_bytes(),
+            (external / "adapter_model.safetensors").read_bytes(),
+            base_linear_shapes(base_model_dir),
+            max_lora_rank=8,
+        )
+        read_live = type(store).snapshot
+        raced: list[str] = []
+
+        def snapshot_then_a_job_publishes(self):  # type: ignore[no-untyped-def]
+            seen = read_live(self)
+            if not raced:  # the import's read; the jobs' own reads go through untouched
+                raced.extend(["racer", "racer-2"])
+                for name in raced:
+                    self.publish(name, adapter, {"method": "lori-d"}, "concat")
+            return seen
+
+        monkeypatch.setattr(type(store), "snapshot", snapshot_then_a_job_publishes)
+        response = post(client, "zorblat", files(external))
+        assert raced == ["racer", "racer-2"]
+        # rank 4 alone fits 8; joined with the two racers' rank 4 each it does not
+        assert response.status_code == 409, response.text
+        assert response.json()["error"]["code"] == "rank_too_large"
+        assert [t.name for t in store.tasks()] == ["racer", "racer-2"]
