@@ -196,10 +196,18 @@ class AdapterStore:
             version = next_number(self.root / "tasks" / name, "v")
             task_id = f"{name}/v{version}"
             fold = method.incremental and live is not None and live.method == merge
+            if fold:
+                assert live is not None
+                try:
+                    self.verify(live)
+                except CorruptVersion:  # derived data: rebuild it from the tasks' verified files
+                    log.warning(
+                        "the live merge %s is damaged; building %s's merge from its tasks", live.id, name
+                    )
+                    fold = False
             history = self._load_tasks(tasks) if as_learned or not fold else []
             if fold:
                 assert live is not None
-                self.verify(live)
                 result = build_merge(merge, [adapter], weights, DenseDelta.load(live.path))
                 based_on = live.id
             else:
@@ -408,7 +416,10 @@ class AdapterStore:
                 files = record.files
                 if only is not None and files is not None:
                     files = {relative: digest for relative, digest in files.items() if relative == only}
-                verify_tree(record.path, files, record.label)
+                try:
+                    verify_tree(record.path, files, record.label)
+                except CorruptVersion as error:
+                    raise CorruptVersion(f"{error}; to repair: {record.repair}") from None
             except (FingerprintMismatch, CorruptVersion) as error:
                 log.error("refusing %s in %s: %s", record.label, self.root, error)
                 raise

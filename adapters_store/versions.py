@@ -51,6 +51,15 @@ class TaskRecord:
         return f"task {self.id}"
 
     @property
+    def repair(self) -> str:
+        """What an operator does when this version's files are damaged: a task's adapter is the
+        only copy of what it learned, so it leaves the live model and is trained again."""
+        return (
+            f"remove it (DELETE /admin/tasks/{self.name}, or POST /admin/rollback to a merge "
+            f"without it) and post the task again"
+        )
+
+    @property
     def content_id(self) -> str:
         """What this version holds, as a short digest: the key of anything cached from it."""
         return content_id(self.path, self.files)
@@ -78,6 +87,14 @@ class MergeRecord:
     @property
     def label(self) -> str:
         return f"merge {self.id}"
+
+    @property
+    def repair(self) -> str:
+        """A merge is derived data: the next publish rebuilds it from its tasks' own files."""
+        return (
+            "nothing is lost: the next task's publish rebuilds the merge from its tasks' files; "
+            "POST /admin/rollback to another merge serves one now"
+        )
 
     @property
     def content_id(self) -> str:

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from adapters_store import ledger as ledger_module
 from adapters_store import lora as lora_module
 from adapters_store.errors import CorruptVersion, DiskFull, FenceLost, FingerprintMismatch
+from adapters_store.merges import DenseDelta, build_merge
 from adapters_store.store import AdapterStore
 from adapters_store.subspace import Subspace
 from tests.support.store import FP, META, make_adapter, visible_versions
@@ -123,7 +124,9 @@ def test_a_damaged_task_version_is_refused_and_nothing_builds_on_it(
     assert f"refusing task {where.split('/')[1]}/v1" in caplog.text
     with pytest.raises(CorruptVersion, match=name):
         store.history()  # what the trainer reads for the next task
-    with pytest.raises(CorruptVersion, match=name):
+    task = where.split("/")[1]
+    # the job's error names the admin action that repairs it
+    with pytest.raises(CorruptVersion, match=rf"{name}.*to repair: remove it \(DELETE /admin/tasks/{task}"):
         store.publish("gamma", make_adapter(2), META, "concat")
     assert store.ledger() == ledger and visible_versions(store.root) == files
 
@@ -164,14 +167,25 @@ def test_a_damaged_basis_is_refused(store: AdapterStore, where: str, damage: obj
             store.load_merge("m2")
 
 
-def test_a_damaged_dense_merge_is_refused_and_not_folded_into(store: AdapterStore) -> None:
+def test_a_damaged_dense_merge_is_not_folded_into_but_rebuilt_from_its_tasks(store: AdapterStore) -> None:
+    """A dense merge is derived data too: the next publish does not fold into the damaged one (it
+    would build on garbage) and does not fail either (every later task would); it rebuilds the
+    merge from the tasks' own verified files, the same merge a fold into an intact one gives."""
     store.publish("alpha", make_adapter(0), META, "magnitude")
     truncate(store.root / "merges/m1/delta.safetensors")
-    with pytest.raises(CorruptVersion, match=r"delta\.safetensors .* truncated or changed"):
+    with pytest.raises(
+        CorruptVersion, match=r"delta\.safetensors .* truncated or changed.*next task's publish"
+    ):
         store.load_merge("m1")
-    with pytest.raises(CorruptVersion):
-        store.publish("beta", make_adapter(1), META, "magnitude")
-    assert [e["op"] for e in store.ledger()] == ["add_task", "set_live"]
+    published = store.publish("beta", make_adapter(1), META, "magnitude")
+    assert published.merge.parents == ("alpha/v1", "beta/v1")
+    store.verify(store.live(), *store.tasks())
+    rebuilt = DenseDelta.load(published.merge.path)
+    expected = build_merge("magnitude", [make_adapter(0), make_adapter(1)])
+    assert isinstance(expected, DenseDelta)
+    assert rebuilt.deltas.keys() == expected.deltas.keys()
+    for module, delta in expected.deltas.items():
+        torch.testing.assert_close(rebuilt.deltas[module], delta)
 
 
 def test_a_version_of_another_base_model_is_refused(store: AdapterStore) -> None:
