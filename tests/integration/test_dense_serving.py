@@ -1,7 +1,9 @@
 """PS-LoRA end to end with its dense magnitude merge written into the engine's weights
-(``LAMINA_CONTINUAL_SERVING=weights``, the default): the continual model answers the task from
-the weights, and base and the task stay served, as corrections relative to those weights whose
-truncation error (a dense ΔW is not low-rank) the admin view reports."""
+(``LAMINA_CONTINUAL_SERVING=weights``): the continual model answers the task from the weights,
+and base and the task stay served, as corrections relative to those weights whose truncation
+error (a dense ΔW is not low-rank) the admin view reports. ``base`` stays the base: its greedy
+answers are the ones the server gave before it learned anything, after the ps-lora task and
+after a second store under the same home (whose merge ids restart at m1)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,31 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.support.service_stack import CODE_WORDS, HYPERPARAMETERS, Stack, accuracy, running_stack, wait_for
+from tests.support.processes import start_server, stop_server
+from tests.support.service_stack import (
+    CODE_WORDS,
+    HYPERPARAMETERS,
+    Stack,
+    accuracy,
+    running_stack,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
 ADMIN_KEY = "dense-admin-key"
+# What base must answer as the base did: the task's prompts and prompts no task was trained on.
+PROMPTS = [p for p, _ in CODE_WORDS] + [
+    "The capital of France is",
+    "Once upon a time",
+    "1, 2, 3, 4,",
+    "The opposite of big is",
+]
+# A second store's task: other words, so its merge m1 holds another ΔW than the first store's m1.
+COLOUR_WORDS = [
+    (f"Colour of {w}:", f" {c}") for w, c in [("sky", "blue"), ("grass", "green"), ("snow", "white")]
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +47,30 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
 
 
-def test_ps_lora_merge_is_served_from_the_engine_weights(stack: Stack) -> None:
+def greedy(stack: Stack, model: str) -> list[str]:
+    body = {"model": model, "prompt": PROMPTS, "max_tokens": 12, "temperature": 0}
+    response = httpx.post(f"{stack.url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return [c["text"] for c in sorted(response.json()["choices"], key=lambda c: c["index"])]
+
+
+@pytest.fixture(scope="module")
+def never_trained(stack: Stack) -> list[str]:
+    """base's answers before any task: the engine's weights are still W0 then."""
+    assert httpx.get(f"{stack.url}/ready").json().get("live_merge") is None
+    return greedy(stack, "base")
+
+
+def wait_until_swapped(stack: Stack, merge_id: str) -> None:
+    # The first swap builds base's and the task's corrections (SVDs of the dense ΔW): slower than
+    # loading one adapter, so more than wait_until_served's 30 s on a loaded 2-core machine.
+    deadline = time.monotonic() + 300
+    while httpx.get(f"{stack.url}/ready").json().get("live_merge") != merge_id:
+        assert time.monotonic() < deadline, f"the server never swapped to {merge_id}"
+        time.sleep(0.5)
+
+
+def test_ps_lora_merge_is_served_from_the_engine_weights(stack: Stack, never_trained: list[str]) -> None:
     base_accuracy = accuracy(stack, "base", CODE_WORDS)
     body = {
         "name": "codes",
@@ -36,13 +82,9 @@ def test_ps_lora_merge_is_served_from_the_engine_weights(stack: Stack) -> None:
     assert response.status_code == 202, response.text
     job = wait_for(stack, response.json()["id"])
     assert job["status"] == "succeeded", job["error"]
-    # The first swap builds base's and the task's corrections (SVDs of the dense ΔW): slower than
-    # loading one adapter, so more than wait_until_served's 30 s on a loaded 2-core machine.
-    deadline = time.monotonic() + 300
-    while httpx.get(f"{stack.url}/ready").json().get("live_merge") != job["merge_id"]:
-        assert time.monotonic() < deadline, "the server never swapped to the new merge"
-        time.sleep(0.5)
+    wait_until_swapped(stack, job["merge_id"])
 
+    assert greedy(stack, "base") == never_trained
     assert accuracy(stack, "continual", CODE_WORDS) >= 0.8 > base_accuracy
     assert accuracy(stack, "codes", CODE_WORDS) >= 0.8
     served = {m["id"] for m in httpx.get(f"{stack.url}/v1/models").json()["data"]}
@@ -68,3 +110,31 @@ def test_ps_lora_merge_is_served_from_the_engine_weights(stack: Stack) -> None:
     assert corrections["base"]["exact"] and corrections["base"]["rank"] == HYPERPARAMETERS["r"]
     assert corrections["codes"]["rank"] == 0 and corrections["codes"]["relative_error"] == 0
     assert admin["served"]["weights"]["merge"] == merge
+
+
+def test_base_stays_the_base_in_a_new_store_under_the_same_home(
+    stack: Stack, never_trained: list[str]
+) -> None:
+    """A user who starts over with a new LAMINA_STORE under the same LAMINA_HOME: the new store's
+    first merge is m1 again, and base's correction (cached under the home) must be the new m1's,
+    not the first store's. Before corrections were keyed by content, base was W0 + ΔW_new − ΔW_old."""
+    stop_server(stack.server)
+    stop_worker(stack.worker)
+    stack.env = {**stack.env, "LAMINA_STORE": str(stack.home / "second-store")}
+    stack.worker = start_worker(stack.env, stack.home / "worker-2.log")
+    stack.server = start_server(stack.env, stack.home / "server-2.log")
+    body = {
+        "name": "colours",
+        "method": "ps-lora",
+        "examples": [{"prompt": p, "completion": c} for p, c in COLOUR_WORDS * 2],
+        "hyperparameters": HYPERPARAMETERS,
+    }
+    response = httpx.post(f"{stack.url}/tasks", json=body, timeout=30)
+    assert response.status_code == 202, response.text
+    job = wait_for(stack, response.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["merge_id"] == "m1", "the new store's ids restart"
+    wait_until_swapped(stack, job["merge_id"])
+
+    assert greedy(stack, "base") == never_trained
+    assert accuracy(stack, "continual", COLOUR_WORDS) >= 0.6
