@@ -2,7 +2,7 @@
 
 Each merge is a small function registered by name, so that a method preset
 picks its merge with a string and the store never branches on it. Every merge cites the
-equation it implements. Notation (README, "Methods"): task t contributes
+equation it implements. Notation (docs/methods.md): task t contributes
 ΔW_t = s_t · (B_t ⊙ M_t) @ A_t with A_t (r_t, d_in), B_t (d_out, r_t), mask M_t (d_out, r_t)
 (all ones when the task has none) and s_t = alpha_t / r_t.
 
@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapters_store.lora import LoraAdapter, LoraModule
+from adapters_store.lowrank import balanced_factors, padded, top_singular
 
 DELTA_FILE = "delta.safetensors"
 
@@ -67,28 +68,25 @@ class DenseDelta:
         return cls(deltas=load_file(str(Path(directory) / DELTA_FILE)))
 
     def to_lora_svd(self, rank: int) -> tuple[LoraAdapter, float]:
-        """Best rank-``rank`` approximation of every module (Eckart–Young), as one adapter.
+        """Best rank-``rank`` approximation of every module (Eckart–Young, through
+        :func:`adapters_store.lowrank.top_singular`), as one adapter.
 
         Returns the adapter (scale 1, B = U·√S, A = √S·Vᵀ so neither factor dominates) and the
         relative error ‖ΔW − ΔW_R‖_F / ‖ΔW‖_F over all modules together, computed from the
-        discarded singular values. Modules whose rank is below ``rank`` are zero-padded so the
-        adapter has the single rank PEFT's layout needs.
+        discarded energy. Modules whose rank is below ``rank`` are zero-padded so the adapter
+        has the single rank PEFT's layout needs.
         """
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         modules: dict[str, LoraModule] = {}
         kept_sq, total_sq = 0.0, 0.0
         for name, delta in self.deltas.items():
-            U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)  # (m,k) (k,) (k,n)
+            U, S, Vh, rest_sq = top_singular(delta.double(), rank)
             k = min(rank, S.numel())
-            root = S[:k].sqrt()
-            B = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
-            A = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
-            B[:, :k] = U[:, :k] * root  # (d_out, k)
-            A[:k] = root[:, None] * Vh[:k]  # (k, d_in)
-            modules[name] = LoraModule(A=A.float(), B=B.float(), scale=1.0)
+            B, A = balanced_factors(U, S, Vh, k)
+            modules[name] = padded(B, A, rank)
             kept_sq += float((S[:k] ** 2).sum())
-            total_sq += float((S**2).sum())
+            total_sq += float((S**2).sum()) + rest_sq
         error = math.sqrt(max(total_sq - kept_sq, 0.0) / total_sq) if total_sq > 0 else 0.0
         adapter = LoraAdapter(modules=modules)
         check_finite(adapter)

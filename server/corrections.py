@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 
 from adapters_store.lora import LoraAdapter, LoraModule
+from adapters_store.lowrank import balanced_factors, factored_svd, padded, top_singular
 from adapters_store.merges import DenseDelta
 
 TOLERANCE = 1e-5
 """Relative to Σ‖B_i‖·‖A_i‖ (+ ‖dense‖) of a module's terms: smaller singular values are rounding."""
-_OVERSAMPLE = 16
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Correction:
 
     adapter: LoraAdapter | None
     rank: int | None  # the correction's numerical rank (what an exact LoRA of it needs); None:
-    # above ``served_rank``, not computed (a large dense term, see :func:`_dense_svd`)
+    # above ``served_rank``, not computed (a large dense term, see :func:`top_singular`)
     served_rank: int  # the rank of ``adapter`` (<= the max_rank asked for)
     relative_error: float  # ‖C − served‖_F / ‖C‖_F over all modules; 0.0 when exact
 
@@ -107,10 +107,10 @@ def _correction(target: LoraAdapter | None, live: Live, max_rank: int) -> Correc
             dense = -live.deltas[name].double()
         rest_sq = 0.0  # ‖C‖² outside the directions computed
         if dense is None:
-            left, S, right = _factored_svd(pairs)
+            left, S, right = factored_svd(pairs)
         else:
             total = dense + sum((B @ A for B, A in pairs), torch.zeros_like(dense))
-            left, S, right, rest_sq = _dense_svd(total, max_rank)
+            left, S, right, rest_sq = top_singular(total, max_rank)
         scale = sum(float(B.norm() * A.norm()) for B, A in pairs)
         scale += float(dense.norm()) if dense is not None else 0.0
         threshold = TOLERANCE * scale
@@ -121,13 +121,12 @@ def _correction(target: LoraAdapter | None, live: Live, max_rank: int) -> Correc
         rank = None if rank is None or unknown else max(rank, k_module)
         kept_sq += float((S[:keep] ** 2).sum())
         total_sq += float((S[:k_module] ** 2).sum()) + (rest_sq if unknown else 0.0)
-        root = S[:keep].sqrt()
-        factors[name] = (left[:, :keep] * root, root[:, None] * right[:keep])
+        factors[name] = balanced_factors(left, S, right, keep)
     served_rank = max((B.shape[1] for B, _ in factors.values()), default=0)
     error = math.sqrt(max(total_sq - kept_sq, 0.0) / total_sq) if total_sq > 0 else 0.0
     if served_rank == 0:
         return Correction(None, 0, 0, 0.0)
-    modules = {name: _padded(B, A, served_rank) for name, (B, A) in factors.items()}
+    modules = {name: padded(B, A, served_rank) for name, (B, A) in factors.items()}
     return Correction(LoraAdapter(modules=modules), rank, served_rank, error)
 
 
@@ -149,43 +148,3 @@ def _live_names(live: Live) -> list[str]:
 
 def _pair(module: LoraModule, sign: float) -> tuple[torch.Tensor, torch.Tensor]:
     return sign * module.scale * module.B.double(), module.A.double()  # (d_out, r), (r, d_in)
-
-
-def _factored_svd(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-    """SVD of Σ B_i A_i without forming it: QR of the stacked factors, SVD of the k × k core."""
-    B = torch.cat([b for b, _ in pairs], dim=1)  # (d_out, k)
-    A = torch.cat([a for _, a in pairs], dim=0)  # (k, d_in)
-    Qb, Rb = torch.linalg.qr(B)  # (d_out, k'), (k', k)
-    Qa, Ra = torch.linalg.qr(A.T)  # (d_in, k''), (k'', k)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)  # core (k', k'')
-    return Qb @ U, S, Vh @ Qa.T  # (d_out, m), (m,), (m, d_in)
-
-
-def _dense_svd(delta: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Top singular directions of a dense C (d_out, d_in) and the energy ‖C‖² left outside them.
-
-    A full SVD when C is small against ``max_rank``; otherwise a randomized range finder (Halko et
-    al.: C·Ω, two power iterations, QR) of width max_rank + ``_OVERSAMPLE`` and the exact SVD of
-    Qᵀ·C. The served factors are then Q's top directions, and the error reported for them is exact
-    (‖C − P·C‖² = ‖C‖² − ‖P·C‖² for the orthogonal projection P), if slightly above the optimum."""
-    width = max_rank + _OVERSAMPLE
-    if 2 * width >= min(delta.shape):
-        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-        return U, S, Vh, 0.0
-    generator = torch.Generator().manual_seed(0)
-    omega = torch.randn(delta.shape[1], width, generator=generator, dtype=delta.dtype)  # (d_in, w)
-    Q, _ = torch.linalg.qr(delta @ omega)  # (d_out, w)
-    for _ in range(2):  # power iterations sharpen the range when the spectrum decays slowly
-        Q, _ = torch.linalg.qr(delta.T @ Q)
-        Q, _ = torch.linalg.qr(delta @ Q)
-    U, S, Vh = torch.linalg.svd(Q.T @ delta, full_matrices=False)  # (w, w) (w,) (w, d_in)
-    rest_sq = max(float(delta.norm() ** 2) - float((S**2).sum()), 0.0)
-    return Q @ U, S, Vh, rest_sq
-
-
-def _padded(B: torch.Tensor, A: torch.Tensor, rank: int) -> LoraModule:
-    """Zero-pad to ``rank`` (PEFT's layout has one rank per adapter), fp32, scale 1."""
-    Bp = torch.zeros(B.shape[0], rank, dtype=torch.float64)
-    Ap = torch.zeros(rank, A.shape[1], dtype=torch.float64)
-    Bp[:, : B.shape[1]], Ap[: A.shape[0]] = B, A
-    return LoraModule(A=Ap.float(), B=Bp.float(), scale=1.0)
