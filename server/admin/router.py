@@ -31,7 +31,7 @@ from server.admin.auth import key_fingerprint, require_admin
 from server.admin.imports import base_linear_shapes, parse_peft_lora, refuse
 from server.errors import APIError
 from server.model_registry import CONTINUAL
-from trainer.contract.admission import IMPORTED
+from trainer.contract.admission import IMPORTED, AdmissionError, check_concat_rank
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -216,18 +216,17 @@ def _publish_import_once(
                 code="modules_differ",
                 status=409,
             )
-    if (
-        merge == "concat"
-        and live is not None
-        and int(live.meta.get("rank") or 0) + adapter.rank > max_lora_rank
-    ):
-        raise refuse(
-            f"the continual concat merge would have rank {int(live.meta['rank']) + adapter.rank}, above "
-            f"max_lora_rank {max_lora_rank}",
-            "weights",
-            code="rank_too_large",
-            status=409,
-        )
+    if merge == "concat":
+        try:
+            check_concat_rank(
+                (int(t.meta.get("rank", 0)) for t in tasks),
+                adapter.rank,
+                max_lora_rank,
+                "weights",
+                "Remove a task, or raise LAMINA_MAX_LORA_RANK.",
+            )
+        except AdmissionError as error:
+            raise refuse(error.message, error.param, code=error.code, status=409) from None
     live_subspace = store.subspace()  # inflora: keep protecting the earlier tasks' inputs
     meta = {
         "method": IMPORTED,

@@ -3,6 +3,7 @@ HTTP status that is (``server/training/service.py``), so no trainer code speaks 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -35,3 +36,17 @@ class AdmissionError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def check_concat_rank(live_ranks: Iterable[int], rank: int, max_lora_rank: int, param: str, fix: str) -> None:
+    """The one concat rank check, for a trained task and an imported adapter alike: a concat
+    merge's rank is the sum of its tasks' ranks, and the engine serves a LoRA of at most
+    ``max_lora_rank``. ``fix`` tells the user what to change (it differs between the two)."""
+    total = sum(live_ranks) + rank
+    if total > max_lora_rank:
+        raise AdmissionError(
+            AdmissionReason.rank_exceeded,
+            f"the continual concat merge would have rank {total}, above the server's max_lora_rank "
+            f"{max_lora_rank}. {fix}",
+            param,
+        )

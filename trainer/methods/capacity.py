@@ -15,7 +15,7 @@ from typing import Any
 from adapters_store.lora import LoraAdapter
 from adapters_store.subspace import free_directions
 from trainer.config import Hyperparameters
-from trainer.contract.admission import AdmissionError, AdmissionReason
+from trainer.contract.admission import AdmissionError, AdmissionReason, check_concat_rank
 from trainer.methods.catalog import CapacityRequest
 
 
@@ -28,14 +28,13 @@ def loraf_mask_size(mask_fraction: float, d_out: int, rank: int) -> int:
 def concat_rank(request: CapacityRequest[Hyperparameters]) -> Hyperparameters:
     """The concat merge's rank is the sum of the tasks' ranks; the engine serves up to max_lora_rank."""
     hp = request.hp
-    rank = sum(int(t.meta.get("rank", 0)) for t in request.tasks) + hp.r
-    if rank > request.max_lora_rank:
-        raise AdmissionError(
-            AdmissionReason.rank_exceeded,
-            f"the continual concat merge would have rank {rank}, above the server's max_lora_rank "
-            f"{request.max_lora_rank}. Lower hyperparameters.r, remove a task, or raise LAMINA_MAX_LORA_RANK.",
-            "hyperparameters.r",
-        )
+    check_concat_rank(
+        (int(t.meta.get("rank", 0)) for t in request.tasks),
+        hp.r,
+        request.max_lora_rank,
+        "hyperparameters.r",
+        "Lower hyperparameters.r, remove a task, or raise LAMINA_MAX_LORA_RANK.",
+    )
     return hp
 
 

@@ -183,5 +183,6 @@ def test_an_import_is_checked_against_the_live_model_it_joins(
         assert raced == ["racer", "racer-2"]
         # rank 4 alone fits 8; joined with the two racers' rank 4 each it does not
         assert response.status_code == 409, response.text
-        assert response.json()["error"]["code"] == "rank_too_large"
+        error = response.json()["error"]
+        assert error["code"] == "rank_exceeded" and "would have rank 12" in error["message"]
         assert [t.name for t in store.tasks()] == ["racer", "racer-2"]
