@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint docs
 
 setup: $(VENV)/.installed
 
@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
+	$(BIN)/python -m pip install -q -e ".[cpu,dev,docs]"
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
@@ -25,3 +25,6 @@ test: setup
 lint: setup
 	$(BIN)/ruff check server trainer adapters_store tests bench
 	$(BIN)/mypy
+
+docs: setup
+	$(BIN)/python -m mkdocs build --strict

@@ -148,21 +148,60 @@ def serve(
 @app.command()
 def demo(
     port: Annotated[int, typer.Option(help="Port of the demo server.")] = 8000,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="A catalogue model (`lamina model list`), e.g. smollm2-135m-instruct, installed first "
+            "if missing; or a model directory. Default: LAMINA_MODEL, else the embedded model.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Server + worker on the embedded model, no external services (Ctrl-C stops both)."""
+    """Server + worker on the embedded model (or --model), no external services (Ctrl-C stops both)."""
     import os
 
     from server.processes import start_worker
 
+    env = {"LAMINA_PORT": str(port)}
+    if model is not None:
+        env["LAMINA_MODEL"] = demo_model(model)
     # Its own process group, output to this terminal; stopped (group and stragglers) on every
     # way out of the server: Ctrl-C, SIGTERM, a bad setting, a crash.
-    worker = start_worker({"LAMINA_PORT": str(port)}, log_path=None)
+    worker = start_worker(env, log_path=None)
     try:
-        os.environ["LAMINA_PORT"] = str(port)
+        os.environ.update(env)  # the server reads the same settings as the worker
         typer.echo(f"Lamina demo: http://127.0.0.1:{port}/v1 (model names: base, continual, your tasks)")
         serve(host=None, port=port, model=None)
     finally:
         worker.stop(timeout_s=30)
+
+
+def demo_model(value: str) -> str:
+    """The ``LAMINA_MODEL`` value for ``lamina demo --model``: a model directory as given; any
+    other value is a catalogue name, installed if missing (an installed copy is only verified) by
+    ``lamina model install``. That command is the trainer's (mounted through the
+    ``lamina.commands`` entry points), so it runs as a subprocess: this module imports nothing of
+    the trainer but its contract, and the conversion's memory is gone before the server starts.
+    Its progress bar shows in the terminal, as it does for ``lamina model install``."""
+    import subprocess
+    import sys
+
+    if Path(value).is_dir():
+        return value
+    typer.echo(
+        f"lamina demo: installing {value} unless it is installed already (lamina model install {value})"
+    )
+    # its output, the download's progress bar included, goes to the terminal as it comes
+    run = subprocess.run([sys.executable, "-m", "server", "model", "install", value])
+    if run.returncode == 2:  # a usage error: no catalogue model has this name
+        fail(
+            f"--model {value}: not a model directory, and no catalogue model has that name "
+            "(`lamina model list` shows the catalogue)",
+            2,
+        )
+    if run.returncode != 0:
+        fail(f"--model {value}: lamina model install failed (exit {run.returncode}; its error is above)")
+    return value
 
 
 @app.command()

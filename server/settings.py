@@ -71,7 +71,7 @@ class ServerSettings(LaminaSettings):
     default_method: str = Field(
         "inflora",
         description="Method of a POST /tasks that names none: inflora forgets least on the benchmark "
-        "(README, Results).",
+        "(docs/results.md).",
     )
     max_tokens_limit: int = Field(
         4096, ge=1, description="Upper bound a single request may ask for in max_tokens."

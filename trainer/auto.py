@@ -3,7 +3,7 @@
 A task posted with nothing but examples must learn. These rules were measured on the embedded
 model and on SmolLM2-135M-Instruct with task shapes a user would post (``bench/defaults``: a few
 dozen memorised facts; a rule over a hundred examples, scored on inputs it never saw); the
-README's "Defaults that learn" table holds the numbers behind each constant.
+"Defaults that learn" table of docs/results.md holds the numbers behind each constant.
 
 - batch size: ``min(BATCH, n)``: small batches give small tasks enough optimizer steps.
 - steps: ``clamp(⌈MIN_EPOCHS · n / batch⌉, MIN_STEPS, MAX_STEPS)``: at least MIN_STEPS optimizer

@@ -4,7 +4,7 @@ This module imports neither torch nor transformers: the API process imports it t
 ``POST /tasks`` request before anything is queued, so a bad key is rejected at the door with
 the offending field's name instead of failing minutes later inside a worker.
 
-A method is three independent choices (README, "Methods"): a *parametrization* (how
+A method is three independent choices (docs/methods.md): a *parametrization* (how
 ΔW = scale · B @ A is trained), *regularizers* added to the loss, each with its own λ, and a
 *merge* (how the continual model combines the tasks). :data:`PRESETS` names the papers'
 combinations; :class:`Hyperparameters` holds the numbers a user may tune per task.
@@ -30,7 +30,7 @@ class PluginSettings(BaseSettings):
     plugins: str = Field(
         "",
         description="Comma-separated modules imported before the hyper-parameters are built, in the "
-        "server and the worker alike; each registers its parts and presets at import (README, Methods).",
+        "server and the worker alike; each registers its parts and presets at import (docs/contributing.md).",
     )
 
     def modules(self) -> list[str]:
@@ -255,7 +255,7 @@ else:
 
 
 class MethodSpec(BaseModel):
-    """One continual-learning method: parametrization + regularizers + merge (README, "Methods")."""
+    """One continual-learning method: parametrization + regularizers + merge (docs/methods.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

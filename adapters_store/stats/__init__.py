@@ -1,6 +1,6 @@
 """Statistics of the live task adapters: how much they share, collide and overlap (the admin view).
 
-The README's "Admin view" says what each figure tells an operator. Notation (PEFT's, as everywhere in Lamina): task t adds
+docs/api.md ("Store statistics") says what each figure tells an operator. Notation (PEFT's, as everywhere in Lamina): task t adds
 ΔW_t = s_t · (B_t ⊙ M_t) @ A_t to a target module of shape (d_out, d_in), with A_t (r_t, d_in),
 B_t (d_out, r_t), mask M_t (d_out, r_t; all ones when the task has none) and s_t = α / r_t.
 B_t is stored masked (:class:`~adapters_store.lora.LoraModule`), so B_t ⊙ M_t = B_t.

@@ -1,6 +1,6 @@
 """The method catalogue: every parametrization, regularizer, merge and preset, registered once.
 
-A method is three independent choices (README, "Methods"). Each choice is a :class:`Part`
+A method is three independent choices (docs/methods.md). Each choice is a :class:`Part`
 that names, in one place, everything the rest of Lamina needs to know about it:
 
 - its hyper-parameters (:class:`Knob`: type, default, bounds, a description): they become fields
