@@ -7,13 +7,16 @@ unloads versions that no alias points at and no request still holds (server/engi
 keeps one record per engine adapter and its state).
 
 A version that fails to load leaves the aliases as they were: the live model never changes
-half-way. The live merge (``continual``) is served one of two ways (``LAMINA_CONTINUAL_SERVING``):
+half-way. The live merge (``continual``) is served one of two ways (``LAMINA_CONTINUAL_SERVING``;
+its default, ``auto``, is ``lora`` under the default task routing, where general prompts go to the
+base and task prompts to the tasks' own models, and ``weights`` otherwise):
 
-- ``weights`` (default): W0 + ΔW is written into the engine's weights, for every merge kind
+- ``weights``: W0 + ΔW is written into the engine's weights, for every merge kind
   (exact, and no LoRA cost per token); ``base`` and every task are served as correction
   adapters relative to those weights (server/weights_sync.py). A swap drains running requests
   first, so each request runs on the weights it started with.
-- ``lora``: the merge as a LoRA adapter; a dense (magnitude) merge as its best rank-R
+- ``lora``: the engine's weights stay W0, so ``base`` is exact at the base's speed and no swap
+  holds requests back; the merge is a LoRA adapter; a dense (magnitude) merge as its best rank-R
   approximation at the engine's max_lora_rank (the relative error is logged and reported). The
   store writes that export beside the merge when its rank matches; otherwise it is computed
   here once, into the cache. ``base`` and every task keep their own weights.

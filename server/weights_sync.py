@@ -1,8 +1,9 @@
 """Serve the live merge from the engine's weights, and every other model as a correction.
 
 ``continual`` is the model users query most, and a LoRA's per-token cost grows with its rank,
-which for a concat merge grows with every task (docs/results.md, Performance). So by default
-(``LAMINA_CONTINUAL_SERVING=weights``) the live merge of any kind is written into the engine:
+which for a concat merge grows with every task (docs/results.md, Performance). So with
+``LAMINA_CONTINUAL_SERVING=weights`` (what ``auto`` means when routing is not ``task``, where
+``continual`` carries the traffic) the live merge of any kind is written into the engine:
 W = W0 + ΔW_live (``Engine.apply_dense_delta``), and ``continual`` runs at the base model's speed.
 ``base`` and each task's model stay served, as LoRA corrections relative to W
 (server/corrections.py): exact when their rank fits ``max_lora_rank``, otherwise truncated
