@@ -5,7 +5,7 @@ earlier tasks' answers unless A_t x_old ≈ 0. ``inflora`` (after GPM, Saha et a
 InfLoRA, Liang & Li 2024) keeps, per target module, an orthonormal basis U (d_in × k) of the
 input directions the live tasks' inputs occupy, and draws each new task's frozen A in the
 orthogonal complement of span(U). This module only stores and reads that basis; it is computed
-by the trainer (``trainer/subspace.py``), from the served model's activations.
+by the trainer (``trainer/subspace_growth.py``), from the served model's activations.
 
 The basis is cumulative and versioned with the merge it protects: merge ``m<k>`` protects the
 directions of every parent of ``m<k>``. A rollback therefore brings back exactly the basis of

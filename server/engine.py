@@ -4,7 +4,7 @@ Everything that touches vLLM's API lives here, so the rest of the server deals i
 sampling parameters, adapter paths and weight files; nothing else holds the ``AsyncLLM``. vLLM
 runs its engine core and model worker in child processes; ``shutdown`` must run on every exit
 path or they outlive the server. What runs inside the worker process (writing dense weights) is
-server/engine_worker.py, which vLLM imports there by name.
+server/vllm_weights.py, which vLLM imports there by name.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.engine_worker import APPLY_METHOD, PROBE_METHOD, WORKER_EXTENSION
 from server.settings import ServerSettings
+from server.vllm_weights import APPLY_METHOD, PROBE_METHOD, WORKER_EXTENSION
 
 if TYPE_CHECKING:  # vLLM is heavy to import; only the engine process pays for it, once.
     from vllm import RequestOutput, SamplingParams
@@ -69,7 +69,7 @@ class Engine:
             max_lora_rank=s.max_lora_rank,  # type: ignore[arg-type]  # validated in settings
             max_loras=s.max_loras,
             max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
-            # Adds Lamina's dense-weight writer to vLLM's worker (server/engine_worker.py).
+            # Adds Lamina's dense-weight writer to vLLM's worker (server/vllm_weights.py).
             worker_extension_cls=WORKER_EXTENSION,
             # JSON outputs (response_format, forced tool calls) without free whitespace between
             # values: small models given it may write newlines until max_tokens (xgrammar: the
@@ -139,7 +139,7 @@ class Engine:
         directory in PEFT layout (ΔW = scale · B @ A, formed in the worker). Every module changed
         by an earlier call and absent from this delta goes back to W0, so the engine always serves
         W0 + (the latest ΔW). The worker checks the delta against the model (names, shapes) before
-        it writes any weight (server/engine_worker.py). Requests still running are preempted and
+        it writes any weight (server/vllm_weights.py). Requests still running are preempted and
         recomputed with the new weights (the hot-swap drains them first, server/weights_sync.py),
         and the prefix cache is emptied, since cached KV blocks were computed with the old ones.
         """

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from server.worker_spin import workers_park_when_idle
+from server.vllm_idle import workers_park_when_idle
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,10 @@ def leave_process_group() -> None:
 def run_in_own_group(*args: Any, **kwargs: Any) -> Any:
     """The engine core's entry point, first moved into its own process group. Its workers are
     started after this and inherit the group; they also stop spinning a CPU core 50 ms after
-    their last message rather than a second after (server/worker_spin.py)."""
+    their last message rather than a second after (server/vllm_idle.py)."""
     leave_process_group()
     watch_parent()
-    workers_park_when_idle()  # see server/worker_spin.py
+    workers_park_when_idle()  # see server/vllm_idle.py
     target = _original
     if target is None:  # started with ``spawn``: vLLM in this process was never patched
         from vllm.v1.engine.core import EngineCoreProc

@@ -10,7 +10,7 @@ one forward pass over a task's sequences gives every module's C. Three things ke
   eigendecomposition downstream can run once per input too.
 - While a module has seen fewer real tokens than d_in, the tokens themselves X (n, d_in) are kept
   instead of C = XᵀX: smaller, and C's eigenvectors then come from the n × n Gram matrix
-  (:func:`trainer.methods.input_subspace.grow_basis_from_rows`). A task of a few hundred tokens
+  (:func:`trainer.methods.subspace_algebra.grow_basis_from_rows`). A task of a few hundred tokens
   never forms a d_in × d_in matrix; past d_in tokens the rows fold into C (fp64).
 - Only the last position's logits are computed (``logits_to_keep=1``): the output layer over every
   position is a large share of a small model's forward pass and no target module reads it.

@@ -37,7 +37,7 @@ from trainer.methods import catalog
 from trainer.methods.registry import PARAMETRIZATIONS
 from trainer.routing import fit_task_prototype
 from trainer.served import merge_deltas
-from trainer.subspace import base_subspace, grow_subspace, target_names
+from trainer.subspace_growth import base_subspace, grow_subspace, target_names
 from trainer.suite.general import GeneralSet, load_or_build
 
 BASE_MIN_FREE_TASKS = 4  # the base model's seed leaves every module room for this many tasks
@@ -325,7 +325,7 @@ def _seed_subspace(
     cache_dir: Path | None = None,
 ) -> tuple[Subspace, dict[str, Any]]:
     """The subspace a store's first inflora task starts from: the served model's own inputs on
-    text it samples (:func:`trainer.subspace.base_subspace`), leaving room for
+    text it samples (:func:`trainer.subspace_growth.base_subspace`), leaving room for
     BASE_MIN_FREE_TASKS tasks of rank r in every module.
 
     On an empty store the served model is the base alone, so the seed depends on the base model

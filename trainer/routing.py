@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapters_store.atomic import write_atomically
 from adapters_store.routing import AppliesTo, PromptEmbedder, RoutePrototype, fit_prototype, routing_text
 from trainer.config import ChatExample, TrainingExample
-from trainer.subspace import sample_from_bos
+from trainer.subspace_growth import sample_from_bos
 
 GENERAL_SAMPLES = 256  # base-sampled prefixes the thresholds are calibrated against
 GENERAL_TOKENS = (6, 24)  # their lengths in tokens, drawn uniformly per prefix

@@ -60,7 +60,7 @@ POLL_S = 10.0  # each replica's ledger poll (LAMINA_LEDGER_POLL_S)
 # A replica following the Redis event: the issue's 1 s, plus 0.2 s for this test's sampling (both
 # replicas' /ready in turn every 50 ms, each answer slower on a loaded 2-core machine). Measured
 # 0.02-0.19 s per replica; it was 1.05-1.10 s for one replica of the two while vLLM's workers,
-# pinned to one core, spun on it for a second after each message (server/worker_spin.py).
+# pinned to one core, spun on it for a second after each message (server/vllm_idle.py).
 EVENT_FOLLOW_S = 1.2
 SYNC_SLACK_S = 1.5  # loading a version and this test's 50 ms /ready sampling, on a loaded 2-core machine
 ADMIN_KEY = "replicas-admin-key"

@@ -21,8 +21,8 @@ from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.subspace import Subspace
 from trainer.config import Hyperparameters, MethodSpec
 from trainer.methods.capacity import loraf_mask_size
-from trainer.methods.input_subspace import leading_free_directions, project_rows
 from trainer.methods.registry import Layers, LoraParams
+from trainer.methods.subspace_algebra import leading_free_directions, project_rows
 
 # Module i of a task gets the seed task_seed * stride + i (i in sorted module-name order), so
 # no two (task, module) pairs share a seed for models with fewer than `stride` target modules.

@@ -14,7 +14,7 @@ from trainer.config import Hyperparameters, resolve_method
 from trainer.loop import load_base
 from trainer.publish import publish_trained, train_for_store
 from trainer.served import merge_deltas, merged_into
-from trainer.subspace import _through_first_eos, base_subspace, target_names
+from trainer.subspace_growth import _through_first_eos, base_subspace, target_names
 from trainer.suite.probe import build_probe, probe_accuracy
 from trainer.suite.tasks import get_task
 

@@ -15,9 +15,9 @@ from tests.support.models import tiny_llama
 from trainer.activations import input_covariances
 from trainer.admission import AdmissionError, admit
 from trainer.config import Hyperparameters, resolve_method
-from trainer.methods.input_subspace import grow_basis, leading_free_directions, project_rows
 from trainer.methods.parametrizations import CapacityError
 from trainer.methods.registry import PARAMETRIZATIONS, LoraParams
+from trainer.methods.subspace_algebra import grow_basis, leading_free_directions, project_rows
 
 D_IN = 24
 ENERGY = 0.99

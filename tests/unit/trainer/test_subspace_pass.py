@@ -16,14 +16,14 @@ from trainer.activations import InputMoment, input_moments
 from trainer.config import Hyperparameters, resolve_method
 from trainer.loop import forward_batches, load_base, tokenize
 from trainer.methods import parametrizations as parametrizations_module
-from trainer.methods.input_subspace import (
+from trainer.methods.registry import PARAMETRIZATIONS, LoraParams
+from trainer.methods.subspace_algebra import (
     COMPLEMENT_FROM,
     grow_basis,
     grow_basis_from_rows,
     leading_free_directions,
 )
-from trainer.methods.registry import PARAMETRIZATIONS, LoraParams
-from trainer.subspace import grow_subspace, target_names
+from trainer.subspace_growth import grow_subspace, target_names
 from trainer.suite.tasks import get_task
 
 ENERGY = 0.95

@@ -1,4 +1,4 @@
-"""vLLM's model worker parks 50 ms after its last message (server/worker_spin.py): a real
+"""vLLM's model worker parks 50 ms after its last message (server/vllm_idle.py): a real
 shared-memory queue reader, waiting idle, burns a small part of a core instead of all of it,
 and the engine core starts its workers through the entry point that sets this up."""
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from server import worker_spin
+from server import vllm_idle
 
 IDLE_WAIT_S = 0.5
 
@@ -27,7 +27,7 @@ def vllm_as_shipped() -> Iterator[None]:
     yield
     SpinCondition.__init__ = init  # type: ignore[method-assign]
     WorkerProc.worker_main = entry  # type: ignore[method-assign]
-    worker_spin._original = None
+    vllm_idle._original = None
 
 
 def idle_reader_cpu_s() -> tuple[float, float]:
@@ -61,9 +61,9 @@ def idle_reader_cpu_s() -> tuple[float, float]:
 
 
 def test_an_idle_reader_parks_after_the_short_spin(vllm_as_shipped: None) -> None:
-    worker_spin.park_idle_readers()
+    vllm_idle.park_idle_readers()
     cpu_s, spin_s = idle_reader_cpu_s()
-    assert spin_s == worker_spin.IDLE_SPIN_S
+    assert spin_s == vllm_idle.IDLE_SPIN_S
     # vLLM's own reader spins through the whole wait (~0.45 s of CPU here); ours parks after 50 ms
     assert cpu_s < 0.2, f"the idle reader used {cpu_s:.3f} s of CPU in {IDLE_WAIT_S} s"
 
@@ -72,10 +72,10 @@ def test_the_engine_core_starts_its_workers_through_run_worker(vllm_as_shipped: 
     from vllm.v1.executor.multiproc_executor import WorkerProc
 
     vllm_entry = WorkerProc.worker_main
-    worker_spin.workers_park_when_idle()
-    worker_spin.workers_park_when_idle()  # twice: still vLLM's entry underneath, not our own
-    assert WorkerProc.worker_main is worker_spin.run_worker
-    assert worker_spin._original is vllm_entry
+    vllm_idle.workers_park_when_idle()
+    vllm_idle.workers_park_when_idle()  # twice: still vLLM's entry underneath, not our own
+    assert WorkerProc.worker_main is vllm_idle.run_worker
+    assert vllm_idle._original is vllm_entry
 
 
 def test_run_worker_shortens_the_spin_then_runs_the_worker(vllm_as_shipped: None) -> None:
@@ -87,6 +87,6 @@ def test_run_worker_shortens_the_spin_then_runs_the_worker(vllm_as_shipped: None
         seen.append((args, kwargs, getattr(SpinCondition.__init__, "lamina_spin_s", None)))
         return "ran"
 
-    worker_spin._original = worker_main
-    assert worker_spin.run_worker(1, rank=0) == "ran"
-    assert seen == [((1,), {"rank": 0}, worker_spin.IDLE_SPIN_S)]
+    vllm_idle._original = worker_main
+    assert vllm_idle.run_worker(1, rank=0) == "ran"
+    assert seen == [((1,), {"rank": 0}, vllm_idle.IDLE_SPIN_S)]

@@ -22,7 +22,7 @@ Cost: the pass runs after every task, so it is kept to one forward pass and one
 eigendecomposition per *distinct module input* (q/k/v share one, gate/up another:
 :mod:`trainer.activations` finds them by tensor identity), on the task's token rows while they
 are fewer than d_in (an n × n problem) and in span(U)'s complement once U is large
-(:mod:`trainer.methods.input_subspace`). Memory: the covariances are d_in × d_in per input,
+(:mod:`trainer.methods.subspace_algebra`). Memory: the covariances are d_in × d_in per input,
 measured in groups that fit a budget; the embedded model and SmolLM2-135M need one pass.
 """
 
@@ -38,7 +38,7 @@ from adapters_store.subspace import Subspace
 from trainer.activations import InputMoment, input_moments
 from trainer.config import TrainingExample
 from trainer.loop import forward_batches, tokenize
-from trainer.methods.input_subspace import grow_basis, grow_basis_from_rows
+from trainer.methods.subspace_algebra import grow_basis, grow_basis_from_rows
 from trainer.served import merged_into
 
 BASE_SAMPLES = 64  # sequences the base model samples to seed the subspace

@@ -20,7 +20,7 @@ files, which Lamina never writes, so the worker re-reads the slices it needs fro
 time. The worker only remembers *which* modules it has changed, so a later apply (or the
 rollback, ``delta_path=None``) can put every one of them back to W0 exactly, bit for bit.
 
-Facts about vLLM 0.32 this relies on (each checked by tests/unit/server/test_engine_worker.py or an integration test):
+Facts about vLLM 0.32 this relies on (each checked by tests/unit/server/test_vllm_weights.py or an integration test):
 
 - LoRA wraps every targeted linear layer (``qkv_proj.base_layer`` holds the real layer) and
   the model fuses projections: ``qkv_proj`` rows are [q; k; v], ``gate_up_proj`` rows are
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the worker imports torch itself; this module must stay light to import
     import torch
 
-WORKER_EXTENSION = "server.engine_worker.DenseWeightsExtension"
+WORKER_EXTENSION = "server.vllm_weights.DenseWeightsExtension"
 """Pass as ``AsyncEngineArgs(worker_extension_cls=...)`` so the worker has the methods below."""
 
 APPLY_METHOD = "lamina_apply_dense_delta"
