@@ -2,7 +2,7 @@
 
 Two places turn a ΔW into a LoRA of bounded rank: a dense merge exported as a PEFT adapter
 (:meth:`adapters_store.merges.DenseDelta.to_lora_svd`) and the server's corrections relative to
-the live weights (``server/corrections.py``). Both keep the top singular directions
+the live weights (``server/swap/corrections.py``). Both keep the top singular directions
 (Eckart–Young) and report the relative error from the energy left out, so they share these
 functions rather than two SVD routines that could drift apart.
 """

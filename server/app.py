@@ -27,16 +27,16 @@ from server.engine import Engine
 from server.errors import install_error_handlers
 from server.finetuning.router import router as finetuning_router
 from server.finetuning.service import FineTuningService
-from server.hotswap import AdapterSync
 from server.limits import BodySizeLimit
 from server.metrics import LaminaMetrics
-from server.model_registry import CONTINUAL, ModelRegistry
 from server.openai.router import router as openai_router
 from server.openai.router import tokenizer_router
 from server.openai.routing import ContinualRouter
 from server.openai.serving import CompletionService
 from server.request_id import RequestIdMiddleware, install_log_records
 from server.settings import ServerSettings
+from server.swap.registry import CONTINUAL, ModelRegistry
+from server.swap.sync import AdapterSync
 from server.training.router import document_task_schema
 from server.training.router import router as training_router
 from server.training.service import TrainingService

@@ -140,7 +140,7 @@ class Engine:
         by an earlier call and absent from this delta goes back to W0, so the engine always serves
         W0 + (the latest ΔW). The worker checks the delta against the model (names, shapes) before
         it writes any weight (server/vllm_weights.py). Requests still running are preempted and
-        recomputed with the new weights (the hot-swap drains them first, server/weights_sync.py),
+        recomputed with the new weights (the hot-swap drains them first, server/swap/weights.py),
         and the prefix cache is emptied, since cached KV blocks were computed with the old ones.
         """
         started = time.perf_counter()

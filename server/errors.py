@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.model_registry import ModelNotFound
 from server.request_id import HEADER, current_request_id
+from server.swap.registry import ModelNotFound
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from trainer.contract.jobs import JobStatus
 
 if TYPE_CHECKING:
     from adapters_store.store import AdapterStore, MergeRecord, TaskRecord
-    from server.model_registry import Route
+    from server.swap.registry import Route
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ Any merge can be served this way: a dense one (PS-LoRA's magnitude merge, a
 :class:`~adapters_store.merges.DenseDelta`, which is not low-rank and cannot be an exact LoRA)
 and a LoRA one (concat, sum: exact sums W0 + Σ wₜΔWₜ, whose rank grows with every task and
 whose per-token LoRA cost grows with it). The continual model then costs what the base model
-costs per token; server/corrections.py serves the other models relative to these weights.
+costs per token; server/swap/corrections.py serves the other models relative to these weights.
 
 How W0 is kept for rollback: it is not kept at all. W0 is the base model's own safetensors
 files, which Lamina never writes, so the worker re-reads the slices it needs from disk each

@@ -6,7 +6,7 @@
 The goal this measures (issue 15): ``continual`` TPOT ≤ 1.05× the base model's on the same server,
 with 1, 8 and 32 tasks of every merge kind, with the merge written into the weights
 (``LAMINA_CONTINUAL_SERVING=weights``, the default); and what ``base`` and a task's model cost
-once they are corrections relative to those weights (server/corrections.py).
+once they are corrections relative to those weights (server/swap/corrections.py).
 
 One server per merge kind (``server/processes.py``), on a store of synthetic tasks published
 one by one through ``AdapterStore.publish`` (real PEFT files, the real merges):
@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_weights.json")
     args = common.parse_server_arguments(parser)
     torch.set_num_threads(1)  # building the stores (SVD exports): many small LAPACK calls, see
-    # server/corrections.py _one_thread; the servers are other processes and keep their own
+    # server/swap/corrections.py _one_thread; the servers are other processes and keep their own
     config = {k: v for k, v in vars(args).items() if k not in ("out", "work")}
     result = envelope("serve_weights", config)
     model_dir = common.base_model_dir()

@@ -56,8 +56,8 @@ from bench.serve.client import (  # noqa: E402
     percentiles,
 )
 from bench.swap.run import Publisher, gaps_near, longest_gap, redis_reachable  # noqa: E402
-from server.model_registry import CONTINUAL  # noqa: E402
 from server.processes import lamina_env, running, start_server  # noqa: E402
+from server.swap.registry import CONTINUAL  # noqa: E402
 
 ADMIN_KEY = "bench-streams-admin"
 

@@ -60,8 +60,8 @@ from bench.serve.client import (  # noqa: E402
     loop_until,
     percentiles,
 )
-from server.model_registry import CONTINUAL  # noqa: E402
 from server.processes import free_port, lamina_env, start_server  # noqa: E402
+from server.swap.registry import CONTINUAL  # noqa: E402
 
 
 @dataclass
@@ -347,7 +347,7 @@ _SWAP_LINE = re.compile(
 
 
 def weights_swaps(home: Path) -> list[dict[str, Any]]:
-    """The weights swaps the servers under ``home`` logged (server/weights_sync.py), in order."""
+    """The weights swaps the servers under ``home`` logged (server/swap/weights.py), in order."""
     swaps = []
     for log in sorted(home.glob("server-*.log")):
         for match in _SWAP_LINE.finditer(log.read_text(errors="replace")):

@@ -30,7 +30,7 @@ from adapters_store.store import (
 from server.admin.auth import key_fingerprint, require_admin
 from server.admin.imports import base_linear_shapes, parse_peft_lora, refuse
 from server.errors import APIError
-from server.model_registry import CONTINUAL
+from server.swap.registry import CONTINUAL
 from trainer.contract.admission import IMPORTED, AdmissionError, check_concat_rank
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])

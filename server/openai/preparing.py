@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from server.errors import APIError
-from server.model_registry import ModelRegistry
 from server.openai.chat_template import ChatTemplate
 from server.openai.protocol import AnyRequest, ChatCompletionRequest, CompletionRequest
 from server.settings import ServerSettings
+from server.swap.registry import ModelRegistry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -7,7 +7,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from server.errors import ErrorResponse
-from server.model_registry import Route, RouteKind
 from server.openai.protocol import (
     AnyRequest,
     ChatCompletionRequest,
@@ -22,6 +21,7 @@ from server.openai.protocol import (
     TokenizeResponse,
 )
 from server.openai.serving import CompletionService
+from server.swap.registry import Route, RouteKind
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 # vLLM's tokenizer endpoints, at the root as vLLM serves them (``vllm bench serve`` calls /tokenize)

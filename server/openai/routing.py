@@ -33,8 +33,8 @@ from adapters_store.routing import (
     router_from_metas,
     routing_text,
 )
-from server.model_registry import CONTINUAL
 from server.openai.protocol import AnyRequest, ChatCompletionRequest
+from server.swap.registry import CONTINUAL
 
 if TYPE_CHECKING:
     import torch

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 
 from server.engine import Engine
 from server.errors import APIError
-from server.model_registry import CURRENT_LEASE, Route
 from server.openai.formats import Piece
 from server.openai.preparing import Prepared
+from server.swap.registry import CURRENT_LEASE, Route
 
 MODEL_SWAPPED = APIError(503, "model_swapped")  # sentinel put into a request's queue on revocation
 

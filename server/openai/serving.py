@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 from server.engine import Engine
 from server.errors import APIError
 from server.metrics import LaminaMetrics
-from server.model_registry import CONTINUAL, ModelRegistry, Route
 from server.openai.formats import ChatFormat, Choice, CompletionFormat, Format
 from server.openai.preparing import Prepared, RequestPreparer, refusal
 from server.openai.protocol import (
@@ -40,6 +39,7 @@ from server.openai.protocol import (
 from server.openai.routing import ContinualRouter
 from server.openai.running import run_pieces
 from server.settings import ServerSettings
+from server.swap.registry import CONTINUAL, ModelRegistry, Route
 from trainer.contract.logs import set_log_context
 
 if TYPE_CHECKING:

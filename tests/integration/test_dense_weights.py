@@ -24,9 +24,9 @@ from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.merges import DenseDelta
 from adapters_store.store import AdapterStore
 from server.engine import Engine
-from server.hotswap import AdapterSync
-from server.model_registry import ModelNotFound, ModelRegistry
 from server.settings import ServerSettings
+from server.swap.registry import ModelNotFound, ModelRegistry
+from server.swap.sync import AdapterSync
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 

@@ -14,10 +14,10 @@ from tokenizers.processors import TemplateProcessing
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from server.errors import APIError
-from server.model_registry import ModelRegistry
 from server.openai.protocol import ChatCompletionRequest
 from server.openai.serving import CompletionService
 from server.settings import ServerSettings
+from server.swap.registry import ModelRegistry
 from server.training.protocol import TaskCreate
 from server.training.service import parse_jsonl
 from tests.support.models import make_model

@@ -19,10 +19,10 @@ from adapters_store.store import AdapterStore
 from adapters_store.subspace import Subspace
 from server.app import create_app
 from server.engine import AdapterHandle
-from server.hotswap import AdapterSync
 from server.metrics import LaminaMetrics
-from server.model_registry import ModelRegistry
 from server.settings import ServerSettings
+from server.swap.registry import ModelRegistry
+from server.swap.sync import AdapterSync
 from trainer.config import Example
 from trainer.contract.board import JobBoard, JobStatus
 

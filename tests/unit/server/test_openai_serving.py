@@ -18,10 +18,10 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.errors import APIError
-from server.model_registry import ModelRegistry
 from server.openai.protocol import ChatCompletionRequest
 from server.openai.serving import CompletionService
 from server.settings import ServerSettings
+from server.swap.registry import ModelRegistry
 
 
 class ReadyEngine:

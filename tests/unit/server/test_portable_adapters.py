@@ -19,8 +19,8 @@ from adapters_store.merges import DenseDelta
 from adapters_store.store import AdapterStore
 from server.admin.imports import base_linear_shapes
 from server.engine import AdapterHandle
-from server.hotswap import AdapterSync
-from server.model_registry import ModelRegistry
+from server.swap.registry import ModelRegistry
+from server.swap.sync import AdapterSync
 from trainer.base_model.catalog import MANIFEST_NAME
 from trainer.contract.settings import LaminaSettings
 
@@ -134,8 +134,8 @@ def test_an_approximately_served_model_says_so_on_its_card_and_in_metrics(
     """Before, a dense merge served as its truncated SVD looked exact everywhere a user looks, and
     the warning was logged only when the cache was empty (never after a restart)."""
     from server.metrics import LaminaMetrics
-    from server.model_registry import CONTINUAL
     from server.openai.router import _card
+    from server.swap.registry import CONTINUAL
 
     store = build_store(tmp_path / "store", base_model_dir, "magnitude")
     live = store.live()

@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.errors import APIError
-from server.model_registry import ModelRegistry
 from server.openai.protocol import ChatCompletionRequest, CompletionRequest
 from server.openai.serving import CompletionService
 from server.settings import ServerSettings
+from server.swap.registry import ModelRegistry
 
 
 class ReadyEngine:

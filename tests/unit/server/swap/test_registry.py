@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from server.engine import AdapterHandle
-from server.model_registry import ModelNotFound, ModelRegistry, Route, RouteKind
+from server.swap.registry import ModelNotFound, ModelRegistry, Route, RouteKind
 
 V1 = AdapterHandle("continual@m1", 1, "/store/merges/m1")
 V2 = AdapterHandle("continual@m2", 2, "/store/merges/m2")

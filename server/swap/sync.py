@@ -3,7 +3,7 @@
 The store's ledger is the truth: on start-up and after every change (a Redis event, or the
 ledger file growing), ``AdapterSync.sync`` reads the live tasks and the live merge, loads
 any version the engine does not have yet under a fresh name and id, flips the aliases, and
-unloads versions that no alias points at and no request still holds (server/engine_adapters.py
+unloads versions that no alias points at and no request still holds (server/swap/engine_adapters.py
 keeps one record per engine adapter and its state).
 
 A version that fails to load leaves the aliases as they were: the live model never changes
@@ -13,7 +13,7 @@ base and task prompts to the tasks' own models, and ``weights`` otherwise):
 
 - ``weights``: W0 + ΔW is written into the engine's weights, for every merge kind
   (exact, and no LoRA cost per token); ``base`` and every task are served as correction
-  adapters relative to those weights (server/weights_sync.py). A swap drains running requests
+  adapters relative to those weights (server/swap/weights.py). A swap drains running requests
   first, so each request runs on the weights it started with.
 - ``lora``: the engine's weights stay W0, so ``base`` is exact at the base's speed and no swap
   holds requests back; the merge is a LoRA adapter; a dense (magnitude) merge as its best rank-R
@@ -40,11 +40,11 @@ from adapters_store.lora import LoraAdapter
 from adapters_store.merges import DenseDelta
 from adapters_store.store import AdapterStore, MergeRecord, TaskRecord
 from server.engine import AdapterHandle, Engine
-from server.engine_adapters import EngineAdapters
 from server.metrics import LaminaMetrics
-from server.model_registry import CONTINUAL, ModelRegistry, Route, RouteKind
 from server.openai.routing import ContinualRouter
-from server.weights_sync import WeightsServing, write_cached
+from server.swap.engine_adapters import EngineAdapters
+from server.swap.registry import CONTINUAL, ModelRegistry, Route, RouteKind
+from server.swap.weights import WeightsServing, write_cached
 
 log = logging.getLogger(__name__)
 

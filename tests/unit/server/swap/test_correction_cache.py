@@ -1,4 +1,4 @@
-"""The server's cache of derived adapters (server/weights_sync.py, server/hotswap.py) is keyed by
+"""The server's cache of derived adapters (server/swap/weights.py, server/swap/sync.py) is keyed by
 what the versions hold, never by their ids: merge ids restart at ``m1`` in every store, so a user
 who starts over with a new ``LAMINA_STORE`` under the same ``LAMINA_HOME`` once got the old
 store's correction as ``base``. The store, its PEFT files and the corrections are real; the
@@ -12,8 +12,8 @@ import torch
 
 from adapters_store.lora import LoraAdapter
 from adapters_store.store import AdapterStore
-from server.model_registry import ModelRegistry
-from server.weights_sync import SUMMARY_FILE, WeightsServing, correction_cache_path
+from server.swap.registry import ModelRegistry
+from server.swap.weights import SUMMARY_FILE, WeightsServing, correction_cache_path
 from tests.support.store import FP, META, make_adapter
 
 
@@ -96,7 +96,7 @@ def test_corrections_of_merges_no_longer_live_are_evicted_once_stale(tmp_path: P
     import os
     import time
 
-    from server.weights_sync import evict_corrections
+    from server.swap.weights import evict_corrections
 
     root = tmp_path / "corrections"
     live, old, recent = root / "m3-aaaa", root / "m1-bbbb", root / "m2-cccc"

@@ -1,4 +1,4 @@
-"""The hot-swap sync (server/hotswap.py, server/engine_adapters.py) against a real adapter store:
+"""The hot-swap sync (server/swap/sync.py, server/swap/engine_adapters.py) against a real adapter store:
 which versions go into the engine, when the routes flip, and when a version comes out again.
 
 The engine is a fake at its boundary (add and remove an adapter), which records what it was asked
@@ -13,10 +13,10 @@ import pytest
 
 from adapters_store.store import AdapterStore
 from server.engine import AdapterHandle
-from server.engine_adapters import AdapterState
-from server.hotswap import AdapterSync
 from server.metrics import LaminaMetrics
-from server.model_registry import CONTINUAL, ModelNotFound, ModelRegistry
+from server.swap.engine_adapters import AdapterState
+from server.swap.registry import CONTINUAL, ModelNotFound, ModelRegistry
+from server.swap.sync import AdapterSync
 from tests.support.store import FP, META, make_adapter
 
 
@@ -248,7 +248,7 @@ def test_a_failed_sync_is_retried_with_a_growing_delay_though_the_ledger_does_no
 
 
 def test_the_retry_delay_doubles_from_the_poll_interval_up_to_its_ceiling() -> None:
-    from server.hotswap import retry_delay
+    from server.swap.sync import retry_delay
 
     assert [retry_delay(0.5, n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
     assert retry_delay(0.5, 20) == 30.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server.model_registry import ModelRegistry
+from server.swap.registry import ModelRegistry
 
 
 async def _request(registry: ModelRegistry, tag: str, release: asyncio.Event, log: list) -> None:
@@ -46,7 +46,7 @@ def test_a_swap_waits_for_running_requests_and_holds_new_ones_back() -> None:
 
 
 def test_a_swap_gives_up_waiting_after_drain_s_and_says_how_many_still_run(monkeypatch) -> None:
-    monkeypatch.setattr("server.model_registry.REVOKE_GRACE_S", 0.05)  # this request never stops
+    monkeypatch.setattr("server.swap.registry.REVOKE_GRACE_S", 0.05)  # this request never stops
 
     async def scenario() -> tuple[int, int]:
         registry, log, never = ModelRegistry("base"), [], asyncio.Event()

@@ -6,7 +6,7 @@ which for a concat merge grows with every task (docs/results.md, Performance). S
 ``continual`` carries the traffic) the live merge of any kind is written into the engine:
 W = W0 + ΔW_live (``Engine.apply_dense_delta``), and ``continual`` runs at the base model's speed.
 ``base`` and each task's model stay served, as LoRA corrections relative to W
-(server/corrections.py): exact when their rank fits ``max_lora_rank``, otherwise truncated
+(server/swap/corrections.py): exact when their rank fits ``max_lora_rank``, otherwise truncated
 SVDs whose relative error is logged and reported in ``/admin/adapters``.
 
 A swap, in order (nothing a request can see changes before step 3):
@@ -40,9 +40,9 @@ from adapters_store.lora import LoraAdapter
 from adapters_store.merges import DenseDelta
 from adapters_store.store import MergeRecord, TaskRecord
 from adapters_store.versions import write_version
-from server.corrections import Correction, correction
 from server.engine import AdapterHandle, Engine
-from server.model_registry import CONTINUAL, ModelRegistry, Route, RouteKind
+from server.swap.corrections import Correction, correction
+from server.swap.registry import CONTINUAL, ModelRegistry, Route, RouteKind
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "correction.json"

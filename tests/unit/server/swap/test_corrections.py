@@ -1,4 +1,4 @@
-"""Correction adapters (server/corrections.py) against plain reference arithmetic: with the live
+"""Correction adapters (server/swap/corrections.py) against plain reference arithmetic: with the live
 merge in the weights, W0 + ΔW_live + C must be the model asked for, exactly when C's rank fits,
 and with the relative error it reports when it does not."""
 
@@ -9,7 +9,7 @@ import torch
 
 from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.merges import DenseDelta, build_merge
-from server.corrections import correction, reconstruct
+from server.swap.corrections import correction, reconstruct
 
 SHAPES = {"layers.0.q_proj": (24, 16), "layers.0.down_proj": (16, 40)}
 
