@@ -30,8 +30,8 @@ from adapters_store.routing import MERGE, RoutePrototype, RoutingMode
 from adapters_store.store import AdapterStore, Publication
 from adapters_store.subspace import Subspace, occupancy
 from trainer import regression
-from trainer.admission import admit
 from trainer.config import ChatExample, Hyperparameters, MethodSpec, TrainingExample
+from trainer.contract.admission import admit
 from trainer.loop import TrainResult, train_task
 from trainer.methods import catalog
 from trainer.methods.registry import PARAMETRIZATIONS
@@ -106,7 +106,7 @@ def train_and_publish(
 
     The steps run in this order for a reason each:
 
-    1. admission (:func:`trainer.admission.admit`, with the engine's ``max_lora_rank`` and the
+    1. admission (:func:`trainer.contract.admission.admit`, with the engine's ``max_lora_rank`` and the
        store's ``loraf_grow_rank``) reads only the store, so a task that cannot join (a taken
        name, a full store) is refused at once, before anything slow; and it settles the
        hyper-parameters (a LoRAF task takes the store's rank), so it must come before training;
@@ -124,7 +124,7 @@ def train_and_publish(
     then ``extra_meta``. ``cache_dir`` keeps what depends on the base model alone (the routing
     calibration's sampled text) for later jobs and stores. ``validation`` (the user's own
     examples, if any) is what the task is scored on at this and every later publish, instead of
-    its held-out examples. Raises :class:`trainer.admission.AdmissionError` on a refusal, and
+    its held-out examples. Raises :class:`trainer.contract.admission.AdmissionError` on a refusal, and
     whatever a hook raises."""
     hooks = hooks or Hooks()
     requested_rank = hp.r

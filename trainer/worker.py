@@ -30,9 +30,9 @@ from adapters_store.errors import DiskFull, FenceLost, LiveChanged
 from adapters_store.events import redis_notifier
 from adapters_store.fingerprint import fingerprint_model
 from adapters_store.store import AdapterStore
-from trainer.admission import AdmissionError
 from trainer.celery_app import TRAIN_TASK, make_celery
 from trainer.config import Hyperparameters, resolve_method
+from trainer.contract.admission import AdmissionError
 from trainer.contract.board import (
     DISK_FULL,
     STORE_CHANGED,

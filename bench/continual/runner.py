@@ -54,9 +54,9 @@ from adapters_store.store import AdapterStore
 from bench import provenance
 from bench.continual.config import UPPER_BOUND, UPPER_BOUND_METHOD, BenchmarkConfig
 from bench.continual.results import BenchmarkResult, MethodRun, matrix_metrics
-from trainer.admission import AdmissionError
 from trainer.chat import encode_prompt
 from trainer.config import Example, resolve_method
+from trainer.contract.admission import AdmissionError
 from trainer.evaluate import greedy_completions
 from trainer.loop import load_base, select_device
 from trainer.methods.parametrizations import CapacityError

@@ -13,12 +13,12 @@ from pydantic import ValidationError
 from adapters_store.store import AdapterStore
 from server.errors import APIError
 from server.training.protocol import ExampleIn, TaskCreate
-from trainer.contract.admission import AdmissionError, AdmissionReason
+from trainer.contract.admission import AdmissionError, AdmissionReason, admit
 from trainer.contract.board import JobBoard
 from trainer.contract.jobs import Job, JobNotFound, JobRefused, JobStatus
 from trainer.contract.queue import TRAIN_TASK, make_celery
 from trainer.contract.settings import LaminaSettings
-from trainer.contract.tasks import Hyperparameters, UnknownMethodError, admit, resolve_method
+from trainer.contract.tasks import Hyperparameters, UnknownMethodError, resolve_method
 
 log = logging.getLogger(__name__)
 

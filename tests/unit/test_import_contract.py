@@ -153,11 +153,11 @@ def _loaded_after_import(module: str) -> set[str]:
 
 def test_the_contract_loads_no_training_code() -> None:
     """No contract module loads transformers, PEFT, vLLM or the trainer's training modules; only
-    admission (``tasks``, which reads the store through ``adapters_store``) loads torch."""
+    admission (which reads the store through ``adapters_store``) loads torch."""
     training = ("trainer.worker", "trainer.loop", "trainer.publish", "trainer.methods.parametrizations")
     for module in [_module_name(p) for p in _sources("trainer") if _module_name(p).startswith(CONTRACT)]:
         loaded = _loaded_after_import(module)
         assert not loaded & {"transformers", "peft", "vllm"}, module
         assert not [m for m in loaded if m.startswith(training)], module
-        if module != f"{CONTRACT}.tasks":
+        if module != f"{CONTRACT}.admission":
             assert "torch" not in loaded, module

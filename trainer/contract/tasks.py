@@ -1,11 +1,13 @@
 """What a task request holds, as the API validates it before anything is queued: its examples,
-its method (a preset) and hyper-parameters, the resolution of ``"auto"`` values, and admission
-(can it join this store?). Defined in the torch-free :mod:`trainer.config`, :mod:`trainer.auto`
-and :mod:`trainer.admission`; the worker checks the same things again when the task's turn comes."""
+its method (a preset) and hyper-parameters, and the resolution of ``"auto"`` values.
+
+The one contract module that re-exports: these types are built from the method catalogue
+(every registered part, plugins included, adds its hyper-parameters as fields), so they are
+defined beside it, in the torch-free :mod:`trainer.config` and :mod:`trainer.auto`, and the
+server reaches them here. Admission is :mod:`trainer.contract.admission`."""
 
 from __future__ import annotations
 
-from trainer.admission import admit
 from trainer.auto import resolve as resolve_auto
 from trainer.config import (
     ChatExample,
@@ -28,7 +30,6 @@ __all__ = [
     "MethodSpec",
     "TrainingExample",
     "UnknownMethodError",
-    "admit",
     "resolve_auto",
     "resolve_method",
 ]

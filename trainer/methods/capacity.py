@@ -1,7 +1,7 @@
 """What a store can still take: the built-in parts' capacity checks and the ledger notes they lead to.
 
 The catalogue (:mod:`trainer.methods.builtin`) names these functions; admission
-(:mod:`trainer.admission`) calls them through it, by the API before queueing and by the worker
+(:func:`trainer.contract.admission.admit`) calls them through it, by the API before queueing and by the worker
 when the task's turn comes. :func:`loraf_mask_size` is the one place LoRAF's per-module mask
 size is computed: the trainer draws exactly that many positions, so admission and training agree.
 No training code (torch only through the store's tensors).

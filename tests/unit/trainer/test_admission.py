@@ -10,8 +10,8 @@ import torch
 from adapters_store.lora import LoraAdapter, LoraModule
 from adapters_store.store import AdapterStore
 from server.training.service import ADMISSION_STATUS, admission_refused
-from trainer.admission import AdmissionError, AdmissionReason, admit
 from trainer.config import Hyperparameters, resolve_method
+from trainer.contract.admission import AdmissionError, AdmissionReason, admit
 
 MODULE = "model.layers.0.self_attn.q_proj"
 D_OUT, D_IN, R = 8, 6, 4

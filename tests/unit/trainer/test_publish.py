@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from adapters_store.store import AdapterStore
-from trainer.admission import AdmissionError, AdmissionReason
 from trainer.config import Example, Hyperparameters, resolve_method
+from trainer.contract.admission import AdmissionError, AdmissionReason
 from trainer.loop import load_base
 from trainer.publish import Hooks, data_hash, train_and_publish
 

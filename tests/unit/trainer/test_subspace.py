@@ -13,8 +13,8 @@ from adapters_store.store import AdapterStore
 from adapters_store.subspace import Subspace
 from tests.support.models import tiny_llama
 from trainer.activations import input_covariances
-from trainer.admission import AdmissionError, admit
 from trainer.config import Hyperparameters, resolve_method
+from trainer.contract.admission import AdmissionError, admit
 from trainer.methods.parametrizations import CapacityError
 from trainer.methods.registry import PARAMETRIZATIONS, LoraParams
 from trainer.methods.subspace_algebra import grow_basis, leading_free_directions, project_rows
