@@ -148,11 +148,17 @@ def calibrate_threshold(positives: torch.Tensor, negatives: torch.Tensor) -> flo
 
 
 def fit_prototype(
-    task_vectors: torch.Tensor, general_vectors: torch.Tensor, applies_to: AppliesTo = "matching"
+    task_vectors: torch.Tensor,
+    general_vectors: torch.Tensor,
+    applies_to: AppliesTo = "matching",
+    requests: torch.Tensor | None = None,
 ) -> RoutePrototype:
     """A task's prototype from its training prompts' raw vectors (n, d) and base-sampled text's
     (m, d): the centre is the general text's mean, the centroid the task's mean direction, and
-    each training prompt is scored against the centroid of the others (an unseen prompt's view)."""
+    each training prompt is scored against the centroid of the others (an unseen prompt's view).
+    ``requests`` (k, d), ordinary chat requests, join the general side of the threshold (not the
+    centre): text sampled from BOS never looks like a question, so without them a frame the
+    task's prompts share ("What is the name of …?") passes for the task."""
     center = general_vectors.mean(dim=0) if len(general_vectors) else torch.zeros(task_vectors.shape[1])
     units = _unit(task_vectors, center)  # (n, d)
     total = units.sum(dim=0)
@@ -162,7 +168,8 @@ def fit_prototype(
         loo = (units * (others / others.norm(dim=-1, keepdim=True).clamp_min(1e-8))).sum(dim=-1)
     else:
         loo = units @ centroid
-    negatives = _unit(general_vectors, center) @ centroid if len(general_vectors) else torch.zeros(0)
+    general_side = general_vectors if requests is None else torch.cat([general_vectors, requests])
+    negatives = _unit(general_side, center) @ centroid if len(general_side) else torch.zeros(0)
     return RoutePrototype(centroid, center, calibrate_threshold(loo, negatives), applies_to)
 
 

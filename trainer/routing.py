@@ -1,7 +1,9 @@
 """A task's routing prototype, fitted when it is published (:mod:`adapters_store.routing` holds
 the signal and the decision; this module brings the base model's own text and the examples).
 
-The general side of the calibration is text the *base* model samples itself: short prefixes from
+The general side of the calibration is ordinary chat requests (:mod:`trainer.requests`, templated,
+so a frame a task's prompts share does not pass for the task) and text the *base* model samples
+itself: short prefixes from
 the BOS token, at temperature 1 with nucleus 0.95 and a fixed seed that differs from the one the
 general-ability evaluation samples with, so the evaluation's prompts are never the ones the
 threshold was fitted on. It depends on the base model alone, so it is computed once per
@@ -21,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapters_store.atomic import write_atomically
 from adapters_store.routing import AppliesTo, PromptEmbedder, RoutePrototype, fit_prototype, routing_text
 from trainer.config import ChatExample, TrainingExample
+from trainer.requests import calibration_requests
 from trainer.subspace_growth import sample_from_bos
 
 GENERAL_SAMPLES = 256  # base-sampled prefixes the thresholds are calibrated against
@@ -99,10 +102,14 @@ def fit_task_prototype(
     fingerprint: str,
     applies_to: AppliesTo = "matching",
     cache_dir: Path | None = None,
+    with_requests: bool = True,
 ) -> RoutePrototype:
-    """The task's prototype from its training prompts, against base-sampled text. Call it on the
-    base model (no task's ΔW merged in): the general text must be the base model's own."""
+    """The task's prototype from its training prompts, against base-sampled text and ordinary chat
+    requests (``with_requests`` False: the text alone, as before the requests were added; for the
+    benchmark's comparison). Call it on the base model (no task's ΔW merged in): the general text
+    must be the base model's own."""
     embedder = PromptEmbedder.from_model(model, tokenizer)
     task = embedder.embed([example_text(e) for e in examples])
     general = general_vectors(model, tokenizer, embedder, fingerprint, cache_dir)
-    return fit_prototype(task, general, applies_to)
+    requests = embedder.embed([routing_text(r) for r in calibration_requests()]) if with_requests else None
+    return fit_prototype(task, general, applies_to, requests)
