@@ -6,6 +6,8 @@ its target, the time and the admin key's fingerprint), listed by ``GET /admin/ad
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -140,7 +142,7 @@ async def import_adapter(
     )
     store = _store(request)
     try:  # reading the live tasks and basis can meet a damaged version too: a 409 naming it
-        record = await run_in_threadpool(
+        attempt = functools.partial(
             _publish_import,
             store,
             name,
@@ -149,6 +151,7 @@ async def import_adapter(
             settings.max_lora_rank,
             _audit(request, "import", name),
         )
+        record = await run_in_threadpool(_until_settled, attempt)
     except StoreError as error:
         raise _store_refusal(error, "name") from None
     await _serve_here(request, f"imported task {record.id}")
@@ -165,26 +168,18 @@ async def import_adapter(
 IMPORT_ATTEMPTS = 3  # a training job's publish can move the live model between the read and the write
 
 
-def _publish_import(
-    store: AdapterStore,
-    name: str,
-    adapter: LoraAdapter,
-    peft_config: dict[str, Any],
-    max_lora_rank: int,
-    audit: list[dict[str, Any]],
-) -> TaskRecord:
-    """Publish through the store's one atomic path, under the rules a trained task meets: it
-    joins the live model it was checked against (the store refuses it with LiveChanged when a
-    job published or an admin changed the live tasks meanwhile, and the checks run again on
-    the new live model), with the live merge's method; what cannot join it (other target
-    modules, a concat rank beyond the engine's) is a 409."""
+def _until_settled(attempt: Callable[[], TaskRecord]) -> TaskRecord:
+    """Run an import until it publishes on the live model it was checked against: the store
+    refuses it with LiveChanged when a job published or an admin changed the live tasks between
+    its read and its write, and it is read and checked again on the new live model, as a
+    trained task is; after IMPORT_ATTEMPTS changes in a row it is a 409."""
     for _ in range(IMPORT_ATTEMPTS - 1):
         try:
-            return _publish_import_once(store, name, adapter, peft_config, max_lora_rank, audit)
+            return attempt()
         except LiveChanged:
             continue
     try:
-        return _publish_import_once(store, name, adapter, peft_config, max_lora_rank, audit)
+        return attempt()
     except LiveChanged as error:
         raise refuse(
             f"the live tasks kept changing while the adapter was imported ({error}); try again",
@@ -194,7 +189,7 @@ def _publish_import(
         ) from None
 
 
-def _publish_import_once(
+def _publish_import(
     store: AdapterStore,
     name: str,
     adapter: LoraAdapter,
@@ -202,6 +197,10 @@ def _publish_import_once(
     max_lora_rank: int,
     audit: list[dict[str, Any]],
 ) -> TaskRecord:
+    """Publish through the store's one atomic path, under the rules a trained task meets: checked
+    against one snapshot of the live model and published only onto it (``trained_on``), with the
+    live merge's method; what cannot join it (other target modules, a concat rank beyond the
+    engine's) is a 409."""
     snapshot = store.snapshot()
     live, tasks = snapshot.live, snapshot.tasks
     merge = live.method if live is not None else "concat"
