@@ -21,6 +21,7 @@ from tests.support.service_stack import (
     accuracy,
     running_stack,
     start_worker,
+    stop_together,
     stop_worker,
     wait_for,
 )
@@ -118,8 +119,7 @@ def test_base_stays_the_base_in_a_new_store_under_the_same_home(
     """A user who starts over with a new LAMINA_STORE under the same LAMINA_HOME: the new store's
     first merge is m1 again, and base's correction (cached under the home) must be the new m1's,
     not the first store's. Before corrections were keyed by content, base was W0 + ΔW_new − ΔW_old."""
-    stop_server(stack.server)
-    stop_worker(stack.worker)
+    stop_together(lambda: stop_server(stack.server), lambda: stop_worker(stack.worker))
     stack.env = {**stack.env, "LAMINA_STORE": str(stack.home / "second-store")}
     stack.worker = start_worker(stack.env, stack.home / "worker-2.log")
     stack.server = start_server(stack.env, stack.home / "server-2.log")

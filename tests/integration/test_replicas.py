@@ -21,6 +21,7 @@ versions.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import subprocess
 import threading
@@ -47,6 +48,7 @@ from tests.support.service_stack import (
     post_task,
     require_redis,
     start_worker,
+    stop_together,
     stop_worker,
     wait_for,
 )
@@ -172,10 +174,10 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         yield Replicas(servers, workers, home, store, watch, logs)
         watch.stop()
     finally:
-        for server in servers:
-            stop_server(server)
-        for worker in workers:
-            stop_worker(worker)
+        stop_together(
+            *(functools.partial(stop_server, server) for server in servers),
+            *(functools.partial(stop_worker, worker) for worker in workers),
+        )
 
 
 def fingerprint(server: RunningServer) -> str | None:
