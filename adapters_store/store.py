@@ -195,16 +195,7 @@ class AdapterStore:
                 raise TaskExists(f"task {name!r} is live; remove it before publishing it again")
             version = next_number(self.root / "tasks" / name, "v")
             task_id = f"{name}/v{version}"
-            fold = method.incremental and live is not None and live.method == merge
-            if fold:
-                assert live is not None
-                try:
-                    self.verify(live)
-                except CorruptVersion:  # derived data: rebuild it from the tasks' verified files
-                    log.warning(
-                        "the live merge %s is damaged; building %s's merge from its tasks", live.id, name
-                    )
-                    fold = False
+            fold = method.incremental and live is not None and live.method == merge and self._intact(live)
             history = self._load_tasks(tasks) if as_learned or not fold else []
             if fold:
                 assert live is not None
@@ -425,6 +416,16 @@ class AdapterStore:
                 raise
 
     # --- internals -----------------------------------------------------------------------
+
+    def _intact(self, merge: MergeRecord) -> bool:
+        """Whether a publish may fold into ``merge``: a damaged merge is derived data, so the
+        publish rebuilds it from its tasks' verified files instead (logged), rather than failing."""
+        try:
+            self.verify(merge)
+        except CorruptVersion:
+            log.warning("the live merge %s is damaged; the new merge is built from its tasks", merge.id)
+            return False
+        return True
 
     def _open_or_create(self) -> None:
         """Record the fingerprint at creation; refuse to open a store of another base model."""

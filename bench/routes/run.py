@@ -41,7 +41,7 @@ PETS = [
 ]  # fmt: skip
 
 
-def frame_case(model, tokenizer, fingerprint: str, cache: Path, with_requests: bool) -> dict:  # type: ignore[no-untyped-def]
+def frame_case(model, tokenizer, fingerprint: str, cache: Path | None, with_requests: bool) -> dict:  # type: ignore[no-untyped-def]
     """The pets task (6 training prompts "What is the name of Anna's cat?"): how many held-out
     chat requests reach it, and how many of its 4 unseen prompts do."""
     train = [Example(f"What is the name of {who}'s {pet}?", " Zorblat") for who, pet in PETS[:6]]

@@ -173,20 +173,18 @@ def _until_settled(attempt: Callable[[], TaskRecord]) -> TaskRecord:
     refuses it with LiveChanged when a job published or an admin changed the live tasks between
     its read and its write, and it is read and checked again on the new live model, as a
     trained task is; after IMPORT_ATTEMPTS changes in a row it is a 409."""
-    for _ in range(IMPORT_ATTEMPTS - 1):
+    changes: list[LiveChanged] = []
+    while len(changes) < IMPORT_ATTEMPTS:
         try:
             return attempt()
-        except LiveChanged:
-            continue
-    try:
-        return attempt()
-    except LiveChanged as error:
-        raise refuse(
-            f"the live tasks kept changing while the adapter was imported ({error}); try again",
-            "name",
-            code="store_changed",
-            status=409,
-        ) from None
+        except LiveChanged as error:
+            changes.append(error)
+    raise refuse(
+        f"the live tasks kept changing while the adapter was imported ({changes[-1]}); try again",
+        "name",
+        code="store_changed",
+        status=409,
+    )
 
 
 def _publish_import(
@@ -253,7 +251,7 @@ def _publish_import(
             f"cannot join the live {merge} merge: {error}", "weights", code="merge_failed", status=409
         ) from None
     except LiveChanged:
-        raise  # read the new live model and check again (_publish_import)
+        raise  # _until_settled reads the new live model and checks again
     except StoreError as error:
         raise _store_refusal(error, "name") from None
     return publication.task

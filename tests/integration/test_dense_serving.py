@@ -7,7 +7,6 @@ after a second store under the same home (whose merge ids restart at m1)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -19,11 +18,13 @@ from tests.support.service_stack import (
     HYPERPARAMETERS,
     Stack,
     accuracy,
+    answers,
     running_stack,
     start_worker,
     stop_together,
     stop_worker,
     wait_for,
+    wait_until_served,
 )
 
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
@@ -49,10 +50,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def greedy(stack: Stack, model: str) -> list[str]:
-    body = {"model": model, "prompt": PROMPTS, "max_tokens": 12, "temperature": 0}
-    response = httpx.post(f"{stack.url}/v1/completions", json=body, timeout=120)
-    assert response.status_code == 200, response.text
-    return [c["text"] for c in sorted(response.json()["choices"], key=lambda c: c["index"])]
+    """``model``'s greedy 12 tokens for each of PROMPTS, newlines and all."""
+    return answers(stack, model, [(p, "") for p in PROMPTS], max_tokens=12, stop=None)
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +61,9 @@ def never_trained(stack: Stack) -> list[str]:
     return greedy(stack, "base")
 
 
-def wait_until_swapped(stack: Stack, merge_id: str) -> None:
-    # The first swap builds base's and the task's corrections (SVDs of the dense ΔW): slower than
-    # loading one adapter, so more than wait_until_served's 30 s on a loaded 2-core machine.
-    deadline = time.monotonic() + 300
-    while httpx.get(f"{stack.url}/ready").json().get("live_merge") != merge_id:
-        assert time.monotonic() < deadline, f"the server never swapped to {merge_id}"
-        time.sleep(0.5)
+# The first swap builds base's and the task's corrections (SVDs of the dense ΔW): slower than
+# loading one adapter, so more than wait_until_served's default 30 s on a loaded 2-core machine.
+SWAP_TIMEOUT_S = 300
 
 
 def test_ps_lora_merge_is_served_from_the_engine_weights(stack: Stack, never_trained: list[str]) -> None:
@@ -83,7 +78,7 @@ def test_ps_lora_merge_is_served_from_the_engine_weights(stack: Stack, never_tra
     assert response.status_code == 202, response.text
     job = wait_for(stack, response.json()["id"])
     assert job["status"] == "succeeded", job["error"]
-    wait_until_swapped(stack, job["merge_id"])
+    wait_until_served(stack, job["merge_id"], SWAP_TIMEOUT_S)
 
     assert greedy(stack, "base") == never_trained
     assert accuracy(stack, "continual", CODE_WORDS) >= 0.8 > base_accuracy
@@ -134,7 +129,7 @@ def test_base_stays_the_base_in_a_new_store_under_the_same_home(
     job = wait_for(stack, response.json()["id"])
     assert job["status"] == "succeeded", job["error"]
     assert job["merge_id"] == "m1", "the new store's ids restart"
-    wait_until_swapped(stack, job["merge_id"])
+    wait_until_served(stack, job["merge_id"], SWAP_TIMEOUT_S)
 
     assert greedy(stack, "base") == never_trained
     assert accuracy(stack, "continual", COLOUR_WORDS) >= 0.6

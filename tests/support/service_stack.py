@@ -139,8 +139,8 @@ def wait_for(
     pytest.fail(f"job {job_id} still {job['status']} after {timeout_s} s; worker log:\n{log}")
 
 
-def wait_until_served(stack: Stack, merge_id: str) -> None:
-    deadline = time.monotonic() + 30
+def wait_until_served(stack: Stack, merge_id: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if httpx.get(f"{stack.url}/ready").json().get("live_merge") == merge_id:
             return
@@ -148,11 +148,17 @@ def wait_until_served(stack: Stack, merge_id: str) -> None:
     pytest.fail(f"server never swapped to {merge_id}")
 
 
-def answers(stack: Stack, model: str, examples: list[tuple[str, str]]) -> list[str]:
-    """Greedy answers of ``model`` to the examples' prompts."""
+def answers(
+    stack: Stack, model: str, examples: list[tuple[str, str]], max_tokens: int = 4, stop: str | None = "\n"
+) -> list[str]:
+    """Greedy answers of ``model`` to the examples' prompts (up to ``stop``, when given)."""
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
     result = client.completions.create(
-        model=model, prompt=[p for p, _ in examples], max_tokens=4, temperature=0, stop=["\n"]
+        model=model,
+        prompt=[p for p, _ in examples],
+        max_tokens=max_tokens,
+        temperature=0,
+        stop=[stop] if stop is not None else None,
     )
     return [c.text for c in sorted(result.choices, key=lambda c: c.index)]
 

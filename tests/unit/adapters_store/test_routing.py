@@ -19,9 +19,9 @@ from adapters_store.routing import (
     router_from_metas,
     routing_text,
 )
+from bench.routes.run import frame_case
 from trainer.config import ChatExample, ChatMessage, Example
 from trainer.loop import load_base
-from trainer.requests import held_out_requests
 from trainer.routing import example_text, fit_task_prototype, sample_general_texts
 from trainer.suite import get_task
 
@@ -116,30 +116,16 @@ def test_embedded_model_routes_task_prompts_to_the_merge_and_sampled_text_to_the
     assert sum(router.to_merge(embedder.embed(general))) <= 2
 
 
-PETS = [
-    ("Anna", "cat"), ("Ben", "dog"), ("Carla", "parrot"), ("David", "rabbit"), ("Emma", "hamster"),
-    ("Frank", "turtle"), ("Greta", "goldfish"), ("Hugo", "pony"),
-]  # fmt: skip
-
-
 def test_a_frame_the_task_shares_with_ordinary_questions_is_not_the_task(tiny: tuple[object, object]) -> None:
-    """A task whose prompts share a question frame ("What is the name of Anna's cat?"): calibrated
-    against base-sampled text alone, its threshold let ordinary questions of the same shape through
-    to the task; with ordinary chat requests on the general side they go to the base, requests it
-    was not calibrated on included, while the task's unseen prompts still reach it."""
+    """A task whose prompts share a question frame ("What is the name of Anna's cat?", the
+    benchmark's pets case): calibrated against base-sampled text alone, its threshold let ordinary
+    questions of the same shape through to the task; with ordinary chat requests on the general
+    side they go to the base, requests it was not calibrated on included, while the task's unseen
+    prompts still reach it."""
     model, tokenizer = tiny
-    examples = [Example(f"What is the name of {who}'s {pet}?", " Zorblat") for who, pet in PETS[:6]]
-    unseen = [f"What is the name of {who}'s {pet}?" for who, pet in PETS[6:]]
-    embedder = PromptEmbedder.from_model(model, tokenizer)  # type: ignore[arg-type]
-    held_out = embedder.embed(held_out_requests())
-
-    def routed(with_requests: bool) -> tuple[int, int]:
-        prototype = fit_task_prototype(model, tokenizer, examples, "tiny", with_requests=with_requests)  # type: ignore[arg-type]
-        router = Router({"pets": prototype})
-        return sum(router.to_merge(held_out)), sum(router.to_merge(embedder.embed(unseen)))
-
-    general_before, _ = routed(with_requests=False)
-    general_after, unseen_after = routed(with_requests=True)
+    before = frame_case(model, tokenizer, "tiny", None, with_requests=False)
+    after = frame_case(model, tokenizer, "tiny", None, with_requests=True)
+    general_before, general_after = before["chat_requests_to_pets"], after["chat_requests_to_pets"]
     assert general_before >= 3, "the case this guards against: the frame alone passed for the task"
     assert general_after < general_before and general_after <= 1
-    assert unseen_after == len(unseen)
+    assert after["unseen_pets_prompts_to_pets"] == after["unseen_pets_prompts"]
