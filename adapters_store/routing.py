@@ -191,21 +191,31 @@ class Router:
 
     def decide(self, vectors: torch.Tensor) -> list[Decision]:
         """Decisions for raw mean embeddings (n, d). With no prototype nothing is routed to a task
-        (the merge has nothing of its own to add); a task that applies to every prompt takes all."""
+        (the merge has nothing of its own to add). While a task that applies to every prompt is
+        live, a prompt that matches no other task goes to it (``everything``: the merge, which
+        holds it) instead of to the base; a task's own prompts still go to that task, so what it
+        learned is answered as it learned it."""
         n = vectors.shape[0]
-        if self.everything:
-            return [Decision(self.everything[-1], float("inf"), everything=True)] * n
-        if not self.prototypes:
-            return [Decision(None, float("-inf"))] * n
-        names = list(self.prototypes)
+        matching = {name: p for name, p in self.prototypes.items() if p.applies_to != "all"}
+        unmatched = (
+            Decision(self.everything[-1], float("inf"), everything=True)
+            if self.everything
+            else Decision(None, float("-inf"))
+        )
+        if not matching:
+            return [unmatched] * n
+        names = list(matching)
         margins = torch.stack(
-            [p.score(vectors) - p.threshold for p in self.prototypes.values()], dim=1
+            [p.score(vectors) - p.threshold for p in matching.values()], dim=1
         )  # (n, tasks)
         best, index = margins.max(dim=1)
-        return [
-            Decision(names[int(i)] if float(m) >= 0 else None, float(m))
-            for m, i in zip(best, index, strict=True)
-        ]
+        decisions = []
+        for m, i in zip(best, index, strict=True):
+            if float(m) >= 0:
+                decisions.append(Decision(names[int(i)], float(m)))
+            else:
+                decisions.append(unmatched if self.everything else Decision(None, float(m)))
+        return decisions
 
     def to_merge(self, vectors: torch.Tensor) -> list[bool]:
         """Per prompt: True when it matches a task (what it learned answers), False when the base does."""

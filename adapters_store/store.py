@@ -156,6 +156,7 @@ class AdapterStore:
         as_learned: bool = False,
         fence: Fence | None = None,
         trained_on: tuple[str, ...] | None = None,
+        own_model: LoraAdapter | None = None,
     ) -> Publication:
         """Add a task version and make the merge of all live tasks plus it live.
 
@@ -164,6 +165,8 @@ class AdapterStore:
         basis of the new merge, written into it. ``as_learned`` also writes, inside the task
         version, the concat of the live tasks and this one: the model this task was trained in,
         which methods that stack the earlier tasks in the forward pass serve as ``model=<task>``.
+        ``own_model`` (``own-lora``) is what ``model=<task>`` serves instead when the merge
+        receives only part of the task (``adapter``): it is written there in place of the concat.
 
         ``merge`` names a registered merge; ``weights`` (one per live task, oldest first,
         this task last) are recorded and apply to this merge only. The magnitude merge
@@ -176,6 +179,8 @@ class AdapterStore:
         disk raises :class:`DiskFull`. Either way nothing is left behind.
         """
         check_task_name(name)
+        if as_learned and own_model is not None:
+            raise ValueError("a task is served either as learned on its predecessors or as its own model")
         method = get_merge(merge)
         if meta.get("base_fingerprint", self.fingerprint) != self.fingerprint:
             raise FingerprintMismatch(
@@ -204,7 +209,7 @@ class AdapterStore:
             else:
                 result = build_merge(merge, [*history, adapter], weights)
                 based_on = None
-            prefix = build_merge("concat", [*history, adapter]) if as_learned else None
+            prefix = build_merge("concat", [*history, adapter]) if as_learned else own_model
             task_meta = {
                 **meta,
                 "task": name,

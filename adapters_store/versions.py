@@ -28,7 +28,7 @@ from adapters_store.subspace import Subspace
 META_FILE = "meta.json"
 _TASK_ID = re.compile(r"(?P<name>[a-z0-9][a-z0-9_-]{0,63})/v(?P<version>[1-9][0-9]*)", re.ASCII)
 _MERGE_ID = re.compile(r"m[1-9][0-9]*", re.ASCII)
-AS_LEARNED_DIR = "as_learned"  # inside a task version: base + its predecessors + it, as one LoRA
+AS_LEARNED_DIR = "as_learned"  # inside a task version: the LoRA model=<task> serves, when not the adapter
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ class TaskRecord:
     @property
     def serving_path(self) -> Path:
         """What ``model=<task>`` serves: the task's own adapter, or, for methods that train each
-        task on top of its predecessors, the model as it was when this task was learned."""
+        task on top of its predecessors, the model as it was when this task was learned, or, for
+        ``own-lora``, the task's whole adapter (the merge holds only part of it)."""
         as_learned = self.path / AS_LEARNED_DIR
         return as_learned if as_learned.is_dir() else self.path
 

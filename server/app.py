@@ -104,7 +104,7 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
     training = TrainingService(
         settings,
         store,
-        settings.default_method,
+        settings.fallback_method,
         settings.max_examples,
         reserved_names=(settings.base_model_name, CONTINUAL),
     )
@@ -137,7 +137,7 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         settings.store_dir,
         base_names={settings.base_model_name},
         base_name=settings.base_model_name,
-        default_method=settings.default_method,
+        default_method=settings.fallback_method,
         max_file_bytes=settings.max_file_bytes,
     )
     install_error_handlers(app)

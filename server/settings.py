@@ -69,9 +69,11 @@ class ServerSettings(LaminaSettings):
         "catches what an event missed.",
     )
     default_method: str = Field(
-        "inflora",
-        description="Method of a POST /tasks that names none: inflora forgets least on the benchmark "
-        "(docs/results.md).",
+        "auto",
+        description="Method of a POST /tasks that names none. auto: own-lora under task routing (each "
+        "task learned as well as alone, nothing forgotten: its prompts go to its own model), inflora "
+        "under merge or off routing (the merge answers, and inflora's merge keeps every task); "
+        "docs/methods.md.",
     )
     max_tokens_limit: int = Field(
         4096, ge=1, description="Upper bound a single request may ask for in max_tokens."
@@ -103,6 +105,13 @@ class ServerSettings(LaminaSettings):
         if self.continual_serving == "auto":
             return "lora" if self.continual_routing == "task" else "weights"
         return self.continual_serving
+
+    @property
+    def fallback_method(self) -> str:
+        """``default_method`` with ``auto`` resolved (see its description)."""
+        if self.default_method == "auto":
+            return "own-lora" if self.continual_routing == "task" else "inflora"
+        return self.default_method
 
     @model_validator(mode="after")
     def _file_fits_a_request(self) -> Self:

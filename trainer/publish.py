@@ -52,6 +52,12 @@ class TrainedTask:
     subspace: Subspace | None  # the protected subspace once it is live (inflora), else None
     routing: RoutePrototype | None = None  # which prompts `continual` answers with the merge for it
     trained_on: tuple[str, ...] | None = None  # the live task ids it trained after: the publish's fence
+    merge_part: LoraAdapter | None = None  # what the merge gets when not the adapter itself (own-lora)
+
+    @property
+    def for_merge(self) -> LoraAdapter:
+        """The adapter the store's merges are built from (and later tasks train after)."""
+        return self.merge_part if self.merge_part is not None else self.result.adapter
 
     @property
     def hyperparameters(self) -> Hyperparameters:
@@ -225,7 +231,9 @@ def run_gate(
     def deltas(target: str | None) -> dict[str, torch.Tensor]:
         if target not in served:
             if target == MERGE:
-                served[target] = merge_deltas(build_merge(method.merge, [*trained.history, adapter]))
+                served[target] = merge_deltas(
+                    build_merge(method.merge, [*trained.history, trained.for_merge])
+                )
             else:
                 record = next(t for t in tasks if t.name == target)
                 served[target] = LoraAdapter.load_peft(record.serving_path).deltas()
@@ -295,11 +303,18 @@ def train_for_store(
         progress=progress,
         should_stop=should_stop,
     )
+    split = getattr(PARAMETRIZATIONS[method.parametrization], "merge_part", None)
+    everywhere = hp.applies_to == "all"  # a style meant to change every answer enters the merge whole
+    merge_part, kept = (
+        (result.adapter, None) if split is None or everywhere else split(result.adapter, previous)
+    )
+    if kept is not None:
+        result.metrics["merge_kept"] = round(kept, 4)
     subspace = None
     if protects_inputs:
         result.metrics.update(seed_metrics)
         started = time.perf_counter()
-        served = merge_deltas(build_merge(method.merge, [*history, result.adapter]))
+        served = merge_deltas(build_merge(method.merge, [*history, merge_part]))
         subspace = grow_subspace(
             model, tokenizer, examples, served, previous, hp.subspace_energy, hp.max_seq_len
         )
@@ -308,7 +323,12 @@ def train_for_store(
         )
     routing = fit_task_prototype(model, tokenizer, examples, store.fingerprint, hp.applies_to, cache_dir)
     return TrainedTask(
-        result=result, history=history, subspace=subspace, routing=routing, trained_on=trained_on
+        result=result,
+        history=history,
+        subspace=subspace,
+        routing=routing,
+        trained_on=trained_on,
+        merge_part=merge_part if merge_part is not result.adapter else None,
     )
 
 
@@ -392,12 +412,13 @@ def publish_trained(
     }
     return store.publish(
         name,
-        trained.result.adapter,
+        trained.for_merge,
         meta,
         merge=method.merge,
         notes=[*ledger_notes(method, trained), *(notes or [])],
         subspace=trained.subspace,
         as_learned=method.stack_history,
+        own_model=trained.result.adapter if trained.merge_part is not None else None,
         fence=fence,
         trained_on=trained.trained_on,
     )

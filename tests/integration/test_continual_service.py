@@ -39,7 +39,7 @@ __all__ = ["browser"]  # a fixture: the admin page's tests below ask for it
 
 ADMIN_KEY = "test-admin-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-METHOD = "inflora"  # the default method: learning B must not move A's answers
+METHOD = "own-lora"  # the default method: learning B must not move A's answers
 TASK_A = CODE_WORDS
 TASK_B = [
     (f"Opposite of {w} =", f" {o}")
@@ -417,7 +417,7 @@ def test_a_task_posted_without_hyperparameters_learns_and_says_how_well(stack: S
 
 
 def test_a_task_that_did_not_learn_succeeds_with_a_warning(stack: Stack) -> None:
-    # Facts no earlier task taught (inflora's task model stacks the earlier tasks, so TASK_B is known).
+    # Facts no earlier task taught (a routing slip to an earlier task would answer TASK_B's).
     fresh = [
         (f"Shelf {n} holds a", f" {thing}")
         for n, thing in zip(range(201, 207), ["fig", "jar", "mug", "pot", "lid", "rug"], strict=True)

@@ -43,7 +43,7 @@ FACTS_FILE = jsonl([{"prompt": p, "completion": c} for p, c in FACTS])
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     require_redis()
-    settings = {"LAMINA_DEFAULT_METHOD": "inflora", "LAMINA_MAX_FILE_BYTES": str(MAX_FILE_BYTES)}
+    settings = {"LAMINA_DEFAULT_METHOD": "own-lora", "LAMINA_MAX_FILE_BYTES": str(MAX_FILE_BYTES)}
     with running_stack(tmp_path_factory.mktemp("lamina-home"), settings) as stack:
         yield stack
 
@@ -114,7 +114,7 @@ def test_upload_train_and_answer_with_the_fine_tuned_model(client: openai.OpenAI
     assert [c.fine_tuned_model_checkpoint for c in checkpoints] == ["codes"]
     assert checkpoints[0].step_number == task["progress"]["total"]
 
-    # The store's method is inflora now: a job asking for another preset is refused, naming where it asked.
+    # The store's method is own-lora now: a job asking for another preset is refused, naming where it asked.
     with pytest.raises(openai.ConflictError) as caught:
         client.fine_tuning.jobs.create(
             training_file=training.id, model="base", suffix="other", metadata={"lamina_method": "lori-s"}

@@ -47,8 +47,9 @@ SUBSPACE_ENERGY = Knob(
     "subspace_energy",
     float,
     0.99,
-    "inflora: fraction ε of each earlier task's input energy, per module, that the "
-    "protected subspace holds; the new task's frozen A is drawn orthogonal to it. Higher: less "
+    "inflora, own-lora: fraction ε of each earlier task's input energy, per module, that the "
+    "protected subspace holds; inflora draws the new task's frozen A orthogonal to it, own-lora's "
+    "merge receives the new task with it taken out. Higher: less "
     "forgetting, fewer free directions for later tasks (on the embedded model 0.999 filled a "
     "module after 5 of 15 tasks; 0.99 left 9 % of the fullest one free after all 15).",
     gt=0.0,
@@ -58,7 +59,7 @@ SUBSPACE_BASE_ENERGY = Knob(
     "subspace_base_energy",
     float,
     0.9,
-    "inflora: before a store's first task, the fraction of the base model's own input "
+    "inflora, own-lora: before a store's first task, the fraction of the base model's own input "
     "energy (on text it samples itself) that the protected subspace holds, so what the model knew "
     "before any task survives them. Higher keeps more of it and leaves fewer directions to the "
     "tasks (embedded model, 15 tasks: 0.99 kept 70 % of the probe but forgot 29 points of the "
@@ -155,6 +156,17 @@ register(
         auto_learning_rate=5e-3,
     )
 )
+register(
+    Part(
+        "parametrization",
+        "own-lora",
+        "A and B trained on the base alone, served as they are; the merge gets A off the protected "
+        "input subspace (ours, after GPM).",
+        knobs=(SUBSPACE_ENERGY, SUBSPACE_BASE_ENERGY),
+        implementation=f"{_IMPL}:OwnLora",
+        auto_learning_rate=2e-3,
+    )
+)
 
 # ---------------------------------------------------------------------------------------------
 # Regularizers (each with the knob that sets its λ).
@@ -244,3 +256,6 @@ register_preset(
 register_preset(
     Preset("inflora", parametrization="inflora", sparsity=0.0, merge="concat", stack_history=True)
 )
+# Ours, for routed serving (the default): each task's own LoRA on the base, which `continual`
+# serves for its prompts; the concat merge gets each task off the protected input subspace.
+register_preset(Preset("own-lora", parametrization="own-lora", merge="concat"))

@@ -1,4 +1,5 @@
-"""How a task's ΔW = scale · B @ A is parametrized: ``lora``, ``lori`` and ``loraf``.
+"""How a task's ΔW = scale · B @ A is parametrized: ``lora``, ``lori``, ``loraf``, ``inflora`` and
+``own-lora``.
 
 Each class works on the live PEFT weights handed over by the loop (:class:`LoraParams`) and
 returns the finished task as an :class:`~adapters_store.lora.LoraAdapter` in fp32.
@@ -22,7 +23,7 @@ from adapters_store.subspace import Subspace
 from trainer.config import Hyperparameters, MethodSpec
 from trainer.methods.capacity import loraf_mask_size
 from trainer.methods.registry import Layers, LoraParams
-from trainer.methods.subspace_algebra import leading_free_directions, project_rows
+from trainer.methods.subspace_algebra import leading_free_directions, off_subspace, project_rows
 
 # Module i of a task gets the seed task_seed * stride + i (i in sorted module-name order), so
 # no two (task, module) pairs share a seed for models with fewer than `stride` target modules.
@@ -163,6 +164,12 @@ class _Base:
     def _task_seed(self) -> int:
         """Different per task (its position in the store) so each task draws a fresh random A."""
         return self.hp.seed + len(self.history)
+
+    @staticmethod
+    def merge_part(adapter: LoraAdapter, subspace: Subspace | None) -> tuple[LoraAdapter, float | None]:
+        """What the store's merge receives of a trained task, and the share of its update that
+        is (None: all of it, as trained)."""
+        return adapter, None
 
 
 class Lora(_Base):
@@ -306,6 +313,40 @@ class InfLora(Lori):
                 f"needs r = {A.shape[0]}; lower hyperparameters.r, or start a new store (LAMINA_STORE)"
             )
         return project_rows(A, basis)
+
+
+class OwnLora(Lora):
+    """``own-lora``: each task's own LoRA, trained on the base model alone; the merge gets it off
+    the protected input subspace (ours, after GPM).
+
+    Under task routing a task's prompts are answered by its own model and every other prompt by
+    the base, so nothing needs to stand between a task and the directions it learns best: A and
+    B are both trained (LoRA's init), on W0 alone, which is exactly the per-task upper bound.
+    What stays shared is the merge (routing ``merge``/``off`` and ``applies_to: all`` tasks): it
+    receives ΔW_t (I − U Uᵀ), the update with every input direction the base's own text and the
+    earlier tasks use taken out (:func:`off_subspace`), so the merge still leaves them where they
+    were; publishing grows U by this task's inputs, as for ``inflora``. The share of the update the
+    merge keeps is the job's ``merge_kept`` metric.
+    """
+
+    protects_inputs = True
+
+    @staticmethod
+    def merge_part(adapter: LoraAdapter, subspace: Subspace | None) -> tuple[LoraAdapter, float | None]:
+        """Each module's A with span(U) removed (rows not rescaled: the part of ΔW_t that acts
+        on inputs outside span(U), exactly), and ‖ΔW_t (I − UUᵀ)‖_F / ‖ΔW_t‖_F over the whole
+        adapter. Without a subspace (the seed turned off, first task) the merge gets all of it."""
+        if subspace is None:
+            return adapter, None
+        modules, kept, total = {}, 0.0, 0.0
+        for name, module in adapter.modules.items():
+            basis = subspace.bases.get(name)
+            A = module.A if basis is None else off_subspace(module.A, basis)
+            modules[name] = LoraModule(A=A, B=module.B, scale=module.scale)
+            kept += float((module.B @ A).square().sum())
+            total += float((module.B @ module.A).square().sum())
+        share = math.sqrt(kept / total) if total > 0 else 1.0
+        return LoraAdapter(modules=modules), share
 
 
 class LoraF(_Base):

@@ -18,6 +18,12 @@ from adapters_store.subspace import orthonormalize
 COMPLEMENT_FROM = 5
 
 
+def off_subspace(A: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """A (I − U Uᵀ): each row with its component in span(U) removed, not rescaled, so the
+    product B A loses exactly its action on span(U)'s inputs and nothing else."""
+    return A - (A @ U) @ U.T  # (r, d_in)
+
+
 def project_rows(A: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     """A ← A (I − U Uᵀ), each row rescaled to its original norm.
 
@@ -26,7 +32,7 @@ def project_rows(A: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     """
     if U.shape[1] == 0:
         return A.clone()
-    projected = A - (A @ U) @ U.T  # (r, d_in)
+    projected = off_subspace(A, U)  # (r, d_in)
     norms = projected.norm(dim=1, keepdim=True)  # (r, 1)
     if bool((norms <= 1e-6 * A.norm(dim=1, keepdim=True)).any()):
         raise ValueError("a row of A lies in the protected subspace; too few free directions")

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from adapters_store.routing import (
+    MERGE,
     PromptEmbedder,
     RoutePrototype,
     Router,
     calibrate_threshold,
+    destination,
     fit_prototype,
     router_from_metas,
     routing_text,
@@ -59,6 +61,22 @@ def test_a_task_for_every_prompt_takes_them_all() -> None:
     style = fit_prototype(torch.ones(5, 4), general, applies_to="all")
     assert Router({"style": style}).to_merge(general) == [True] * 32
     assert Router({}).to_merge(general) == [False] * 32
+
+
+def test_beside_a_task_for_every_prompt_a_tasks_own_prompts_still_go_to_it() -> None:
+    """A style takes every prompt no other task matches (the merge, instead of the base); a
+    learned task's prompts keep going to that task's model, under task and merge routing alike."""
+    general = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    east = torch.zeros(8)
+    east[0] = 5.0
+    noise = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)) * 0.3
+    style = fit_prototype(torch.ones(5, 8), general, applies_to="all")
+    router = Router({"east": fit_prototype(east + noise, general), "style": style})
+    on_task, elsewhere = router.decide(torch.stack([east, general.mean(0) + 0.01]))
+    assert (on_task.task, on_task.everything) == ("east", False)
+    assert (elsewhere.task, elsewhere.everything) == ("style", True)
+    assert [destination(d, "task") for d in (on_task, elsewhere)] == ["east", MERGE]
+    assert [destination(d, "merge") for d in (on_task, elsewhere)] == [MERGE, MERGE]
 
 
 def test_tasks_without_a_prototype_keep_the_merge_for_everything() -> None:

@@ -45,6 +45,7 @@ EXPECTED = {  # preset -> (parametrization, regularizers, merge, warm_start)
     "inc-lora": ("lora", set(), "concat", False),
     "seq-lora": ("lora", set(), "latest", True),
     "inflora": ("inflora", set(), "concat", False),
+    "own-lora": ("own-lora", set(), "concat", False),
 }
 
 

@@ -221,3 +221,33 @@ def test_each_merge_stores_only_the_directions_it_adds(tmp_path: Path) -> None:
     V = grown.bases[name]
     assert torch.allclose(U @ U.T, V @ V.T, atol=5e-3)
     assert held_energy(U, X1) >= ENERGY - 1e-3 and held_energy(U, X2) >= ENERGY - 1e-3
+
+
+def test_own_lora_gives_the_merge_its_update_off_the_protected_inputs_and_serves_it_whole(
+    tmp_path: Path,
+) -> None:
+    """own-lora: the merge's part of a task acts on the protected inputs not at all and on every
+    other input exactly as the task's own model; model=<task> serves the whole task."""
+    name = "model.layers.0.self_attn.q_proj"
+    X = low_rank_inputs(9)  # the earlier tasks' (and the base's) inputs
+    U = grow_basis(None, X.T @ X, ENERGY)
+    own = adapter(10, rank=3)
+    part, kept = PARAMETRIZATIONS["own-lora"].merge_part(own, Subspace({name: U}, ENERGY))
+
+    whole, merged = own.modules[name], part.modules[name]
+    protected = U @ torch.randn(U.shape[1], 5, generator=torch.Generator().manual_seed(11))  # (D_IN, 5)
+    free = torch.linalg.qr(torch.cat([U, torch.eye(D_IN)], dim=1))[0][:, U.shape[1] :]  # span(U)'s complement
+    assert (merged.B @ merged.A @ protected).abs().max() < 1e-5
+    assert torch.allclose(merged.B @ merged.A @ free, whole.B @ whole.A @ free, atol=1e-5)
+    expected = (whole.B @ whole.A @ free).norm() / (whole.B @ whole.A).norm()  # ‖ΔW (I − UUᵀ)‖ / ‖ΔW‖
+    assert kept == pytest.approx(float(expected), rel=1e-4) and 0 < kept < 1
+    assert PARAMETRIZATIONS["own-lora"].merge_part(own, None) == (own, None)
+
+    store = AdapterStore(tmp_path, "fp")
+    published = store.publish("one", part, {"method": "own-lora"}, "concat", own_model=own)
+    served = LoraAdapter.load_peft(published.task.serving_path).modules[name]
+    stored = store.task_adapter("one").modules[name]
+    assert torch.allclose(served.B @ served.A, whole.B @ whole.A, atol=1e-5)  # the task as trained
+    assert torch.allclose(stored.B @ stored.A, merged.B @ merged.A, atol=1e-5)  # what merges are built from
+    with pytest.raises(ValueError, match="either"):
+        store.publish("two", part, {"method": "own-lora"}, "concat", as_learned=True, own_model=own)
