@@ -46,9 +46,7 @@ def main() -> None:
     result = envelope("gate", vars(args) | {"out": str(args.out), "model_dir": str(model_dir)})
     result["machine"] = {**provenance.machine("cpu"), "load_average_at_start": provenance.load_average()}
     model, tokenizer = load_base(model_dir)
-    method = resolve_method(
-        ServerSettings.model_fields["default_method"].default
-    )  # a POST /tasks naming none
+    method = resolve_method(ServerSettings().fallback_method)  # what a POST /tasks naming none gets
     gate = gate_for(settings.model_copy(update={"forgetting_policy": "warn"}))  # measure it, never refuse
     rows = []
     with tempfile.TemporaryDirectory() as root:
