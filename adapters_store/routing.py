@@ -12,7 +12,10 @@ model samples itself and L2-normalised. Each task is summarised at publish time 
 :class:`RoutePrototype`: the centroid of its training prompts and a threshold on the cosine to
 it, calibrated between the task's own prompts (each scored leave-one-out, as an unseen prompt
 would be) and the base-sampled text. A prompt matches a task when its cosine to the task's
-centroid reaches that task's threshold (the best margin wins).
+centroid reaches that task's threshold; when it matches several, the nearest centroid (the highest
+cosine) wins. The thresholds differ by task (a broad task's is low), so the largest margin over a
+threshold would favour the broadest task: on SmolLM2-135M it sent 3.8 % of the suite's task
+prompts to another task, the nearest centroid none.
 
 A task can also say it applies to every prompt (a style, a persona, a language): while such a task
 is live, every prompt goes to the merge. The prototypes are stored in each task version's
@@ -175,10 +178,10 @@ def fit_prototype(
 
 @dataclass(frozen=True)
 class Decision:
-    """Where one prompt goes: the task whose prototype it matched best (None: the base model)."""
+    """Where one prompt goes: the matched task with the nearest centroid (None: the base model)."""
 
     task: str | None
-    margin: float  # the best cosine minus that task's threshold (negative: routed to the base)
+    margin: float  # its cosine minus its threshold (negative: no task matched, the best of them)
     everything: bool = False  # a live task applies to every prompt: the merge answers it
 
 
@@ -205,14 +208,14 @@ class Router:
         if not matching:
             return [unmatched] * n
         names = list(matching)
-        margins = torch.stack(
-            [p.score(vectors) - p.threshold for p in matching.values()], dim=1
-        )  # (n, tasks)
-        best, index = margins.max(dim=1)
+        cosines = torch.stack([p.score(vectors) for p in matching.values()], dim=1)  # (n, tasks)
+        margins = cosines - torch.tensor([p.threshold for p in matching.values()])
+        nearest = cosines.masked_fill(margins < 0, float("-inf")).argmax(dim=1)  # among the matched
+        closest = margins.max(dim=1).values  # below zero: no task matched
         decisions = []
-        for m, i in zip(best, index, strict=True):
+        for row, (i, m) in enumerate(zip(nearest, closest, strict=True)):
             if float(m) >= 0:
-                decisions.append(Decision(names[int(i)], float(m)))
+                decisions.append(Decision(names[int(i)], float(margins[row, int(i)])))
             else:
                 decisions.append(unmatched if self.everything else Decision(None, float(m)))
         return decisions

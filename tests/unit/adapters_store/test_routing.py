@@ -56,6 +56,22 @@ def test_the_nearest_task_wins_and_the_rest_goes_to_the_base() -> None:
     assert decisions[0].margin > 0 > decisions[2].margin
 
 
+def test_a_prompt_both_tasks_accept_goes_to_the_nearer_not_the_broader() -> None:
+    # Hand-built prototypes in 2-D (centre 0): "broad" accepts anything within 60 degrees of the
+    # x axis (threshold 0.5), "narrow" within 18 degrees of a direction 30 degrees off it (0.95).
+    # A prompt at 30 degrees is the narrow task's own (cosine 1.0, margin 0.05) and still the broad
+    # task's (cosine 0.87, margin 0.37): the nearer centroid must win, not the larger margin.
+    center = torch.zeros(2)
+    angle = torch.tensor(torch.pi / 6)
+    broad = RoutePrototype(torch.tensor([1.0, 0.0]), center, threshold=0.5)
+    narrow = RoutePrototype(torch.stack([angle.cos(), angle.sin()]), center, threshold=0.95)
+    decisions = Router({"broad": broad, "narrow": narrow}).decide(
+        torch.stack([torch.stack([angle.cos(), angle.sin()]), torch.tensor([1.0, -0.2])])
+    )
+    assert [d.task for d in decisions] == ["narrow", "broad"]
+    assert decisions[0].margin == pytest.approx(0.05, abs=1e-4)  # the chosen task's own margin
+
+
 def test_a_task_for_every_prompt_takes_them_all() -> None:
     general = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
     style = fit_prototype(torch.ones(5, 4), general, applies_to="all")
