@@ -90,7 +90,12 @@ def continual(
     methods: Annotated[
         str, typer.Option(help="Comma-separated presets, e.g. 'seq-lora,lori-s'; 'all' for every one.")
     ] = "all",
-    order: Annotated[int, typer.Option(help="Task order 1-6 (1-3: four tasks; 4-6: fifteen).")] = 1,
+    order: Annotated[
+        int,
+        typer.Option(
+            help="Task order 1-7 (1-3: four tasks; 4-6: fifteen; 7: fifteen a small real model learns, 50 test prompts each)."
+        ),
+    ] = 1,
     quick: Annotated[
         bool,
         typer.Option(

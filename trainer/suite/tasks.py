@@ -218,6 +218,46 @@ def _sort_words(rng: random.Random) -> tuple[str, str]:
     return " ".join(words), " ".join(sorted(words))
 
 
+# Tasks with large input spaces (at least 250 distinct inputs, so 200 train and 50 test prompts),
+# for order 7: fifteen tasks a small real model can learn.
+BIG_NUMBER = 999
+
+
+def _double(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, BIG_NUMBER // 2)
+    return str(n), str(2 * n)
+
+
+def _half(rng: random.Random) -> tuple[str, str]:
+    n = 2 * rng.randint(0, BIG_NUMBER // 2)
+    return str(n), str(n // 2)
+
+
+def _successor(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, BIG_NUMBER - 1)
+    return str(n), str(n + 1)
+
+
+def _round_to_ten(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(10, BIG_NUMBER - 5)
+    return str(n), str((n + 5) // 10 * 10)  # halves round up: 345 -> 350
+
+
+def _swap(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.sample(ALL_TOPIC_WORDS + NOUNS, 2)
+    return f"{a} {b}", f"{b} {a}"
+
+
+def _second_word(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(ALL_TOPIC_WORDS + NOUNS, rng.randint(3, 5))
+    return " ".join(words), words[1]
+
+
+def _join(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.sample(ALL_TOPIC_WORDS + NOUNS, 2)
+    return f"{a} {b}", f"{a}-{b}"
+
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
@@ -239,6 +279,13 @@ TASKS: dict[str, Task] = {
         Task("record", "read one field of a key=value record", "field", _record, 5),
         Task("to_json", "rewrite key=value as a JSON object", "json", _to_json, 12),
         Task("sort_words", "three words in alphabetical order", "sort", _sort_words, 5),
+        Task("double", "twice a number", "double", _double, 6),
+        Task("half", "half of an even number", "half", _half, 6),
+        Task("successor", "the number after a number", "next number", _successor, 6),
+        Task("round", "a number rounded to the nearest ten", "round", _round_to_ten, 6),
+        Task("swap", "two words in the other order", "swap", _swap, 8),
+        Task("second_word", "the second word of a list", "second word", _second_word, 5),
+        Task("join", "two words joined by a hyphen", "join", _join, 8),
     )
 }
 

@@ -98,7 +98,7 @@ def test_score_is_exact_match_after_strip() -> None:
 
 
 def test_orders_reference_existing_tasks() -> None:
-    assert sorted(ORDERS) == [1, 2, 3, 4, 5, 6]
+    assert sorted(ORDERS) == [1, 2, 3, 4, 5, 6, 7]
     for number, names in ORDERS.items():
         assert all(name in TASKS for name in names)
         assert len(set(names)) == len(names)
@@ -107,7 +107,34 @@ def test_orders_reference_existing_tasks() -> None:
     assert len({ORDERS[n] for n in (4, 5, 6)}) == 3 and set(ORDERS[4]) == set(ORDERS[5]) == set(ORDERS[6])
     assert get_order(1) == tuple(SEED_ANALOGUES[d] for d in SEED_ORDERS[1])
     with pytest.raises(KeyError):
-        get_order(7)
+        get_order(8)
+
+
+def test_the_learnable_order_has_fifty_unseen_test_prompts_per_task() -> None:
+    for name in get_order(7):
+        train, test = get_task(name).split(seed=0, n_train=200, n_test=50)
+        assert (len(train), len(test)) == (200, 50), name
+        assert not {e.prompt for e in train} & {e.prompt for e in test}, name
+
+
+RULES = {  # each new task's answer, computed here independently of its maker
+    "double": lambda x: str(2 * int(x)),
+    "half": lambda x: str(int(x) // 2) if int(x) % 2 == 0 else "odd input",
+    "successor": lambda x: str(int(x) + 1),
+    "round": lambda x: str(int(math.floor(int(x) / 10 + 0.5)) * 10),
+    "swap": lambda x: " ".join(reversed(x.split())),
+    "second_word": lambda x: x.split()[1],
+    "join": lambda x: "-".join(x.split()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_new_tasks_answer_by_their_rule(name: str) -> None:
+    train, test = get_task(name).split(seed=0, n_train=200, n_test=50)
+    instruction = get_task(name).instruction
+    for example in train + test:
+        given = example.prompt.removeprefix(f"{instruction}: ").removesuffix(" ->")
+        assert example.completion == f" {RULES[name](given)}", example
 
 
 # acc[i][j]: accuracy on task j after training task i (upper triangle: before training task j).
