@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/lamina demo
 
+# Two pytest workers, a whole test module each at a time (--dist loadfile: a module's server is
+# started once, in one worker). Integration modules wait on servers, workers and HTTP for much of
+# their time, so a second module runs beside them; the integration modules are collected first.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check server trainer adapters_store tests bench
