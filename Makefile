@@ -19,11 +19,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/lamina demo
 
-# Two pytest workers, a whole test module each at a time (--dist loadfile: a module's server is
-# started once, in one worker). Integration modules wait on servers, workers and HTTP for much of
-# their time, so a second module runs beside them; the integration modules are collected first.
+# One pytest process: two (pytest-xdist, a module per worker) took 14 min 59 s on the 2-core CI
+# machine against 11-14 min for one; see docs/contributing.md.
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest
 
 lint: setup
 	$(BIN)/ruff check server trainer adapters_store tests bench
