@@ -43,6 +43,8 @@ DEFAULT_N_TRAIN = 200
 DEFAULT_N_TEST = 50
 
 
+LIST_WORDS = ALL_TOPIC_WORDS + NOUNS  # the words the word-list tasks draw from
+
 # A maker draws one (input, answer) pair from the task's input space.
 Maker = Callable[[random.Random], tuple[str, str]]
 
@@ -170,7 +172,7 @@ def _last_letter(rng: random.Random) -> tuple[str, str]:
 
 
 def _count_words(rng: random.Random) -> tuple[str, str]:
-    words = rng.sample(ALL_TOPIC_WORDS + NOUNS, rng.randint(1, 9))
+    words = rng.sample(LIST_WORDS, rng.randint(1, 9))
     return " ".join(words), str(len(words))
 
 
@@ -244,17 +246,17 @@ def _round_to_ten(rng: random.Random) -> tuple[str, str]:
 
 
 def _swap(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.sample(ALL_TOPIC_WORDS + NOUNS, 2)
+    a, b = rng.sample(LIST_WORDS, 2)
     return f"{a} {b}", f"{b} {a}"
 
 
 def _second_word(rng: random.Random) -> tuple[str, str]:
-    words = rng.sample(ALL_TOPIC_WORDS + NOUNS, rng.randint(3, 5))
+    words = rng.sample(LIST_WORDS, rng.randint(3, 5))
     return " ".join(words), words[1]
 
 
 def _join(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.sample(ALL_TOPIC_WORDS + NOUNS, 2)
+    a, b = rng.sample(LIST_WORDS, 2)
     return f"{a} {b}", f"{a}-{b}"
 
 
