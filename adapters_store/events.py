@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import redis
 
-from adapters_store.store import LEDGER_FILE
+from adapters_store.store import AdapterStore
 
 log = logging.getLogger(__name__)
 
@@ -153,27 +153,37 @@ class EventFollower:
 
 
 class LedgerWatcher:
-    """Polls ``ledger.jsonl`` for servers without Redis (and as a safety net beside it).
+    """Polls the store's ledger for servers without Redis (and as a safety net beside it): the
+    file's size and mtime, or the last ``seq`` in the database (a replica that missed an event
+    catches up from the ledger itself, wherever it is).
 
-    The ledger is append-only, so any change of its size or mtime means a new entry. The
-    state at construction counts as seen: load the live merge first, then start watching.
+    The ledger is append-only, so any change of its stamp means a new entry. The state at
+    construction counts as seen: load the live merge first, then start watching. A poll that
+    cannot reach the ledger (the database restarting) reports no change and logs once; the
+    next poll that can read it reports the change.
     """
 
-    def __init__(self, store_root: str | Path, interval_s: float = 2.0) -> None:
-        self.path = Path(store_root) / LEDGER_FILE
+    def __init__(self, store: AdapterStore, interval_s: float = 2.0) -> None:
+        self.store = store
         self.interval_s = interval_s
         self._seen = self._stamp()
+        self._failing = False
 
-    def _stamp(self) -> tuple[int, int] | None:
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return stat.st_size, stat.st_mtime_ns
+    def _stamp(self) -> object:
+        return self.store.ledger_stamp()
 
     def poll(self) -> bool:
         """True once per change since the last call."""
-        stamp = self._stamp()
+        try:
+            stamp = self._stamp()
+        except Exception as error:
+            if not self._failing:
+                log.warning(
+                    "cannot read the ledger of %s (%s); retrying at the next poll", self.store.location, error
+                )
+            self._failing = True
+            return False
+        self._failing = False
         changed = stamp != self._seen
         self._seen = stamp
         return changed

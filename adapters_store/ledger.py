@@ -1,7 +1,10 @@
-"""``ledger.jsonl``, the store's append-only log, and the file-level helpers a version write needs.
+"""The store's append-only log and its writer lock, behind one small interface with two
+backends: ``ledger.jsonl`` in the store's directory (here, the embedded default) and rows in
+PostgreSQL (:mod:`adapters_store.ledger_database`, when ``LAMINA_DATABASE_URL`` is set).
 
 Kept apart from :mod:`adapters_store.store` because it is the one piece whose crash behaviour
-matters byte by byte: an operation's entries land in one ``write`` + ``fsync`` or not at all.
+matters byte by byte: an operation's entries land together or not at all, in one ``write`` +
+``fsync`` here, in one transaction there.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ import fcntl
 import json
 import logging
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +26,43 @@ log = logging.getLogger(__name__)
 def now() -> str:
     """The ledger's and the metas' timestamp format (UTC, milliseconds)."""
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+STORE_FILE = "store.json"
+LEDGER_FILE = "ledger.jsonl"
+LOCK_FILE = ".lock"
+STORE_FORMAT = 1
+
+
+class LedgerBackend(Protocol):
+    """Where a store keeps its ledger, its writer lock and the base model it was created for.
+
+    Every entry a reader gets is a dict with ``seq`` (1, 2, ... per store) and ``ts``; both
+    backends hand out the same dicts, so the store's logic never asks which one it has."""
+
+    @property
+    def location(self) -> str:
+        """Where the ledger is, for log lines and error messages."""
+        ...
+
+    def read(self) -> list[dict[str, Any]]: ...
+
+    def append(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Stamp ``entries`` with the next ``seq`` numbers and the time; all land or none do."""
+        ...
+
+    def writer_lock(self) -> AbstractContextManager[None]:
+        """Held by every writer of the store for the whole of its change (one at a time)."""
+        ...
+
+    def stamp(self) -> object:
+        """A value that changes whenever an entry is appended: what a server polls."""
+        ...
+
+    def bind(self, fingerprint: str) -> str:
+        """Record ``fingerprint`` as the store's base model if none is recorded yet; returns the
+        recorded one, so that opening a store with another base model can be refused."""
+        ...
 
 
 class Ledger:
@@ -32,6 +75,14 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def stamp(self) -> object:
+        """The file's size and mtime: the ledger only grows, so any append changes them."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_size, stat.st_mtime_ns
 
     def read(self) -> list[dict[str, Any]]:
         try:
@@ -67,6 +118,43 @@ class Ledger:
             return stamped
         finally:
             os.close(fd)  # also releases the lock
+
+
+class FileLedger(Ledger):
+    """The embedded default: ``ledger.jsonl``, the writer lock (``flock`` on ``.lock``) and
+    ``store.json`` (the base model's fingerprint, fixed when the store is created), all in the
+    store's directory, so a store is one folder that can be copied as a whole."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root / LEDGER_FILE)
+        self.root = root
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    @contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        with (self.root / LOCK_FILE).open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def bind(self, fingerprint: str) -> str:
+        path = self.root / STORE_FILE
+        if not path.exists():
+            info = {"format": STORE_FORMAT, "fingerprint": fingerprint, "created_at": now()}
+            tmp = path.with_name(f".{STORE_FILE}.{uuid.uuid4().hex}")
+            tmp.write_text(json.dumps(info, indent=2))
+            try:
+                os.link(tmp, path)  # atomic and exclusive: a concurrent creator's file wins whole
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        return str(json.loads(path.read_text())["fingerprint"])
 
 
 def read_all(fd: int) -> bytes:

@@ -22,32 +22,34 @@ Why this shape:
 - The live task set is, by definition, the parents of the live merge (the last ``set_live``
   entry). Publishing, removing a task and rolling back are therefore all "write a merge, then
   append ``set_live``"; the ledger keeps the whole history and ``rollback`` is one entry.
-- Writers of one store serialize on an exclusive ``fcntl`` lock on ``.lock`` (the trainer also
-  holds a Redis lock per store; this one protects against anything else). Readers take no lock.
+- Writers of one store serialize on the ledger backend's writer lock: an exclusive ``fcntl``
+  lock on ``.lock`` here, an advisory lock in PostgreSQL (the trainer also holds a Redis lock per
+  store; this one protects against anything else). Readers take no lock.
   A publisher that holds a lease elsewhere passes a :class:`Fence`, checked under this lock just
   before the ledger append, so a publisher whose lease lapsed (a stalled worker) writes nothing.
 
-:class:`Store` is the interface the server and trainer should type against; :class:`AdapterStore`
-is the local implementation. An fsspec-backed one would keep the same ledger semantics
-(conditional writes instead of ``flock``/``rename``) and cache versions locally for vLLM.
+:class:`Store` is the interface the server and trainer should type against. Where the ledger
+and the files live is chosen at construction: the ledger in this directory
+(:class:`adapters_store.ledger.FileLedger`, the default) or in PostgreSQL
+(:class:`adapters_store.ledger_database.DatabaseLedger`); the files here only, or also in object
+storage (:class:`adapters_store.blobs.ObjectStorage`), in which case this directory is the
+process's local, verified copy of the versions it reads.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import re
 import shutil
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 
+from adapters_store.blobs import ObjectStorage
 from adapters_store.errors import CorruptVersion as CorruptVersion
 from adapters_store.errors import DiskFull as DiskFull
 from adapters_store.errors import FenceLost as FenceLost
@@ -63,7 +65,10 @@ from adapters_store.integrity import verify_tree
 from adapters_store.interface import Fence as Fence
 from adapters_store.interface import Store as Store
 from adapters_store.interface import check_fence
-from adapters_store.ledger import Ledger
+from adapters_store.ledger import LEDGER_FILE as LEDGER_FILE
+from adapters_store.ledger import LOCK_FILE as LOCK_FILE
+from adapters_store.ledger import STORE_FILE as STORE_FILE
+from adapters_store.ledger import FileLedger, LedgerBackend
 from adapters_store.ledger import now as _now
 from adapters_store.lora import LoraAdapter
 from adapters_store.merges import DenseDelta, MergeResult, build_merge, get_merge
@@ -78,17 +83,13 @@ from adapters_store.versions import (
     merge_ids,
     merge_record,
     next_number,
+    recorded_files,
     task_record,
     write_merge,
     write_task,
 )
 
 log = logging.getLogger(__name__)
-
-STORE_FILE = "store.json"
-LEDGER_FILE = "ledger.jsonl"
-LOCK_FILE = ".lock"
-STORE_FORMAT = 1
 
 # ASCII only (no look-alikes), no separators, no "." so never "..": a name is always one
 # plain path component under tasks/.
@@ -119,6 +120,10 @@ class AdapterStore:
 
     Writers take ``notes``: extra ledger entries written in the same append as the change (LoRAF
     rank growth, the admin audit), so a change and its record land together or not at all.
+
+    ``ledger`` (default: the files in ``root``) and ``objects`` (default: none, the files live in
+    ``root`` only) choose the backends; ``location`` is the store's name shared by every process
+    that opens it (events and locks are keyed by it), ``root`` by default.
     """
 
     def __init__(
@@ -129,6 +134,9 @@ class AdapterStore:
         base_model: str = "",
         dense_export_rank: int = 64,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        ledger: LedgerBackend | None = None,
+        objects: ObjectStorage | None = None,
+        location: str | None = None,
     ) -> None:
         if dense_export_rank < 1:
             raise ValueError(f"dense_export_rank must be >= 1, got {dense_export_rank}")
@@ -137,10 +145,16 @@ class AdapterStore:
         self.base_model = base_model  # written into adapter_config.json for PEFT/vLLM
         self.dense_export_rank = dense_export_rank
         self._on_event = on_event
-        self._ledger = Ledger(self.root / LEDGER_FILE)
+        self.location = location or str(self.root)
+        self._objects = objects
         for sub in ("tasks", "merges"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._open_or_create()
+        self._ledger: LedgerBackend = ledger or FileLedger(self.root)
+        recorded = self._ledger.bind(fingerprint)
+        if recorded != fingerprint:
+            raise FingerprintMismatch(
+                f"store {self.location} is for base {recorded}, opened with {fingerprint}"
+            )
 
     # --- writers -------------------------------------------------------------------------
 
@@ -189,7 +203,8 @@ class AdapterStore:
         json.dumps(meta)  # refuse unserializable meta before anything is written
         with self._writer_lock():
             check_fence(fence, name)
-            snapshot = self.snapshot()
+            ledger = self._ledger.read()
+            snapshot = self._snapshot(ledger)
             live, tasks = snapshot.live, snapshot.tasks
             if trained_on is not None and tuple(t.id for t in tasks) != tuple(trained_on):
                 raise LiveChanged(
@@ -198,7 +213,9 @@ class AdapterStore:
                 )
             if any(t.name == name for t in tasks):
                 raise TaskExists(f"task {name!r} is live; remove it before publishing it again")
-            version = next_number(self.root / "tasks" / name, "v")
+            # Numbers come from the ledger and skip local orphans: another host's cache may lack
+            # a version this one has, and this one may hold an unpublished version's leftovers.
+            version = max(next_number(self.root / "tasks" / name, "v"), 1 + _last_version(ledger, name))
             task_id = f"{name}/v{version}"
             fold = method.incremental and live is not None and live.method == merge and self._intact(live)
             history = self._load_tasks(tasks) if as_learned or not fold else []
@@ -226,9 +243,11 @@ class AdapterStore:
                 task_files = write_task(task_dir, adapter, task_meta, prefix, self.base_model)
                 written.append(task_dir)
                 merge_id, merge_dir, merge_files = self._write_merge(
-                    result, merge, parents, weights, based_on, subspace
+                    result, merge, parents, weights, based_on, subspace, ledger
                 )
                 written.append(merge_dir)
+                self._upload(task_dir, task_files)
+                self._upload(merge_dir, merge_files)
                 check_fence(fence, name)
                 add: dict[str, Any] = {"op": "add_task", "task": name, "version": version, "id": task_id}
                 if fence is not None:
@@ -291,7 +310,8 @@ class AdapterStore:
         """
         check_task_name(name)
         with self._writer_lock():
-            snapshot = self.snapshot()
+            ledger = self._ledger.read()
+            snapshot = self._snapshot(ledger)
             live, tasks = snapshot.live, snapshot.tasks
             index = next((i for i, t in enumerate(tasks) if t.name == name), None)
             if index is None or live is None:
@@ -312,8 +332,9 @@ class AdapterStore:
                     kept = self._load_subspace(live) if _has_subspace(live) else None
                     kept = kept.unchanged() if kept is not None else None
                     merge_id, merge_dir, files = self._write_merge(
-                        result, live.method, parents, weights, None, kept
+                        result, live.method, parents, weights, None, kept, ledger
                     )
+                    self._upload(merge_dir, files)
                     set_live["files"] = files
                 entries = self._ledger.append(
                     [
@@ -334,7 +355,13 @@ class AdapterStore:
 
     def snapshot(self) -> StoreSnapshot:
         """The live merge, the live tasks and the ledger's last ``seq``, from one ledger read."""
-        entries = self._ledger.read()
+        return self._snapshot(self._ledger.read())
+
+    def ledger_stamp(self) -> object:
+        """Changes whenever the ledger gains an entry: what a server's poll compares."""
+        return self._ledger.stamp()
+
+    def _snapshot(self, entries: list[dict[str, Any]]) -> StoreSnapshot:
         last = next((e for e in reversed(entries) if e["op"] == "set_live"), None)
         seq = int(entries[-1]["seq"]) if entries else 0
         if last is None:
@@ -432,39 +459,29 @@ class AdapterStore:
             return False
         return True
 
-    def _open_or_create(self) -> None:
-        """Record the fingerprint at creation; refuse to open a store of another base model."""
-        path = self.root / STORE_FILE
-        if not path.exists():
-            info = {"format": STORE_FORMAT, "fingerprint": self.fingerprint, "created_at": _now()}
-            tmp = path.with_name(f".{STORE_FILE}.{uuid.uuid4().hex}")
-            tmp.write_text(json.dumps(info, indent=2))
-            try:
-                os.link(tmp, path)  # atomic and exclusive: a concurrent creator's file wins whole
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink()
-        recorded = json.loads(path.read_text())["fingerprint"]
-        if recorded != self.fingerprint:
-            raise FingerprintMismatch(
-                f"store {self.root} is for base {recorded}, opened with {self.fingerprint}"
-            )
-
-    @contextmanager
-    def _writer_lock(self) -> Iterator[None]:
-        with (self.root / LOCK_FILE).open("a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def _writer_lock(self) -> AbstractContextManager[None]:
+        return self._ledger.writer_lock()
 
     def _merge_record(self, merge_id: str, entries: list[dict[str, Any]]) -> MergeRecord:
+        if self._objects is not None and merge_id in merge_ids(entries):
+            files = recorded_files(entries, "set_live", "merge", merge_id)
+            if files is not None:
+                self._objects.fetch(self.root / "merges" / merge_id, files, f"merge {merge_id}")
         return merge_record(self.root, merge_id, entries)
 
     def _task_record(self, task_id: str, entries: list[dict[str, Any]] | None = None) -> TaskRecord:
-        return task_record(self.root, task_id, self._ledger.read() if entries is None else entries)
+        entries = self._ledger.read() if entries is None else entries
+        if self._objects is not None:
+            files = recorded_files(entries, "add_task", "id", task_id)
+            if files is not None:  # only ids the ledger names reach the path below
+                name, _, version = task_id.partition("/")
+                self._objects.fetch(self.root / "tasks" / name / version, files, f"task {task_id}")
+        return task_record(self.root, task_id, entries)
+
+    def _upload(self, directory: Path, files: dict[str, str]) -> None:
+        """Put a new version's files in object storage before the ledger names it."""
+        if self._objects is not None:
+            self._objects.upload(directory, files)
 
     def _load_tasks(self, tasks: list[TaskRecord]) -> list[LoraAdapter]:
         self.verify(*tasks)
@@ -491,7 +508,8 @@ class AdapterStore:
         parents: list[str],
         weights: list[float] | None,
         based_on: str | None,
-        subspace: Subspace | None = None,
+        subspace: Subspace | None,
+        ledger: list[dict[str, Any]],
     ) -> tuple[str, Path, dict[str, str]]:
         """Write a merge version; ``based_on`` is the merge an incremental merge folded into."""
         meta = {
@@ -501,17 +519,23 @@ class AdapterStore:
             "based_on": based_on,
             "base_fingerprint": self.fingerprint,
         }
+        first = 1 + max((int(m[1:]) for m in merge_ids(ledger)), default=0)
         return write_merge(
-            self.root / "merges", result, meta, subspace, self.base_model, self.dense_export_rank
+            self.root / "merges", result, meta, subspace, self.base_model, self.dense_export_rank, first
         )
 
     def _notify(self, entry: dict[str, Any]) -> None:
         if self._on_event is None:
             return
         try:
-            self._on_event({**entry, "store": str(self.root)})
+            self._on_event({**entry, "store": self.location})
         except Exception:
             log.exception("store event for %s failed; servers will see the ledger change instead", self.root)
+
+
+def _last_version(entries: list[dict[str, Any]], name: str) -> int:
+    """The highest version of ``name`` the ledger has named (0: none)."""
+    return max((int(e["version"]) for e in entries if e["op"] == "add_task" and e["task"] == name), default=0)
 
 
 def _has_subspace(merge: MergeRecord) -> bool:

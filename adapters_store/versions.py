@@ -176,12 +176,14 @@ def write_merge(
     subspace: Subspace | None,
     base_model: str,
     dense_export_rank: int,
+    first: int = 1,
 ) -> tuple[str, Path, dict[str, str]]:
     """Write the next merge version under ``merges_dir``; ``meta`` holds what the caller knows
     (method, parents, weights, fingerprint), this adds the id, kind, rank and, for a dense merge,
-    its rank-``dense_export_rank`` SVD in PEFT layout and that SVD's error. Returns the merge's
-    id, its directory and its files' digests."""
-    merge_id = f"m{next_number(merges_dir, 'm')}"
+    its rank-``dense_export_rank`` SVD in PEFT layout and that SVD's error. Its number is the
+    first free one from ``first`` (the ledger's next) on, skipping local orphans. Returns the
+    merge's id, its directory and its files' digests."""
+    merge_id = f"m{max(next_number(merges_dir, 'm'), first)}"
     meta = {
         "id": merge_id,
         "kind": "dense" if isinstance(result, DenseDelta) else "lora",
@@ -214,6 +216,11 @@ def write_merge(
 def merge_ids(entries: list[dict[str, Any]]) -> list[str]:
     """Merges in the order they first became live."""
     return list(dict.fromkeys(e["merge"] for e in entries if e["op"] == "set_live" and e["merge"]))
+
+
+def recorded_files(entries: list[dict[str, Any]], op: str, key: str, value: str) -> dict[str, str] | None:
+    """The digests the first ledger entry of ``op`` whose ``key`` is ``value`` recorded."""
+    return next((e["files"] for e in entries if e["op"] == op and e.get(key) == value and "files" in e), None)
 
 
 def merge_record(root: Path, merge_id: str, entries: list[dict[str, Any]]) -> MergeRecord:

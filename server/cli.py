@@ -322,17 +322,18 @@ def stats(
     from adapters_store.evaluation import matrix_table, stats_with_accuracy
     from adapters_store.fingerprint import fingerprint_model
     from adapters_store.store import STORE_FILE, AdapterStore, FingerprintMismatch
+    from trainer.contract.backends import store_backends
     from trainer.contract.settings import LaminaSettings
 
     settings = load_settings(LaminaSettings)
-    if not (settings.store_dir / STORE_FILE).is_file():  # opening one would create it
+    if not settings.database_url and not (settings.store_dir / STORE_FILE).is_file():  # opening one would create it
         fail(
             f"{settings.store_dir} is not an adapter store (no {STORE_FILE}); set LAMINA_STORE or LAMINA_HOME",
             2,
         )
     require_model(settings)
     try:
-        store = AdapterStore(settings.store_dir, fingerprint_model(settings.model))
+        store = AdapterStore(settings.store_dir, fingerprint_model(settings.model), **store_backends(settings))
     except FingerprintMismatch as error:
         fail(f"{error}: LAMINA_MODEL names another base model than the store's", 2)
     data = stats_with_accuracy(store)

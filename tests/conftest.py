@@ -42,3 +42,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = start_server({"LAMINA_ADMIN_KEY": SERVER_ADMIN_KEY}, log_path)
     yield running
     stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A migrated PostgreSQL database for this run (tests/support/database.py)."""
+    from tests.support.database import scratch_database
+
+    with scratch_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[object]:
+    """An S3-compatible server (moto) with one bucket, for this run (tests/support/object_storage.py)."""
+    from tests.support.object_storage import s3_server
+
+    with s3_server() as server:
+        yield server

@@ -33,6 +33,7 @@ from adapters_store.store import AdapterStore
 from trainer.celery_app import TRAIN_TASK, make_celery
 from trainer.config import Hyperparameters, resolve_method
 from trainer.contract.admission import AdmissionError
+from trainer.contract.backends import open_board, store_backends
 from trainer.contract.board import (
     DISK_FULL,
     STORE_CHANGED,
@@ -70,7 +71,7 @@ def train(job_id: str | None = None) -> None:
     log.info("woken by %s", job_id or "worker start")
     import trainer.loop  # noqa: F401 - seconds of torch imports, paid before a claim's lease starts
 
-    board = JobBoard(settings.store_dir)
+    board = open_board(settings)
     while True:
         try:
             with store_turn(settings) as keep_lock:
@@ -125,7 +126,8 @@ def open_store(settings: LaminaSettings) -> AdapterStore:
         _fingerprint(str(settings.model)),
         base_model=settings.model_name,
         dense_export_rank=settings.max_lora_rank,
-        on_event=redis_notifier(url, settings.store_dir) if url else None,
+        on_event=redis_notifier(url, settings.store_location) if url else None,
+        **store_backends(settings),
     )
 
 
@@ -363,7 +365,7 @@ def store_turn(settings: LaminaSettings) -> Iterator[Any]:
         client = redis.Redis.from_url(url)
         # Not thread-local: the heartbeat thread extends the lock that this thread took.
         lock = client.lock(
-            f"lamina:train-lock:{settings.store_dir.resolve()}",
+            f"lamina:train-lock:{settings.store_location}",
             timeout=settings.job_lease_s,
             thread_local=False,
         )

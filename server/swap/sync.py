@@ -243,7 +243,7 @@ class AdapterSync:
         """Sync now, then after every store change, until cancelled. Redis events make the
         swap immediate; polling the ledger catches anything an event missed; a failed sync
         is retried with a growing delay (:func:`retry_delay`) even when nothing changes."""
-        watcher = LedgerWatcher(self.store.root, interval_s=self.poll_interval_s)
+        watcher = LedgerWatcher(self.store, interval_s=self.poll_interval_s)
         retry_at = None if await self.sync() else time.monotonic() + (self.status.retry_in_s or 0)
         nudged = asyncio.Event()
         stop = threading.Event()
@@ -252,7 +252,7 @@ class AdapterSync:
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(nudged.wait(), timeout=self.poll_interval_s)
-                changed = watcher.poll()
+                changed = await asyncio.to_thread(watcher.poll)  # a database read, off the loop
                 due = retry_at is not None and time.monotonic() >= retry_at
                 if nudged.is_set() or changed or due:
                     nudged.clear()
@@ -271,7 +271,7 @@ class AdapterSync:
         loop = asyncio.get_running_loop()
         assert self.events_url is not None
         self.events = EventFollower(
-            self.events_url, self.store.root, lambda: loop.call_soon_threadsafe(nudged.set)
+            self.events_url, self.store.location, lambda: loop.call_soon_threadsafe(nudged.set)
         )
         return self.events.start(stop)
 

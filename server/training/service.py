@@ -14,7 +14,7 @@ from adapters_store.store import AdapterStore
 from server.errors import APIError
 from server.training.protocol import ExampleIn, TaskCreate
 from trainer.contract.admission import AdmissionError, AdmissionReason, admit
-from trainer.contract.board import JobBoard
+from trainer.contract.backends import open_board
 from trainer.contract.jobs import Job, JobNotFound, JobRefused, JobStatus
 from trainer.contract.queue import TRAIN_TASK, make_celery
 from trainer.contract.settings import LaminaSettings
@@ -45,7 +45,7 @@ class TrainingService:
         self.reserved_names = reserved_names  # model names the server answers for itself
         self.settings = settings
         self.store = store
-        self.board = JobBoard(settings.store_dir)
+        self.board = open_board(settings)
         self.celery = make_celery(settings)
         self.default_method = default_method
         # The task versions this replica serves now (set by the app to its sync's view); None: no

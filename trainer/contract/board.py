@@ -1,10 +1,14 @@
 """Training jobs: what ``POST /tasks`` created and how far the worker has got.
 
-Jobs live as small JSON files next to the adapter store (``<store>/jobs/``), so every server
-replica and every worker that shares the store sees the same jobs with no extra service.
-Each file is replaced atomically under a lock, because two processes write it: the worker
-(progress, status) and the API (cancellation). Part of the server↔trainer contract; imports
-nothing heavy. The job model itself is :mod:`trainer.contract.jobs`.
+:class:`JobBoard` holds the rules (arrival numbers, refusals, claims with leases and fencing
+generations); where the jobs are kept is a :class:`JobRecords` backend's business, so the rules
+are written once for every backend. By default (:class:`FileJobRecords`) jobs live as small
+JSON files next to the adapter store (``<store>/jobs/``), so every server replica and every
+worker that shares the store sees the same jobs with no extra service; each file is replaced
+atomically under a lock, because two processes write it: the worker (progress, status) and the
+API (cancellation). :mod:`trainer.contract.board_database` keeps them in PostgreSQL instead.
+Part of the server↔trainer contract; imports nothing heavy. The job model itself is
+:mod:`trainer.contract.jobs`.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from adapters_store.atomic import atomic_write
 from trainer.config import ChatExample, ChatMessage, Example, TrainingExample
@@ -32,14 +36,18 @@ __all__ = [
     "WOULD_FORGET",
     "WORKER_LOST",
     "ClaimFence",
+    "ExampleKind",
+    "FileJobRecords",
     "Job",
     "JobBoard",
     "JobError",
     "JobNotFound",
+    "JobRecords",
     "JobRefused",
     "JobStatus",
     "Progress",
     "PublicJob",
+    "checked_job_id",
     "now",
 ]
 
@@ -56,28 +64,68 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-class JobBoard:
-    """All jobs of one store."""
+ExampleKind = Literal["examples", "validation"]
+EXAMPLE_KINDS: tuple[ExampleKind, ...] = ("examples", "validation")
+
+
+def checked_job_id(job_id: str) -> str:
+    """``job_id`` if it has the board's shape (``job-`` and letters or digits), else
+    :class:`JobNotFound`: an id comes from a URL, so a hostile one must read as an unknown job
+    in every backend, never as a path outside ``jobs/`` or a database error."""
+    if not job_id.startswith("job-") or not job_id[4:].isalnum():
+        raise JobNotFound(job_id)
+    return job_id
+
+
+class JobRecords(Protocol):
+    """Where a board keeps its jobs and their examples. The board's rules need only these calls,
+    plus :meth:`locked`: one critical section across every process sharing the records, inside
+    which the board reads, decides and writes (a read-modify-write that must not interleave)."""
+
+    def locked(self) -> AbstractContextManager[None]: ...
+
+    def write(self, job: Job) -> None: ...
+
+    def get(self, job_id: str) -> Job:
+        """The job; :class:`JobNotFound` when there is none (or the id is malformed)."""
+        ...
+
+    def all(self) -> list[Job]:
+        """Every job, in arrival order (``seq``)."""
+        ...
+
+    def delete(self, job_id: str) -> None: ...
+
+    def put_examples(self, job_id: str, kind: ExampleKind, body: str) -> None:
+        """Store a job's examples (``kind`` "examples") or validation examples as JSON lines."""
+        ...
+
+    def examples(self, job_id: str, kind: ExampleKind) -> str | None:
+        """The JSON lines :meth:`put_examples` stored, or None when there are none."""
+        ...
+
+    def delete_examples(self, job_id: str) -> None: ...
+
+
+class FileJobRecords:
+    """Jobs as JSON files in ``<store>/jobs/`` (``job-*.json``, with ``*.examples.jsonl`` and
+    ``*.validation.jsonl`` beside them), locked with ``flock`` on ``jobs/.lock``: needs nothing
+    but the directory every process already shares with the store."""
 
     def __init__(self, store_dir: Path) -> None:
         self.root = Path(store_dir) / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
 
-    # --- files ----------------------------------------------------------------------------
-
     def _path(self, job_id: str) -> Path:
-        if not job_id.startswith("job-") or not job_id[4:].isalnum():
-            raise JobNotFound(job_id)
-        return self.root / f"{job_id}.json"
+        return self.root / f"{checked_job_id(job_id)}.json"
 
-    def _examples_path(self, job_id: str) -> Path:
-        return self.root / f"{job_id}.examples.jsonl"
-
-    def _validation_path(self, job_id: str) -> Path:
-        return self.root / f"{job_id}.validation.jsonl"
+    def _examples_path(self, job_id: str, kind: ExampleKind) -> Path:
+        if kind not in EXAMPLE_KINDS:
+            raise ValueError(f"unknown kind of examples: {kind!r}")
+        return self.root / f"{checked_job_id(job_id)}.{kind}.jsonl"
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
         with open(self.root / ".lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -85,8 +133,66 @@ class JobBoard:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _write(self, job: Job) -> None:
+    def write(self, job: Job) -> None:
         atomic_write(self._path(job.id), job.model_dump_json(indent=1))
+
+    def get(self, job_id: str) -> Job:
+        path = self._path(job_id)
+        try:
+            return Job.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            raise JobNotFound(job_id) from None
+
+    def all(self) -> list[Job]:
+        jobs = []
+        for path in self.root.glob("job-*.json"):
+            try:
+                jobs.append(Job.model_validate_json(path.read_text()))
+            except (OSError, ValueError):  # vanished or being replaced: skip this round
+                continue
+        return sorted(jobs, key=lambda j: j.seq)
+
+    def delete(self, job_id: str) -> None:
+        self._path(job_id).unlink(missing_ok=True)
+
+    def put_examples(self, job_id: str, kind: ExampleKind, body: str) -> None:
+        atomic_write(self._examples_path(job_id, kind), body)
+
+    def examples(self, job_id: str, kind: ExampleKind) -> str | None:
+        try:
+            return self._examples_path(job_id, kind).read_text()
+        except FileNotFoundError:
+            return None
+
+    def delete_examples(self, job_id: str) -> None:
+        for kind in EXAMPLE_KINDS:
+            self._examples_path(job_id, kind).unlink(missing_ok=True)
+
+
+class JobBoard:
+    """All jobs of one store, kept by ``records`` (by default, files in ``<store_dir>/jobs/``)."""
+
+    def __init__(self, store_dir: Path | None = None, *, records: JobRecords | None = None) -> None:
+        if records is None:
+            if store_dir is None:
+                raise TypeError("JobBoard needs a store directory or records=")
+            records = FileJobRecords(store_dir)
+        elif store_dir is not None:
+            raise TypeError("JobBoard takes a store directory or records=, not both")
+        self.records: JobRecords = records
+
+    @property
+    def root(self) -> Path:
+        """The file backend's ``jobs/`` directory (for tests that look at the files)."""
+        if not isinstance(self.records, FileJobRecords):
+            raise AttributeError(f"a board kept in {type(self.records).__name__} has no directory")
+        return self.records.root
+
+    def _locked(self) -> AbstractContextManager[None]:
+        return self.records.locked()
+
+    def _write(self, job: Job) -> None:
+        self.records.write(job)
 
     # --- operations -----------------------------------------------------------------------
 
@@ -100,14 +206,14 @@ class JobBoard:
         validation: list[TrainingExample] | None = None,
     ) -> Job:
         """Record a queued job with its examples (and the user's ``validation`` examples, the
-        set the task is scored on at every later publish); the files are written first, so a
+        set the task is scored on at every later publish); the examples are written first, so a
         visible job always has its data. Under the board's lock, so that concurrent submissions
         get distinct arrival numbers and neither two jobs of one name nor more than
         ``max_pending`` unfinished jobs are ever recorded (:class:`JobRefused`)."""
         job_id = f"job-{uuid.uuid4().hex[:20]}"
-        atomic_write(self._examples_path(job_id), _jsonl(examples))
+        self.records.put_examples(job_id, "examples", _jsonl(examples))
         if validation:
-            atomic_write(self._validation_path(job_id), _jsonl(validation))
+            self.records.put_examples(job_id, "validation", _jsonl(validation))
         try:
             with self._locked():
                 jobs = self._fail_lapsed(self.all())
@@ -128,34 +234,25 @@ class JobBoard:
                 )
                 self._write(job)
         except JobRefused:
-            self._examples_path(job_id).unlink(missing_ok=True)
-            self._validation_path(job_id).unlink(missing_ok=True)
+            self.records.delete_examples(job_id)
             raise
         return job
 
     def get(self, job_id: str) -> Job:
-        path = self._path(job_id)
-        try:
-            return Job.model_validate_json(path.read_text())
-        except FileNotFoundError:
-            raise JobNotFound(job_id) from None
+        return self.records.get(job_id)
 
     def all(self) -> list[Job]:
-        jobs = []
-        for path in self.root.glob("job-*.json"):
-            try:
-                jobs.append(Job.model_validate_json(path.read_text()))
-            except (OSError, ValueError):  # vanished or being replaced: skip this round
-                continue
-        return sorted(jobs, key=lambda j: j.seq)
+        return self.records.all()
 
     def examples(self, job_id: str) -> list[TrainingExample]:
-        return _read_jsonl(self._examples_path(job_id))
+        body = self.records.examples(job_id, "examples")
+        if body is None:
+            raise JobNotFound(job_id)
+        return _parse_jsonl(body)
 
     def validation_examples(self, job_id: str) -> list[TrainingExample]:
         """The user's validation examples; empty when the job was posted without any."""
-        path = self._validation_path(job_id)
-        return _read_jsonl(path) if path.exists() else []
+        return _parse_jsonl(self.records.examples(job_id, "validation") or "")
 
     def update(self, job_id: str, **changes: Any) -> Job:
         """Read-modify-write one job under the board's lock."""
@@ -174,9 +271,8 @@ class JobBoard:
                     return False
             except JobNotFound:
                 return True
-            self._path(job_id).unlink(missing_ok=True)
-            self._examples_path(job_id).unlink(missing_ok=True)
-            self._validation_path(job_id).unlink(missing_ok=True)
+            self.records.delete(job_id)
+            self.records.delete_examples(job_id)
             return True
 
     def request_cancel(self, job_id: str) -> Job:
@@ -312,5 +408,5 @@ def _jsonl(examples: list[TrainingExample]) -> str:
     return "".join(json.dumps(asdict(example)) + "\n" for example in examples)
 
 
-def _read_jsonl(path: Path) -> list[TrainingExample]:
-    return [example_from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+def _parse_jsonl(body: str) -> list[TrainingExample]:
+    return [example_from_json(json.loads(line)) for line in body.splitlines() if line.strip()]

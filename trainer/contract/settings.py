@@ -40,7 +40,23 @@ class LaminaSettings(BaseSettings):
         Path("var"),
         description="Local state: the store (unless `store` says otherwise) and the embedded broker's folders.",
     )
-    store: Path | None = Field(None, description="The adapter store's root directory. Default: <home>/store.")
+    store: str | None = Field(
+        None,
+        description="Where the adapter store is: a directory (default <home>/store), or an object-storage URL "
+        "(s3://bucket/prefix, any S3-compatible service) that every process reads through its own verified "
+        "local copy under <home>/store. A URL needs LAMINA_DATABASE_URL, which then holds the ledger.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL for the store's ledger, the job board and the writer lock, e.g. "
+        "postgresql://lamina@db:5432/lamina, so that servers and workers on several hosts share one store. "
+        "The schema is created and upgraded at start-up. None: files in the store's directory.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="The S3-compatible service an s3:// store lives on (MinIO, Ceph, ...): its URL, e.g. "
+        "http://minio:9000. None: AWS. Credentials come from the usual AWS_* variables.",
+    )
     cache: Path | None = Field(
         None,
         description="What Lamina can rebuild and keeps to save time: text sampled from the base (routing "
@@ -125,6 +141,17 @@ class LaminaSettings(BaseSettings):
 
     _model_name: str = PrivateAttr("")
 
+    @model_validator(mode="after")
+    def _object_store_needs_a_database(self) -> Self:
+        """Versions in a bucket are made visible by a ledger every host can read and append to:
+        a file ledger under one host's copy would be that host's alone."""
+        if self.store_is_remote and not self.database_url:
+            raise ValueError(
+                f"LAMINA_STORE={self.store} is an object-storage URL; set LAMINA_DATABASE_URL too "
+                "(the ledger and the job board of a store in object storage live in PostgreSQL)"
+            )
+        return self
+
     @field_validator("max_lora_rank")
     @classmethod
     def _rank_is_a_vllm_slot(cls, value: int) -> int:
@@ -154,8 +181,24 @@ class LaminaSettings(BaseSettings):
         return self._model_name
 
     @property
+    def store_is_remote(self) -> bool:
+        return self.store is not None and "://" in self.store
+
+    @property
     def store_dir(self) -> Path:
-        return self.store or self.home / "store"
+        """The store's directory on this host: the store itself, or this host's local copy of a
+        store in object storage."""
+        if self.store is None or self.store_is_remote:
+            return self.home / "store"
+        return Path(self.store)
+
+    @property
+    def store_location(self) -> str:
+        """The store's name every process that shares it agrees on (events, locks, database rows):
+        the URL as written, or the directory's absolute path."""
+        if self.store is not None and self.store_is_remote:
+            return self.store
+        return str(self.store_dir.expanduser().resolve())
 
     @property
     def cache_dir(self) -> Path:

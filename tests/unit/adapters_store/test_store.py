@@ -6,6 +6,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -25,12 +26,18 @@ from adapters_store.store import (
     TaskExists,
     TaskNotFound,
 )
-from tests.support.store import FP, META, SHAPES, make_adapter, visible_versions
+from tests.support.store import BACKENDS, FP, META, SHAPES, backend_options, make_adapter, visible_versions
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """One store's backends; the tests below run on each (tests/support/store.py)."""
+    return backend_options(request.param, request)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> AdapterStore:
-    return AdapterStore(tmp_path / "store", FP, base_model="tiny-llama")
+def store(tmp_path: Path, backend: dict[str, Any]) -> AdapterStore:
+    return AdapterStore(tmp_path / "store", FP, base_model="tiny-llama", **backend)
 
 
 def test_publish_two_tasks(store: AdapterStore) -> None:
@@ -81,7 +88,7 @@ def test_magnitude_merges_incrementally(store: AdapterStore) -> None:
 
 @pytest.mark.parametrize("fail_at", ["task", "merge", "ledger"])
 def test_crash_during_publish_leaves_nothing_visible(
-    store: AdapterStore, monkeypatch: pytest.MonkeyPatch, fail_at: str
+    store: AdapterStore, backend: dict[str, Any], monkeypatch: pytest.MonkeyPatch, fail_at: str
 ) -> None:
     store.publish("alpha", make_adapter(0), META, "concat")
     before_ledger, before_files = store.ledger(), visible_versions(store.root)
@@ -100,7 +107,9 @@ def test_crash_during_publish_leaves_nothing_visible(
 
     monkeypatch.setattr(LoraAdapter, "save_peft", failing_save)
     if fail_at == "ledger":
-        monkeypatch.setattr(ledger_module.Ledger, "append", failing_append)
+        monkeypatch.setattr(
+            type(backend["ledger"]) if backend else ledger_module.Ledger, "append", failing_append
+        )
     with pytest.raises(OSError, match="disk full"):
         store.publish("beta", make_adapter(1), META, "concat")
 
@@ -133,9 +142,9 @@ def test_duplicate_live_task_is_refused(store: AdapterStore) -> None:
     assert len(store.ledger()) == 2
 
 
-def test_fingerprint_mismatch_is_refused(store: AdapterStore) -> None:
+def test_fingerprint_mismatch_is_refused(store: AdapterStore, backend: dict[str, Any]) -> None:
     with pytest.raises(FingerprintMismatch):
-        AdapterStore(store.root, "ffffffffffffffff")
+        AdapterStore(store.root, "ffffffffffffffff", **backend)
     with pytest.raises(FingerprintMismatch):
         store.publish("alpha", make_adapter(0), {**META, "base_fingerprint": "ffffffffffffffff"}, "concat")
     assert store.ledger() == []
@@ -191,7 +200,9 @@ def test_removing_the_last_task_serves_the_base_model(store: AdapterStore) -> No
     assert store.publish("beta", make_adapter(1), META, "magnitude").merge.meta["based_on"] is None
 
 
-def test_torn_ledger_line_is_ignored_then_repaired(store: AdapterStore) -> None:
+def test_torn_ledger_line_is_ignored_then_repaired(tmp_path: Path) -> None:
+    """The file ledger's crash case (the database's append is one transaction)."""
+    store = AdapterStore(tmp_path / "store", FP)
     store.publish("alpha", make_adapter(0), META, "concat")
     with (store.root / "ledger.jsonl").open("a") as f:
         f.write('{"seq": 3, "op": "add_ta')  # a crash in the middle of a write
@@ -200,10 +211,11 @@ def test_torn_ledger_line_is_ignored_then_repaired(store: AdapterStore) -> None:
     assert [e["seq"] for e in store.ledger()] == [1, 2, 3, 4]
 
 
-def test_concurrent_publishes_serialize(tmp_path: Path) -> None:
-    """Two store objects (as two workers would have) publishing at once: both land, in order."""
-    root = tmp_path / "store"
-    stores = [AdapterStore(root, FP), AdapterStore(root, FP)]
+def test_concurrent_publishes_serialize(tmp_path: Path, backend: dict[str, Any]) -> None:
+    """Two store objects (as two workers would have) publishing at once: both land, in order.
+    With the files in object storage each has its own local copy, as on two hosts."""
+    roots = [tmp_path / "a", tmp_path / "b"] if "objects" in backend else [tmp_path / "store"] * 2
+    stores = [AdapterStore(root, FP, **backend) for root in roots]
     errors: list[BaseException] = []
 
     def publish(i: int) -> None:
@@ -292,7 +304,7 @@ def test_store_survives_a_failing_notifier(tmp_path: Path) -> None:
 
 
 def test_ledger_watcher_sees_each_change(store: AdapterStore) -> None:
-    watcher = LedgerWatcher(store.root)
+    watcher = LedgerWatcher(store)
     assert not watcher.poll()
     store.publish("alpha", make_adapter(0), META, "concat")
     assert watcher.poll()

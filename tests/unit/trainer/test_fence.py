@@ -10,14 +10,19 @@ import pytest
 
 from adapters_store.errors import FenceLost
 from adapters_store.store import AdapterStore
+from tests.support.database import unique_store
 from tests.support.store import FP, META, make_adapter, visible_versions
 from trainer.config import Example
 from trainer.contract.board import WORKER_LOST, JobBoard, JobStatus
+from trainer.contract.board_database import DatabaseJobRecords
 
 
-@pytest.fixture
-def board(tmp_path: Path) -> JobBoard:
-    return JobBoard(tmp_path)
+@pytest.fixture(params=["file", "database"])
+def board(request: pytest.FixtureRequest, tmp_path: Path) -> JobBoard:
+    """Every test here runs against both backends: the board's rules must not depend on them."""
+    if request.param == "file":
+        return JobBoard(tmp_path)
+    return JobBoard(records=DatabaseJobRecords(request.getfixturevalue("database_url"), unique_store()))
 
 
 @pytest.fixture
