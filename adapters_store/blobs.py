@@ -42,6 +42,12 @@ class ObjectStorage:
         self.url = url.rstrip("/")
         self.fs, root = fsspec.core.url_to_fs(self.url, **(options or {}))
         self.prefix = f"{root.rstrip('/')}/blobs"
+        try:  # open the client's connection now, so the first version a server reads does not pay for it
+            self.fs.exists(self.prefix)
+        except Exception as error:
+            log.warning(
+                "object storage %s is not reachable yet (%s); retrying at the first read", self.url, error
+            )
 
     def _key(self, digest: str) -> str:
         if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
@@ -73,16 +79,19 @@ class ObjectStorage:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = directory.with_name(f".fetch-{directory.name}-{uuid.uuid4().hex}")
         try:
-            for relative, digest in files.items():
-                target = tmp / relative
+            targets = {relative: tmp / relative for relative in files}
+            for target in targets.values():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    self.fs.get_file(self._key(digest), str(target))
-                except FileNotFoundError:
+            try:  # one call for all of them: s3fs downloads a list concurrently
+                self.fs.get([self._key(d) for d in files.values()], [str(t) for t in targets.values()])
+            except FileNotFoundError as error:
+                raise StoreError(f"{label}: a file is missing from {self.url} ({error})") from None
+            for relative, digest in files.items():
+                if not targets[relative].is_file():
                     raise StoreError(
                         f"{label}: {relative} (sha256 {digest[:12]}…) is missing from {self.url}"
-                    ) from None
-                if _sha256(target) != digest:
+                    )
+                if _sha256(targets[relative]) != digest:
                     raise CorruptVersion(
                         f"{label}: {relative} in {self.url} does not match its recorded sha256"
                     )

@@ -20,6 +20,9 @@ from pathlib import Path
 import psycopg
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# What a caller sees while the database (or the network to it) is away: worth retrying, unlike a
+# refused statement. A worker rides out a restart shorter than its lease with these.
+UNAVAILABLE: tuple[type[Exception], ...] = (OSError, psycopg.OperationalError)
 _MIGRATION_LOCK = 0x4C414D494E41  # "LAMINA": the advisory lock every migrating process takes
 
 

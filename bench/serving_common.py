@@ -17,7 +17,9 @@ import json
 import struct
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,11 +76,43 @@ def base_model_dir() -> Path:
     return LaminaSettings().model
 
 
-def open_store(root: Path, model_dir: Path, redis_url: str | None = None) -> AdapterStore:
-    """The store at ``root`` for ``model_dir``; with ``redis_url`` every change is also announced
-    on the store's Redis channel, as the trainer does, so servers swap without waiting for a poll."""
-    on_event = redis_notifier(redis_url, root) if redis_url else None
-    return AdapterStore(root, fingerprint_model(model_dir), base_model=str(model_dir), on_event=on_event)
+@dataclass(frozen=True)
+class SharedStore:
+    """A store kept where hosts share it: the ledger in PostgreSQL at ``database_url`` (migrated),
+    the files in the bucket prefix ``url`` on the S3-compatible service at ``endpoint_url``."""
+
+    database_url: str
+    url: str
+    endpoint_url: str
+
+    def settings(self) -> dict[str, str]:
+        """The settings a server or worker of this store runs with (``lamina_env`` names)."""
+        return {"database_url": self.database_url, "store": self.url, "s3_endpoint_url": self.endpoint_url}
+
+    def store_options(self) -> dict[str, Any]:
+        """``AdapterStore`` keyword arguments for this store."""
+        from adapters_store.blobs import ObjectStorage
+        from adapters_store.ledger_database import DatabaseLedger
+
+        return {
+            "ledger": DatabaseLedger(self.database_url, self.url),
+            "objects": ObjectStorage(self.url, {"endpoint_url": self.endpoint_url}),
+            "location": self.url,
+        }
+
+
+def open_store(
+    root: Path, model_dir: Path, redis_url: str | None = None, shared: SharedStore | None = None
+) -> AdapterStore:
+    """The store at ``root`` for ``model_dir`` (with ``shared``, ``root`` is this process's local
+    copy of it); with ``redis_url`` every change is also announced on the store's Redis channel,
+    as the trainer does, so servers swap without waiting for a poll."""
+    location = shared.url if shared else root
+    on_event = redis_notifier(redis_url, location) if redis_url else None
+    options = shared.store_options() if shared else {}
+    return AdapterStore(
+        root, fingerprint_model(model_dir), base_model=str(model_dir), on_event=on_event, **options
+    )
 
 
 def target_shapes(

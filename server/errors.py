@@ -108,8 +108,24 @@ async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
     return response
 
 
+async def _on_database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    """The store's database (LAMINA_DATABASE_URL) is restarting or unreachable: nothing was
+    changed, and the same request succeeds once it is back, so 503 rather than a server error."""
+    log.warning("the store's database is unreachable: %s", exc)
+    response = error_response(
+        APIError(503, "the store's database is unreachable; retry in a few seconds", type="server_error")
+    )
+    request_id = current_request_id()
+    if request_id is not None:
+        response.headers[HEADER] = request_id
+    return response
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    import psycopg
     from vllm.exceptions import VLLMClientError  # the OpenAI requests are vLLM's models
+
+    app.add_exception_handler(psycopg.OperationalError, _on_database_unavailable)
 
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(VLLMClientError, _on_engine_client_error)

@@ -55,8 +55,8 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def s3() -> Iterator[object]:
-    """An S3-compatible server (moto) with one bucket, for this run (tests/support/object_storage.py)."""
-    from tests.support.object_storage import s3_server
+    """An S3-compatible server (moto) with one bucket, for this run (bench.object_storage.py)."""
+    from bench.object_storage import s3_server
 
     with s3_server() as server:
         yield server

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery.signals import worker_ready
 
+from adapters_store.database import UNAVAILABLE
 from adapters_store.errors import DiskFull, FenceLost, LiveChanged
 from adapters_store.events import redis_notifier
 from adapters_store.fingerprint import fingerprint_model
@@ -82,6 +83,8 @@ def train(job_id: str | None = None) -> None:
                     continue
         except redis.exceptions.ConnectionError:
             log.warning("Redis is unreachable for the store lock; retrying")
+        except UNAVAILABLE as error:  # the job board's database restarting: claim once it is back
+            log.warning("the job board is unreachable (%s); retrying", error)
         else:
             if not any(j.status == JobStatus.queued for j in board.all()):
                 return
@@ -267,8 +270,8 @@ def heartbeat(
                 if not board.renew(job_id, worker, lease_s):
                     lost.set()
                     return
-            except OSError:
-                log.warning("could not renew the claim on %s; retrying", job_id, exc_info=True)
+            except UNAVAILABLE as error:  # the board's file system or database is away: try again
+                log.warning("could not renew the claim on %s (%s); retrying", job_id, error)
             try:
                 keep_lock()
             except Exception:  # Redis away: the board's lease still guards the store
@@ -316,9 +319,12 @@ def _progress_reporter(board: JobBoard, job_id: str, worker: str) -> Callable[[i
 
     def report(step: int, total: int, loss: float) -> None:
         progress = Progress(step=step, total=total, loss=round(float(loss), 6))
-        board.update_claimed(
-            job_id, worker, progress=progress, loss_curve=curve.add(step, progress.loss or 0.0)
-        )
+        try:
+            board.update_claimed(
+                job_id, worker, progress=progress, loss_curve=curve.add(step, progress.loss or 0.0)
+            )
+        except UNAVAILABLE as error:  # progress is for people watching: the next report catches up
+            log.warning("could not record the progress of %s (%s)", job_id, error)
 
     return report
 
@@ -351,7 +357,11 @@ def _stop_checker(board: JobBoard, job_id: str, claim_held: Callable[[], bool]) 
 
     def should_stop() -> bool:
         if time.monotonic() - last[0] >= CANCEL_POLL_S:
-            last[0], last[1] = time.monotonic(), board.get(job_id).cancel_requested
+            last[0] = time.monotonic()
+            try:
+                last[1] = board.get(job_id).cancel_requested
+            except UNAVAILABLE as error:  # a cancel is read at the next poll; the lease guards the rest
+                log.warning("could not read %s's cancel request (%s)", job_id, error)
         return bool(last[1]) or not claim_held()
 
     return should_stop

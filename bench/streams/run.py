@@ -24,6 +24,11 @@ chunk names the engine version that served it (``system_fingerprint``, e.g. ``co
   enough load a version can be live for less time than it takes a new request to be admitted);
 - ITL near a change (gaps ending within ``--stall-window`` s after it) against the rest.
 
+Each backend in ``--backends`` is one run and one row: ``files`` (the store in a directory, the
+default layout) and ``database-s3`` (the ledger in PostgreSQL at ``--database-url``, the files in
+a bucket on moto's S3 server started here, the server reading them through its local copy: the
+multi-host layout).
+
 Prints a table and writes ``bench/results/streams.{json,md}``. Not a test: the CI version is
 ``tests/integration/test_replicas.py`` (8 clients on two replicas, 2 publishes, 1 rollback).
 """
@@ -36,7 +41,9 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,10 +80,14 @@ class Change:
     effective: float  # publish: the call returned (ledger written); rollback: = started
 
 
-async def run_streams(args: argparse.Namespace, work: Path, redis_url: str | None) -> dict[str, Any]:
+async def run_streams(
+    args: argparse.Namespace, work: Path, redis_url: str | None, shared: common.SharedStore | None
+) -> dict[str, Any]:
     """Start the server, stream with ``args.clients`` clients, publish and roll back under them."""
     model_dir = common.base_model_dir()
-    publisher = Publisher(work / "store", model_dir, args.task_rank, redis_url)
+    publisher = Publisher(
+        work / "publisher" if shared else work / "store", model_dir, args.task_rank, redis_url, shared
+    )
     for _ in range(args.initial_tasks):
         publisher.publish_one()
     total_rank = args.task_rank * (args.initial_tasks + args.publishes)
@@ -87,7 +98,10 @@ async def run_streams(args: argparse.Namespace, work: Path, redis_url: str | Non
     }
     if redis_url:
         settings["redis_url"] = redis_url
-    env = lamina_env(work, work / "store", **settings)
+    if shared:  # the server's store is the bucket, read through its own copy under work/store
+        env = lamina_env(work, None, **settings, **shared.settings())
+    else:
+        env = lamina_env(work, work / "store", **settings)
     print(f"== starting server ({settings}) ...", flush=True)
     server = await asyncio.to_thread(start_server, env, work / "server.log", name="streams", cwd=REPO)
     results: list[RequestResult] = []
@@ -257,21 +271,26 @@ def _ms(figures: dict[str, Any]) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    a, c = result["streams"], result["config"]
-    headers = [
-        "clients", "mode", "publishes + rollbacks", "requests", "failed", "mixed", "unnamed", "stale",
+    return markdown_table(HEADERS, [row(result["config"], run) for run in result["runs"]])
+
+
+HEADERS = [
+        "backend", "clients", "mode", "publishes + rollbacks", "requests", "failed", "mixed", "unnamed", "stale",
         "in flight per change min/max", "versions never answered", "publish → first answer s p50/p95/max", "rollback → first answer s",
         "longest no-answer s", "ITL ms p50/p99/max near change", "elsewhere",
-    ]  # fmt: skip
+]  # fmt: skip
+
+
+def row(c: dict[str, Any], run: dict[str, Any]) -> list[Any]:
+    a = run["streams"]
     rollback = " ".join(f"{v:.2f}" for v in a["rollback_to_first_answer_s"]) or "-"
     flight = a["in_flight_at_change"]
-    row = [
-        c["clients"], result["mode"], f"{c['publishes']} + {a['changes'] - c['publishes']}", a["requests"],
+    return [
+        run["backend"], c["clients"], run["mode"], f"{c['publishes']} + {a['changes'] - c['publishes']}", a["requests"],
         a["failed"], a["mixed_versions"], a["unnamed"], a["stale_answers"],
         f"{min(flight, default=0)}/{max(flight, default=0)}", a["never_answered"], _s(a["publish_to_first_answer_s"]), rollback,
         a["longest_no_answer_s"], _ms(a["itl_ms_near_change"]), _ms(a["itl_ms_elsewhere"]),
     ]  # fmt: skip
-    return markdown_table(headers, [row])
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -306,6 +325,14 @@ def main() -> None:
     parser.add_argument("--mode", choices=["redis", "poll"], default="redis", help="how the server follows")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--stall-window", type=float, default=2.0)
+    parser.add_argument(
+        "--backends", default="files,database-s3", help="comma-separated: files, database-s3 (one row each)"
+    )
+    parser.add_argument(
+        "--database-url",
+        default="postgresql://postgres@127.0.0.1:5432/lamina_bench",
+        help="database-s3: the PostgreSQL database for the ledger (created if missing)",
+    )
     common.add_server_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "streams.json")
     args = common.parse_server_arguments(parser)
@@ -321,16 +348,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if redis_url and not redis_reachable(redis_url):
         result["skipped"].append(f"redis mode: no Redis at {redis_url}; the server polled the ledger")
         redis_url = None
-    result["mode"] = "redis" if redis_url else "poll"
-    with tempfile.TemporaryDirectory(prefix="lamina-streams-bench-") as tmp:
-        work = args.work or Path(tmp)
-        session = asyncio.run(run_streams(args, work, redis_url))
-    result["streams"] = analyse(session, args.stall_window)
-    result["server_start_s"] = session["start_s"]
-    result["changes"] = [asdict(c) for c in session["changes"]]
+    result["runs"] = []
+    for backend in args.backends.split(","):
+        with (
+            tempfile.TemporaryDirectory(prefix="lamina-streams-bench-") as tmp,
+            shared_store(backend, args) as shared,
+        ):
+            work = (args.work / backend) if args.work else Path(tmp)
+            print(f"== backend {backend}", flush=True)
+            session = asyncio.run(run_streams(args, work, redis_url, shared))
+        run_result = {
+            "backend": backend,
+            "mode": "redis" if redis_url else "poll",
+            "streams": analyse(session, args.stall_window),
+            "server_start_s": session["start_s"],
+            "changes": [asdict(c) for c in session["changes"]],
+            "load_average_at_end": list(os.getloadavg()),
+        }
+        print(f"  {run_result['streams']}", flush=True)
+        result["runs"].append(run_result)
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    print(f"  {result['streams']}", flush=True)
     return result
+
+
+@contextmanager
+def shared_store(backend: str, args: argparse.Namespace) -> Iterator[common.SharedStore | None]:
+    """None for ``files``; for ``database-s3`` a fresh store in the database (migrated, created
+    if missing) and a bucket prefix on moto's S3 server, started for this run."""
+    if backend == "files":
+        yield None
+        return
+    if backend != "database-s3":
+        raise SystemExit(f"--backends: unknown backend {backend!r} (files, database-s3)")
+    from adapters_store.database import migrate
+    from bench.object_storage import s3_server
+
+    ensure_database(args.database_url)
+    migrate(args.database_url)
+    with s3_server() as s3:
+        yield common.SharedStore(
+            args.database_url, f"{s3.store_url()}-{uuid.uuid4().hex[:6]}", s3.endpoint_url
+        )
+
+
+def ensure_database(url: str) -> None:
+    """Create the database ``url`` names if the server lacks it (connecting to its ``postgres``)."""
+    import psycopg
+
+    from adapters_store.database import libpq_url
+
+    base, _, name = libpq_url(url).rpartition("/")
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as admin:
+        if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            admin.execute(f'CREATE DATABASE "{name}"')
 
 
 if __name__ == "__main__":

@@ -94,8 +94,15 @@ class Session:
 class Publisher:
     """Publishes synthetic tasks into the server's store, one new task (and merge) per call."""
 
-    def __init__(self, store_root: Path, model_dir: Path, task_rank: int, redis_url: str | None) -> None:
-        self.store = common.open_store(store_root, model_dir, redis_url)
+    def __init__(
+        self,
+        store_root: Path,
+        model_dir: Path,
+        task_rank: int,
+        redis_url: str | None,
+        shared: common.SharedStore | None = None,
+    ) -> None:
+        self.store = common.open_store(store_root, model_dir, redis_url, shared)
         self.shapes = common.target_shapes(model_dir)
         self.task_rank = task_rank
         self.count = 0

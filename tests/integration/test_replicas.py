@@ -1,5 +1,7 @@
-"""Replicas converge: two ``lamina serve`` replicas and two ``lamina worker`` processes on one
-store directory and one Redis, as a production deployment runs them.
+"""Replicas converge across hosts: two ``lamina serve`` replicas and two ``lamina worker``
+processes with no shared directory, as a deployment over several machines runs them. Each has a
+home of its own; they share only PostgreSQL (the ledger and the job board, through a proxy the
+test can cut), an S3-compatible bucket (moto's server, the versions' files) and Redis.
 
 - tasks posted to either replica train once each, in arrival order;
 - both replicas serve each new live version on its Redis event within the issue's 1 s, long
@@ -8,7 +10,12 @@ store directory and one Redis, as a production deployment runs them.
   to the replica);
 - a rollback on one replica reaches the other;
 - streams on ``continual`` on both replicas keep one version each while versions are
-  published and rolled back under them (the small CI version of ``bench/streams``).
+  published and rolled back under them (the small CI version of ``bench/streams``);
+- a worker killed mid-training fails its job ``worker_lost`` and the other worker trains on;
+- the database going away mid-job (every connection cut, new ones refused for a few seconds, as
+  in a restart) loses nothing: the job finishes and is published once.
+
+The one-host layout (one store directory, files only) is what the fault and service tests run.
 
 The replicas poll the ledger every ``POLL_S`` seconds, far longer than ``EVENT_FOLLOW_S``, so
 a replica that only followed the poll would miss that bound (for 8 replica-publishes, by chance
@@ -22,7 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -36,10 +44,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from adapters_store.blobs import ObjectStorage
+from adapters_store.events import redis_notifier
 from adapters_store.fingerprint import fingerprint_model
+from adapters_store.ledger_database import DatabaseLedger
 from adapters_store.store import AdapterStore
 from bench import serving_common as common
 from bench.serve.client import RequestResult, completion_body, loop_until
+from bench.object_storage import S3Server
 from tests.support.processes import RunningServer, start_server, stop_server
 from tests.support.service_stack import (
     REDIS_URL,
@@ -52,6 +64,7 @@ from tests.support.service_stack import (
     stop_worker,
     wait_for,
 )
+from tests.support.tcp_proxy import CuttableProxy
 
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
 
@@ -69,6 +82,8 @@ ADMIN_KEY = "replicas-admin-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 STREAM_CLIENTS = 8  # split over the two replicas
 STREAM_MAX_TOKENS = 24
+LEASE_S = 12  # a killed worker's job is noticed this soon; longer than the database cut below
+DATABASE_CUT_S = 3
 
 
 class LiveWatch:
@@ -113,8 +128,12 @@ class Replicas:
     servers: list[RunningServer]
     workers: list[subprocess.Popen]
     home: Path
-    store: Path
+    store: str  # the bucket prefix every process names as LAMINA_STORE
+    database_url: str  # through ``proxy``
+    s3: S3Server
+    proxy: CuttableProxy
     watch: LiveWatch
+    env: dict[str, str]
     worker_logs: list[Path] = field(default_factory=list)
 
     def stack(self, replica: int) -> Stack:
@@ -122,20 +141,37 @@ class Replicas:
         return Stack(self.servers[replica], self.workers[replica], {}, self.home)
 
     def ledger(self) -> list[dict]:
-        text = (self.store / "ledger.jsonl").read_text()
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return DatabaseLedger(self.database_url, self.store).read()
+
+    def open_store(self, model_dir: Path, root: Path, redis_url: str | None = None) -> AdapterStore:
+        """The store as a third host opens it, with a local copy of its own at ``root``."""
+        return AdapterStore(
+            root,
+            fingerprint_model(model_dir),
+            base_model=str(model_dir),
+            on_event=redis_notifier(redis_url, self.store) if redis_url else None,
+            ledger=DatabaseLedger(self.database_url, self.store),
+            objects=ObjectStorage(self.store, self.s3.options),
+            location=self.store,
+        )
 
     def set_live_entries(self) -> list[dict]:
         return [e for e in self.ledger() if e["op"] == "set_live" and e["merge"]]
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
+def replicas(tmp_path_factory: pytest.TempPathFactory, database_url: str, s3: S3Server) -> Iterator[Replicas]:
     require_redis()
     home = tmp_path_factory.mktemp("replicas")
-    store = home / "store"
+    store = s3.store_url()
+    proxy = CuttableProxy("127.0.0.1", 5432)
+    through_proxy = database_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    assert through_proxy != database_url, database_url
     shared = {
-        "LAMINA_STORE": str(store),
+        "LAMINA_STORE": store,
+        "LAMINA_DATABASE_URL": through_proxy,
+        "LAMINA_S3_ENDPOINT_URL": s3.endpoint_url,
+        "LAMINA_JOB_LEASE_S": str(LEASE_S),
         "LAMINA_BROKER_URL": REDIS_URL,
         "LAMINA_QUEUE": f"lamina-replicas-{uuid.uuid4().hex[:8]}",
         "LAMINA_DEFAULT_METHOD": METHOD,
@@ -171,9 +207,11 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
                 servers.append(future.result())
         watch = LiveWatch([s.url for s in servers])
         watch.start()
-        yield Replicas(servers, workers, home, store, watch, logs)
-        watch.stop()
+        replicas = Replicas(servers, workers, home, store, through_proxy, s3, proxy, watch, shared, logs)
+        yield replicas
+        watch.stop()  # the finally below stops the workers in ``replicas.workers``, replacements included
     finally:
+        proxy.close()
         stop_together(
             *(functools.partial(stop_server, server) for server in servers),
             *(functools.partial(stop_worker, worker) for worker in workers),
@@ -279,7 +317,7 @@ def test_without_an_event_both_replicas_follow_the_ledger_within_the_poll_interv
     entries = replicas.set_live_entries()
     target = entries[-2]["merge"]  # the version before the live one
     # A writer with no Redis (on_event=None): only the replicas' ledger polls can notice.
-    AdapterStore(replicas.store, fingerprint_model(base_model_dir)).rollback(target)
+    replicas.open_store(base_model_dir, replicas.home / "third-host").rollback(target)
     assert_same_version(replicas, target)
     entry = replicas.set_live_entries()[-1]
     assert entry["merge"] == target
@@ -292,7 +330,7 @@ def test_streams_on_both_replicas_keep_one_version_across_publishes_and_a_rollba
     """8 streaming clients (4 per replica) on ``continual`` while 2 versions are published (by a
     writer that announces them on Redis, as a worker does) and one is rolled back: no request
     fails and none mixes versions, and streams were in flight across every change."""
-    store = common.open_store(replicas.store, base_model_dir, REDIS_URL)
+    store = replicas.open_store(base_model_dir, replicas.home / "third-host", REDIS_URL)
     shapes = common.target_shapes(base_model_dir)
     results: list[RequestResult] = []
     changes: list[float] = []  # time.perf_counter() of each change, as the client records times
@@ -333,6 +371,73 @@ def test_streams_on_both_replicas_keep_one_version_across_publishes_and_a_rollba
     for when in changes:  # the swaps happened under streams, not between them
         assert any(r.sent < when < r.done for r in results), f"no stream in flight at {when}"
     assert_same_version(replicas, live[-1]["merge"])
+
+
+def _training(replicas: Replicas, job_id: str) -> None:
+    """Until the job has taken an optimizer step."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        job = get_job(replicas.stack(0), job_id)
+        assert job["status"] not in ("succeeded", "failed", "cancelled"), job
+        if job["status"] == "running" and (job["progress"] or {}).get("step", 0) >= 1:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"job {job_id} never started training")
+
+
+def test_a_worker_killed_mid_training_fails_its_job_and_the_other_worker_trains_on(
+    replicas: Replicas,
+) -> None:
+    before = replicas.ledger()
+    doomed = post_task(replicas.stack(0), "doomed", EXAMPLES, METHOD, {**SHORT, "steps": 1_000_000}).json()[
+        "id"
+    ]
+    _training(replicas, doomed)
+    which = next(i for i, log in enumerate(replicas.worker_logs) if f"claimed {doomed} " in log.read_text())
+    os.killpg(replicas.workers[which].pid, signal.SIGKILL)  # no handler runs, nothing is cleaned up
+    replicas.workers[which].wait(timeout=10)
+    following = post_task(replicas.stack(1), "after-kill", EXAMPLES, METHOD, SHORT).json()["id"]
+
+    after = wait_for(replicas.stack(1), following)
+    assert after["status"] == "succeeded", after
+    failed = get_job(replicas.stack(0), doomed)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "worker_lost", failed
+    added = [e["task"] for e in replicas.ledger()[len(before) :] if e["op"] == "add_task"]
+    assert added == ["after-kill"], added
+    assert_same_version(replicas, after["merge_id"])
+    remove(replicas, "after-kill")  # the last test needs the live tasks it was written against
+    replicas.workers[which] = start_worker(
+        {**replicas.env, "LAMINA_HOME": str(replicas.home / f"w{which}-again")},
+        replicas.home / "worker-3.log",
+    )
+
+
+def test_the_database_going_away_mid_job_loses_nothing(replicas: Replicas) -> None:
+    """Every connection to PostgreSQL cut and new ones refused for DATABASE_CUT_S while a job
+    trains (what a restart looks like from the processes): the worker rides it out within its
+    lease, the job is published once, and both replicas serve it."""
+    before = replicas.ledger()
+    job_id = post_task(
+        replicas.stack(0), "through-cut", EXAMPLES, METHOD, {**SHORT, "steps": 60, "learning_rate": 1e-5}
+    ).json()["id"]
+    _training(replicas, job_id)
+    replicas.proxy.cut(DATABASE_CUT_S)
+    time.sleep(DATABASE_CUT_S / 2)
+    during = httpx.get(f"{replicas.servers[0].url}/tasks/{job_id}", timeout=10)
+    assert during.status_code == 503 and "database" in during.json()["error"]["message"], during.text
+    time.sleep(DATABASE_CUT_S / 2 + 0.5)
+
+    job = wait_for(replicas.stack(0), job_id)
+    assert job["status"] == "succeeded", job
+    added = [e["task"] for e in replicas.ledger()[len(before) :] if e["op"] == "add_task"]
+    assert added == ["through-cut"], added
+    assert_same_version(replicas, job["merge_id"])
+    remove(replicas, "through-cut")
+
+
+def remove(replicas: Replicas, name: str) -> None:
+    response = httpx.delete(f"{replicas.servers[0].url}/admin/tasks/{name}", headers=ADMIN, timeout=60)
+    assert response.status_code == 200, response.text
 
 
 def test_a_task_that_would_overwrite_an_earlier_one_is_refused_and_the_earlier_answers_stay(

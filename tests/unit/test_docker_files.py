@@ -30,7 +30,7 @@ def test_dockerfiles_pass_hadolint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml", "compose.multi-host.yaml"])
 def test_compose_files_follow_the_compose_specification(name: str) -> None:
     result = _run(
         str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(DOCKER / name)
@@ -121,3 +121,16 @@ def test_the_worker_does_not_inherit_the_servers_healthcheck() -> None:
     services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
     assert services["worker"]["healthcheck"] == {"disable": True}
     assert "healthcheck" not in services["server"]  # the image's /ready check applies
+
+
+def test_the_multi_host_layout_shares_no_directory_only_the_database_and_the_bucket() -> None:
+    services = yaml.safe_load((DOCKER / "compose.multi-host.yaml").read_text())["services"]
+    lamina = {name: service for name, service in services.items() if service.get("image") == "lamina:cpu"}
+    assert sorted(lamina) == ["server-a", "server-b", "worker-a", "worker-b"]
+    volumes = [volume.split(":")[0] for service in lamina.values() for volume in service["volumes"]]
+    assert len(volumes) == len(set(volumes)) == 4, "two hosts' processes share a directory"
+    for service in lamina.values():
+        env = service["environment"]
+        assert env["LAMINA_STORE"].startswith("s3://") and env["LAMINA_DATABASE_URL"].startswith("postgresql://")
+        assert env["LAMINA_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert {"postgres", "minio", "bucket", "redis"} <= set(services)

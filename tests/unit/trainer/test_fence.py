@@ -11,23 +11,29 @@ import pytest
 from adapters_store.errors import FenceLost
 from adapters_store.store import AdapterStore
 from tests.support.database import unique_store
-from tests.support.store import FP, META, make_adapter, visible_versions
+from tests.support.store import FP, META, backend_options, make_adapter, visible_versions
 from trainer.config import Example
 from trainer.contract.board import WORKER_LOST, JobBoard, JobStatus
 from trainer.contract.board_database import DatabaseJobRecords
 
 
-@pytest.fixture(params=["file", "database"])
-def board(request: pytest.FixtureRequest, tmp_path: Path) -> JobBoard:
-    """Every test here runs against both backends: the board's rules must not depend on them."""
-    if request.param == "file":
+@pytest.fixture(params=["file", "database", "object-storage"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on each backend: the board's and the store's rules must not depend
+    on where jobs, the ledger and the files are kept (tests/support/store.py)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def board(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> JobBoard:
+    if kind == "file":
         return JobBoard(tmp_path)
     return JobBoard(records=DatabaseJobRecords(request.getfixturevalue("database_url"), unique_store()))
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> AdapterStore:
-    return AdapterStore(tmp_path, FP)
+def store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> AdapterStore:
+    return AdapterStore(tmp_path, FP, **backend_options(kind, request))
 
 
 def queue(board: JobBoard, *names: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""An S3-compatible server for the object-storage tests: moto's server mode (``moto.server``,
+"""An S3-compatible server for the object-storage tests and benchmarks: moto's server mode (``moto.server``,
 which implements the S3 API over HTTP), started once per test run as a subprocess on a free
 port, with one bucket. Every process the tests start reaches it through ``LAMINA_S3_ENDPOINT_URL``
 and the usual ``AWS_*`` credentials (moto accepts any)."""
