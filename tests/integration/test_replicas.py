@@ -50,8 +50,8 @@ from adapters_store.fingerprint import fingerprint_model
 from adapters_store.ledger_database import DatabaseLedger
 from adapters_store.store import AdapterStore
 from bench import serving_common as common
-from bench.serve.client import RequestResult, completion_body, loop_until
 from bench.object_storage import S3Server
+from bench.serve.client import RequestResult, completion_body, loop_until
 from tests.support.processes import RunningServer, start_server, stop_server
 from tests.support.service_stack import (
     REDIS_URL,
