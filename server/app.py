@@ -100,7 +100,9 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         base_model=settings.model_name,
         dense_export_rank=settings.max_lora_rank,
         # an admin rollback, removal or import on this replica wakes the others at once
-        on_event=redis_notifier(settings.events_url, settings.store_location) if settings.events_url else None,
+        on_event=redis_notifier(settings.events_url, settings.store_location)
+        if settings.events_url
+        else None,
         **store_backends(settings),
     )
     training = TrainingService(

@@ -326,14 +326,17 @@ def stats(
     from trainer.contract.settings import LaminaSettings
 
     settings = load_settings(LaminaSettings)
-    if not settings.database_url and not (settings.store_dir / STORE_FILE).is_file():  # opening one would create it
+    # opening a store creates it: a file store must exist already (a database one is found by its rows)
+    if not settings.database_url and not (settings.store_dir / STORE_FILE).is_file():
         fail(
             f"{settings.store_dir} is not an adapter store (no {STORE_FILE}); set LAMINA_STORE or LAMINA_HOME",
             2,
         )
     require_model(settings)
     try:
-        store = AdapterStore(settings.store_dir, fingerprint_model(settings.model), **store_backends(settings))
+        store = AdapterStore(
+            settings.store_dir, fingerprint_model(settings.model), **store_backends(settings)
+        )
     except FingerprintMismatch as error:
         fail(f"{error}: LAMINA_MODEL names another base model than the store's", 2)
     data = stats_with_accuracy(store)

@@ -131,6 +131,8 @@ def test_the_multi_host_layout_shares_no_directory_only_the_database_and_the_buc
     assert len(volumes) == len(set(volumes)) == 4, "two hosts' processes share a directory"
     for service in lamina.values():
         env = service["environment"]
-        assert env["LAMINA_STORE"].startswith("s3://") and env["LAMINA_DATABASE_URL"].startswith("postgresql://")
+        assert env["LAMINA_STORE"].startswith("s3://") and env["LAMINA_DATABASE_URL"].startswith(
+            "postgresql://"
+        )
         assert env["LAMINA_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert {"postgres", "minio", "bucket", "redis"} <= set(services)
