@@ -85,9 +85,13 @@ class SharedStore:
     url: str
     endpoint_url: str
 
-    def settings(self) -> dict[str, str]:
-        """The settings a server or worker of this store runs with (``lamina_env`` names)."""
-        return {"database_url": self.database_url, "store": self.url, "s3_endpoint_url": self.endpoint_url}
+    def env(self) -> dict[str, str]:
+        """The variables a server or worker of this store runs with."""
+        return {
+            "LAMINA_DATABASE_URL": self.database_url,
+            "LAMINA_STORE": self.url,
+            "LAMINA_S3_ENDPOINT_URL": self.endpoint_url,
+        }
 
     def store_options(self) -> dict[str, Any]:
         """``AdapterStore`` keyword arguments for this store."""

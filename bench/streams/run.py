@@ -99,7 +99,7 @@ async def run_streams(
     if redis_url:
         settings["redis_url"] = redis_url
     if shared:  # the server's store is the bucket, read through its own copy under work/store
-        env = lamina_env(work, None, **settings, **shared.settings())
+        env = {**lamina_env(work, None, **settings), **shared.env()}
     else:
         env = lamina_env(work, work / "store", **settings)
     print(f"== starting server ({settings}) ...", flush=True)
