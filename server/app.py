@@ -25,6 +25,7 @@ from server.admin.router import router as admin_router
 from server.admin.ui import router as admin_ui_router
 from server.engine import Engine
 from server.errors import install_error_handlers
+from server.finetuning.backends import finetuning_backends
 from server.finetuning.router import router as finetuning_router
 from server.finetuning.service import FineTuningService
 from server.limits import BodySizeLimit
@@ -143,6 +144,7 @@ def create_app(settings: ServerSettings | None = None, *, start_engine: bool = T
         base_name=settings.base_model_name,
         default_method=settings.fallback_method,
         max_file_bytes=settings.max_file_bytes,
+        **finetuning_backends(settings),
     )
     install_error_handlers(app)
     install_log_records()

@@ -5,7 +5,8 @@ warnings and error. Events are derived from those, with stable ids, so listing t
 the same events. The board keeps only the latest progress, so the server also appends every
 progress point it sees (whenever a client reads the job) to ``<store>/finetuning/events/`` and
 lists those as loss events too: a client that polls sees a loss curve at its polling rate; one
-that only reads the finished job sees the last step.
+that only reads the finished job sees the last step. With ``LAMINA_DATABASE_URL`` set the points
+are rows in the database instead (:mod:`server.finetuning.events_database`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,20 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Protocol
 
 from server.finetuning.mapping import openai_job_id, unix
 from server.finetuning.protocol import FineTuneRecord, FineTuningJobEvent
 from trainer.contract.jobs import Job, JobStatus
+
+
+class ProgressPoints(Protocol):
+    """Where the server records the progress points it sees: :class:`ProgressLog` or, across
+    hosts, the database's :class:`server.finetuning.events_database.DatabaseProgressLog`."""
+
+    def observe(self, job: Job) -> None: ...
+
+    def points(self, job_id: str) -> list[dict]: ...
 
 
 class ProgressLog:

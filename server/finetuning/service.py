@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from adapters_store.atomic import atomic_write
 from server.errors import APIError
-from server.finetuning.events import ProgressLog, job_events
-from server.finetuning.files import FileStore
+from server.finetuning.events import ProgressLog, ProgressPoints, job_events
+from server.finetuning.files import Files, FileStore
 from server.finetuning.mapping import lamina_job_id, openai_job_id, plan, to_openai, unix
 from server.finetuning.protocol import (
     Checkpoint,
@@ -50,11 +50,15 @@ class FineTuningService:
         base_name: str,
         default_method: str,
         max_file_bytes: int,
+        files: Files | None = None,
+        progress: ProgressPoints | None = None,
     ) -> None:
+        """``files`` and ``progress``: where uploads and progress points live (default: files
+        under ``store_dir``; :func:`server.finetuning.backends.finetuning_backends` picks)."""
         self.training = training
         self.board = training.board
-        self.files = FileStore(store_dir)
-        self.progress = ProgressLog(store_dir)
+        self.files: Files = files if files is not None else FileStore(store_dir)
+        self.progress: ProgressPoints = progress if progress is not None else ProgressLog(store_dir)
         self.records = Path(store_dir) / "finetuning" / "jobs"
         self.records.mkdir(parents=True, exist_ok=True)
         self.base_names, self.base_name = base_names, base_name
@@ -228,7 +232,7 @@ def _unix_or_zero(timestamp: str | None) -> int:
     return unix(timestamp) or 0
 
 
-def _examples(files: FileStore, file_id: str, param: str) -> list[ExampleIn]:
+def _examples(files: Files, file_id: str, param: str) -> list[ExampleIn]:
     """A stored file's examples (checked at upload; checked again, naming ``param``)."""
     try:
         return parse_jsonl(files.content(file_id, param))

@@ -26,6 +26,12 @@ def _migrated(url: str) -> str:
     return url
 
 
+def migrated(url: str) -> str:
+    """``url``, its schema brought up to date once per process: for the backends other packages
+    build (the server's fine-tuning files), which must not migrate on every construction."""
+    return _migrated(url)
+
+
 def store_backends(settings: LaminaSettings) -> dict[str, Any]:
     """Keyword arguments for :class:`adapters_store.store.AdapterStore`: the ledger, the object
     storage and the store's shared name."""

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.errors import APIError
 from server.finetuning.events import job_events
+from server.finetuning.files_database import DatabaseFileStore
 from server.finetuning.mapping import STATUS, lamina_job_id, openai_job_id, plan, to_openai
 from server.finetuning.protocol import FineTuneRecord, FineTuningJobCreate, Hyperparameters
 from server.settings import ServerSettings
@@ -190,9 +191,18 @@ def job_time(seconds: int) -> int:
 # --- the routes, through the official client ----------------------------------------------------
 
 
+@pytest.fixture(params=["file", "database"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The routes run with files under the store and with LAMINA_DATABASE_URL (rows, every host's)."""
+    return str(request.param)
+
+
 @pytest.fixture
-def app_client(base_model_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
-    settings = ServerSettings(model=base_model_dir, home=tmp_path, max_file_bytes=2048)
+def app_client(
+    backend: str, base_model_dir: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[TestClient]:
+    database = {"database_url": request.getfixturevalue("database_url")} if backend == "database" else {}
+    settings = ServerSettings(model=base_model_dir, home=tmp_path, max_file_bytes=2048, **database)
     with TestClient(create_app(settings, start_engine=False)) as test_client:
         yield test_client
 
@@ -208,12 +218,19 @@ def jsonl(*lines: object) -> bytes:
     return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
-def test_files_round_trip(sdk: openai.OpenAI, app_client: TestClient, tmp_path: Path) -> None:
+def test_files_round_trip(
+    sdk: openai.OpenAI, app_client: TestClient, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     content = jsonl(*EXAMPLES)
     uploaded = sdk.files.create(file=("../../etc/train.jsonl", content), purpose="fine-tune")
     assert uploaded.id.startswith("file-") and uploaded.bytes == len(content)
     assert uploaded.filename == "train.jsonl"  # the name is recorded, never used as a path
-    assert (tmp_path / "store" / "files" / f"{uploaded.id}.jsonl").read_bytes() == content
+    on_disk = tmp_path / "store" / "files"
+    if backend == "file":
+        assert (on_disk / f"{uploaded.id}.jsonl").read_bytes() == content
+    else:  # a row of the store's, nothing on this host's disk
+        rows = DatabaseFileStore(request.getfixturevalue("database_url"), str((tmp_path / "store").resolve()))
+        assert rows.content(uploaded.id) == content and not on_disk.exists()
     assert sdk.files.retrieve(uploaded.id).id == uploaded.id
     assert [f.id for f in sdk.files.list()] == [uploaded.id]
     assert sdk.files.content(uploaded.id).content == content
@@ -221,7 +238,7 @@ def test_files_round_trip(sdk: openai.OpenAI, app_client: TestClient, tmp_path: 
     with pytest.raises(openai.NotFoundError):
         sdk.files.retrieve(uploaded.id)
     assert list(sdk.files.list()) == []
-    assert not list((tmp_path / "store" / "files").iterdir())
+    assert not on_disk.exists() or not list(on_disk.iterdir())
 
 
 def test_unknown_and_malformed_ids_are_404s(sdk: openai.OpenAI) -> None:
