@@ -37,7 +37,12 @@ class CorruptVersion(StoreError):
 
 class FenceLost(StoreError):
     """The publisher no longer holds the claim it was publishing under (its lease lapsed and the
-    job board gave the job up): the store refused the publish and wrote nothing."""
+    job board gave the job up): the store refused the publish and wrote nothing.
+
+    ``rolled_back``: the claim was checked in the ledger append's database transaction, so what
+    the job board recorded then (the job failing) was rolled back with it and must be asked again."""
+
+    rolled_back: bool = False
 
 
 class LiveChanged(StoreError):

@@ -27,15 +27,27 @@ class Fence(Protocol):
     def holds(self) -> bool: ...
 
 
-def check_fence(fence: Fence | None, name: str) -> None:
+def check_fence(fence: Fence | None, name: str, connection: object | None = None) -> None:
     """Refuse (:class:`FenceLost`) a publish of ``name`` whose publisher's claim has lapsed; call
-    under the store's writer lock, so the claim cannot lapse between this check and the write."""
-    if fence is not None and not fence.holds():
+    under the store's writer lock, so the claim cannot lapse between this check and the write.
+
+    ``connection`` is the database transaction that is about to append the ledger entries (the
+    database ledger passes it): a fence with ``holds_in(connection)`` (a claim on a job board in the
+    same database) checks and renews the claim in that transaction, so the claim and the publish
+    commit together or not at all."""
+    if fence is None:
+        return
+    holds_in = getattr(fence, "holds_in", None)
+    in_transaction = connection is not None and holds_in is not None
+    held = holds_in(connection) if in_transaction and holds_in is not None else fence.holds()
+    if not held:
         log.warning("refusing to publish %s: the publisher's claim (generation %d) lapsed", name, fence.token)
-        raise FenceLost(
+        error = FenceLost(
             f"the claim (generation {fence.token}) under which {name!r} was trained has lapsed; "
             "the store refused the publish and wrote nothing"
         )
+        error.rolled_back = in_transaction
+        raise error
 
 
 class Store(Protocol):

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,8 +47,13 @@ class LedgerBackend(Protocol):
 
     def read(self) -> list[dict[str, Any]]: ...
 
-    def append(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Stamp ``entries`` with the next ``seq`` numbers and the time; all land or none do."""
+    def append(
+        self, entries: list[dict[str, Any]], guard: Callable[[object | None], None] | None = None
+    ) -> list[dict[str, Any]]:
+        """Stamp ``entries`` with the next ``seq`` numbers and the time; all land or none do.
+        ``guard`` runs right before they are written and refuses by raising: it gets the database
+        transaction that will write them (None for the file ledger), so a check made there (the
+        publisher's fence) commits with the entries."""
         ...
 
     def writer_lock(self) -> AbstractContextManager[None]:
@@ -92,10 +97,14 @@ class Ledger:
         complete = data[: data.rfind(b"\n") + 1]
         return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
-    def append(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def append(
+        self, entries: list[dict[str, Any]], guard: Callable[[object | None], None] | None = None
+    ) -> list[dict[str, Any]]:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            if guard is not None:
+                guard(None)
             data = read_all(fd)
             keep = data.rfind(b"\n") + 1
             if keep != len(data):

@@ -6,7 +6,8 @@ they hold across machines:
 
 - an append is one transaction that numbers its entries after the last ``seq`` under a
   transaction-scoped advisory lock, so an operation's entries land together or not at all and
-  ``seq`` has no gaps;
+  ``seq`` has no gaps; a publisher's fence is checked inside it (with a job board in the same
+  database, the claim is renewed in it too), so a fenced publish is one commit;
 - the writer lock is a session advisory lock on a connection held for the whole change; if that
   connection dies the database releases the lock, and the publisher's fence (checked again just
   before the append) still stops a publisher that lost its claim meanwhile;
@@ -16,7 +17,7 @@ they hold across machines:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -47,9 +48,13 @@ class DatabaseLedger:
             ).fetchall()
         return [row[0] for row in rows]
 
-    def append(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def append(
+        self, entries: list[dict[str, Any]], guard: Callable[[object | None], None] | None = None
+    ) -> list[dict[str, Any]]:
         with connect(self.url) as connection, connection.transaction():
             connection.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("lamina-ledger", self.store),))
+            if guard is not None:
+                guard(connection)  # e.g. the publisher's claim, checked and renewed in this transaction
             row = connection.execute(
                 "SELECT coalesce(max(seq), 0) FROM lamina_ledger WHERE store = %s", (self.store,)
             ).fetchone()

@@ -248,7 +248,6 @@ class AdapterStore:
                 written.append(merge_dir)
                 self._upload(task_dir, task_files)
                 self._upload(merge_dir, merge_files)
-                check_fence(fence, name)
                 add: dict[str, Any] = {"op": "add_task", "task": name, "version": version, "id": task_id}
                 if fence is not None:
                     add["fence"] = fence.token
@@ -263,11 +262,16 @@ class AdapterStore:
                             "cause": "add_task",
                             "files": merge_files,
                         },
-                    ]
+                    ],
+                    guard=lambda connection: check_fence(fence, name, connection),
                 )
             except BaseException as error:
                 for path in written:
                     shutil.rmtree(path, ignore_errors=True)
+                if isinstance(error, FenceLost) and error.rolled_back and fence is not None:
+                    # the board's record of the lapse went with the append's transaction: asking
+                    # again records it (the job fails) in a transaction of its own
+                    fence.holds()
                 raise_if_disk_full(error, f"publishing {task_id}")
                 raise
         self._notify(entries[-1])

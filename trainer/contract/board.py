@@ -82,7 +82,10 @@ class JobRecords(Protocol):
     plus :meth:`locked`: one critical section across every process sharing the records, inside
     which the board reads, decides and writes (a read-modify-write that must not interleave)."""
 
-    def locked(self) -> AbstractContextManager[None]: ...
+    def locked(self, connection: object | None = None) -> AbstractContextManager[None]:
+        """The critical section; ``connection`` is a database transaction to join (the ledger
+        append's, when the claim is checked there), which backends without one ignore."""
+        ...
 
     def write(self, job: Job) -> None: ...
 
@@ -125,7 +128,7 @@ class FileJobRecords:
         return self.root / f"{checked_job_id(job_id)}.{kind}.jsonl"
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, connection: object | None = None) -> Iterator[None]:
         with open(self.root / ".lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -318,11 +321,15 @@ class JobBoard:
         or was failed as lapsed), which tells that worker to stop and publish nothing."""
         return self.update_claimed(job_id, worker, lease_expires_at=time.time() + lease_s) is not None
 
-    def holds(self, job_id: str, worker: str, generation: int, lease_s: float) -> bool:
+    def holds(
+        self, job_id: str, worker: str, generation: int, lease_s: float, connection: object | None = None
+    ) -> bool:
         """Whether ``worker``'s claim of ``generation`` on the job still holds; if it does, the
         lease is renewed, so the publish that asked has a whole lease to append its ledger
-        lines. A lapsed lease fails the job here (as everywhere on the board) and answers False."""
-        with self._locked():
+        lines. A lapsed lease fails the job here (as everywhere on the board) and answers False.
+        ``connection``: a database transaction to do it in (the ledger append's), for records
+        that can join one; others ignore it."""
+        with self.records.locked(connection) if connection is not None else self._locked():
             job = self._fail_lapsed([self.get(job_id)])[0]
             if job.status not in CLAIMED or job.worker != worker or job.generation != generation:
                 return False
@@ -395,6 +402,11 @@ class ClaimFence:
 
     def holds(self) -> bool:
         return self.board.holds(self.job_id, self.worker, self.token, self.lease_s)
+
+    def holds_in(self, connection: object) -> bool:
+        """:meth:`holds`, in the database transaction that appends the publish's ledger entries,
+        so the claim's renewal and the publish commit together (a board in the same database)."""
+        return self.board.holds(self.job_id, self.worker, self.token, self.lease_s, connection)
 
 
 def example_from_json(data: dict[str, Any]) -> TrainingExample:

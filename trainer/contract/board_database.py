@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import psycopg
@@ -42,12 +42,16 @@ class DatabaseJobRecords:
         self._current = _Current()
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        """One transaction under the store's board lock; re-entered, it joins the one open."""
+    def locked(self, connection: object | None = None) -> Iterator[None]:
+        """One transaction under the store's board lock; re-entered, it joins the one open. Given
+        ``connection`` (a transaction on this database, e.g. the ledger append's), it runs in that
+        one, which commits or rolls back the board's writes together with its own."""
         if self._current.connection is not None:
             yield
             return
-        with connect(self.url) as connection:
+        with ExitStack() as stack:
+            if not isinstance(connection, psycopg.Connection):
+                connection = stack.enter_context(connect(self.url))  # a transaction of its own
             connection.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("lamina-board", self.store),))
             self._current.connection = connection
             try:

@@ -102,7 +102,7 @@ def test_crash_during_publish_leaves_nothing_visible(
         if (fail_at == "task" and len(calls) == 1) or (fail_at == "merge" and len(calls) == 2):
             raise OSError("disk full")
 
-    def failing_append(self: object, entries: list[dict]) -> list[dict]:
+    def failing_append(self: object, entries: list[dict], guard: object = None) -> list[dict]:
         raise OSError("disk full")
 
     monkeypatch.setattr(LoraAdapter, "save_peft", failing_save)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from adapters_store.errors import FenceLost
+from adapters_store.interface import check_fence
 from adapters_store.store import AdapterStore
 from tests.support.database import unique_store
 from tests.support.store import FP, META, backend_options, make_adapter, visible_versions
@@ -99,3 +100,36 @@ def test_another_generation_of_the_same_worker_does_not_hold(board: JobBoard) ->
     assert board.holds(job_id, "w1", job.generation, lease_s=30)
     assert not board.holds(job_id, "w1", job.generation + 1, lease_s=30)
     assert not board.holds(job_id, "w2", job.generation, lease_s=30)
+
+
+def test_with_a_database_the_claim_and_the_publish_commit_together(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fence is checked and the lease renewed inside the transaction that appends the ledger
+    entries (as ``AdapterStore.publish`` asks the database ledger to): when that transaction fails
+    after the check, the renewal is rolled back with it; when it commits, both land."""
+    from adapters_store import ledger_database
+
+    options = backend_options("database", request)
+    ledger: ledger_database.DatabaseLedger = options["ledger"]
+    board = JobBoard(records=DatabaseJobRecords(ledger.url, ledger.store))
+    (job_id,) = queue(board, "a")
+    job = board.claim_next("w1", lease_s=30)
+    assert job is not None
+    lease = board.get(job_id).lease_expires_at
+    fence = board.fence(job, lease_s=600)
+
+    def no_insert(entry: object) -> object:
+        raise ConnectionError("the connection dropped mid-commit")
+
+    monkeypatch.setattr(
+        ledger_database, "Jsonb", no_insert
+    )  # fails after the fence's check, in the transaction
+    with pytest.raises(ConnectionError):
+        ledger.append([{"op": "note"}], guard=lambda connection: check_fence(fence, "a", connection))
+    assert ledger.read() == [] and board.get(job_id).lease_expires_at == lease  # the renewal went too
+    monkeypatch.undo()
+    ledger.append([{"op": "note"}], guard=lambda connection: check_fence(fence, "a", connection))
+    renewed = board.get(job_id).lease_expires_at
+    assert [e["op"] for e in ledger.read()] == ["note"]
+    assert lease is not None and renewed is not None and renewed > lease + 500  # committed with the entry
