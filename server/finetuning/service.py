@@ -1,12 +1,14 @@
 """The logic behind ``/v1/files`` and ``/v1/fine_tuning/jobs``: files are kept in the store, a
 fine-tuning job is a Lamina task submitted through the same ``TrainingService`` as
 ``POST /tasks`` (one job board, one queue), plus a small record of the OpenAI request in
-``<store>/finetuning/jobs/``."""
+``<store>/finetuning/jobs/`` (with ``LAMINA_DATABASE_URL`` set, rows in the database instead:
+:mod:`server.finetuning.records_database`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ValidationError
@@ -31,6 +33,7 @@ from server.finetuning.protocol import (
 )
 from server.training.protocol import ExampleIn, TaskCreate
 from server.training.service import TrainingService, parse_jsonl
+from trainer.contract.board import checked_job_id
 from trainer.contract.jobs import Job, JobNotFound, JobStatus
 
 PURPOSE = "fine-tune"
@@ -39,6 +42,56 @@ UPLOAD_CHUNK = 1 << 20
 _PARAMS = {"name": "suffix", "method": "metadata.lamina_method", "examples": "training_file"}
 
 Item = TypeVar("Item", bound=BaseModel)
+
+
+class FineTuneRecords(Protocol):
+    """Where the OpenAI request of each job created through ``/v1/fine_tuning/jobs`` is kept:
+    :class:`FileFineTuneRecords` or, across hosts, the database's
+    :class:`server.finetuning.records_database.DatabaseFineTuneRecords`. A job id is checked
+    (:func:`trainer.contract.board.checked_job_id`) before any path or query is built from it."""
+
+    def put(self, record: FineTuneRecord) -> None: ...
+
+    def get(self, job_id: str) -> FineTuneRecord | None:
+        """The job's record; ``None`` when it has none (a job posted to ``/tasks``), its id is
+        malformed, or what is kept does not read as a record."""
+        ...
+
+    def many(self, job_ids: Iterable[str]) -> dict[str, FineTuneRecord]:
+        """The records of those of ``job_ids`` that have one (as :meth:`get`), by job id."""
+        ...
+
+
+def well_formed_job_id(job_id: str) -> bool:
+    """Whether ``job_id`` has the board's shape: a malformed one reads as a job with no record."""
+    try:
+        checked_job_id(job_id)
+    except JobNotFound:
+        return False
+    return True
+
+
+class FileFineTuneRecords:
+    """The records as ``<store>/finetuning/jobs/<job id>.json``, each written atomically."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.root = Path(store_dir) / "finetuning" / "jobs"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def put(self, record: FineTuneRecord) -> None:
+        atomic_write(self.root / f"{checked_job_id(record.job_id)}.json", record.model_dump_json().encode())
+
+    def get(self, job_id: str) -> FineTuneRecord | None:
+        if not well_formed_job_id(job_id):
+            return None
+        try:
+            return FineTuneRecord.model_validate_json((self.root / f"{job_id}.json").read_bytes())
+        except (FileNotFoundError, ValidationError):  # a job posted to /tasks
+            return None
+
+    def many(self, job_ids: Iterable[str]) -> dict[str, FineTuneRecord]:
+        found = {job_id: self.get(job_id) for job_id in job_ids}
+        return {job_id: record for job_id, record in found.items() if record is not None}
 
 
 class FineTuningService:
@@ -52,15 +105,16 @@ class FineTuningService:
         max_file_bytes: int,
         files: Files | None = None,
         progress: ProgressPoints | None = None,
+        records: FineTuneRecords | None = None,
     ) -> None:
-        """``files`` and ``progress``: where uploads and progress points live (default: files
-        under ``store_dir``; :func:`server.finetuning.backends.finetuning_backends` picks)."""
+        """``files``, ``progress`` and ``records``: where uploads, progress points and the jobs'
+        OpenAI requests live (default: files under ``store_dir``;
+        :func:`server.finetuning.backends.finetuning_backends` picks)."""
         self.training = training
         self.board = training.board
         self.files: Files = files if files is not None else FileStore(store_dir)
         self.progress: ProgressPoints = progress if progress is not None else ProgressLog(store_dir)
-        self.records = Path(store_dir) / "finetuning" / "jobs"
-        self.records.mkdir(parents=True, exist_ok=True)
+        self.records: FineTuneRecords = records if records is not None else FileFineTuneRecords(store_dir)
         self.base_names, self.base_name = base_names, base_name
         self.default_method = default_method
         self.max_file_bytes = max_file_bytes
@@ -136,7 +190,7 @@ class FineTuningService:
             metadata=request.metadata,
             hyperparameters=planned.requested,
         )
-        atomic_write(self.records / f"{job.id}.json", record.model_dump_json().encode())
+        self.records.put(record)
         return to_openai(job, record, self.base_name)
 
     def retrieve(self, ftjob_id: str) -> FineTuningJob:
@@ -147,7 +201,8 @@ class FineTuningService:
         jobs = [self.training.seen_here(job) for job in reversed(self.board.fail_lapsed())]  # newest first
         for job in jobs:
             self.progress.observe(job)
-        listed = [to_openai(job, self._record(job.id), self.base_name) for job in jobs]
+        records = self.records.many(job.id for job in jobs)  # one read for the list, not one per job
+        listed = [to_openai(job, records.get(job.id), self.base_name) for job in jobs]
         page, has_more = _page(listed, after, limit, "after")
         return FineTuningJobList(data=page, has_more=has_more)
 
@@ -201,10 +256,7 @@ class FineTuningService:
         return job
 
     def _record(self, job_id: str) -> FineTuneRecord | None:
-        try:
-            return FineTuneRecord.model_validate_json((self.records / f"{job_id}.json").read_bytes())
-        except (FileNotFoundError, ValidationError):  # a job posted to /tasks
-            return None
+        return self.records.get(job_id)  # None for a job posted to /tasks
 
 
 def _page(items: list[Item], after: str | None, limit: int, param: str) -> tuple[list[Item], bool]:

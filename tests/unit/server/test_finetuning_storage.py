@@ -1,5 +1,5 @@
-"""Where the fine-tuning API keeps uploaded files and the progress points it records: files under
-the store's directory, or rows in PostgreSQL for servers on several hosts. Both backends must
+"""Where the fine-tuning API keeps uploaded files, the progress points it records and the jobs'
+OpenAI requests: files under the store's directory, or rows in PostgreSQL for servers on several hosts. Both backends must
 behave alike (the tests of the classes run against each), and the database ones must share across
 hosts what the file ones share through a directory."""
 
@@ -11,8 +11,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import openai
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from psycopg.types.json import Jsonb
 
 from bench.object_storage import S3Server
 from server.app import create_app
@@ -22,9 +24,12 @@ from server.finetuning.events import ProgressLog, ProgressPoints
 from server.finetuning.events_database import DatabaseProgressLog
 from server.finetuning.files import Files, FileStore
 from server.finetuning.files_database import DatabaseFileStore
+from server.finetuning.protocol import FineTuneRecord, Hyperparameters
+from server.finetuning.records_database import DatabaseFineTuneRecords
+from server.finetuning.service import FileFineTuneRecords, FineTuneRecords
 from server.settings import ServerSettings
 from tests.support.database import unique_store
-from trainer.contract.board import Job, Progress
+from trainer.contract.board import Job, JobNotFound, Progress
 
 HOSTILE_IDS = ["file-..", "../ledger", "file-../../ledger", "FILE-0123456789abcdef01234567", "file-0123", ""]
 UNKNOWN_ID = "file-0123456789abcdef01234567"
@@ -51,6 +56,10 @@ def open_progress(backend: str, place: tuple[str, str]) -> ProgressPoints:
     return ProgressLog(Path(place[0])) if backend == "file" else DatabaseProgressLog(*place)
 
 
+def open_records(backend: str, place: tuple[str, str]) -> FineTuneRecords:
+    return FileFineTuneRecords(Path(place[0])) if backend == "file" else DatabaseFineTuneRecords(*place)
+
+
 @pytest.fixture
 def files(backend: str, place: tuple[str, str]) -> Files:
     return open_files(backend, place)
@@ -59,6 +68,11 @@ def files(backend: str, place: tuple[str, str]) -> Files:
 @pytest.fixture
 def progress(backend: str, place: tuple[str, str]) -> ProgressPoints:
     return open_progress(backend, place)
+
+
+@pytest.fixture
+def records(backend: str, place: tuple[str, str]) -> FineTuneRecords:
+    return open_records(backend, place)
 
 
 def not_found(call: object, *args: object) -> APIError:
@@ -184,6 +198,88 @@ def test_stores_in_one_database_keep_their_own_points(database_url: str) -> None
     assert other.points("job-0123abcd") == []
 
 
+# --- the jobs' OpenAI requests ------------------------------------------------------------------
+
+HOSTILE_JOB_IDS = ["job-..", "../ledger", "job-../../ledger", "job-", "job-a b", "JOB-0123abcd", ""]
+
+
+def record(job_id: str = "job-0123abcd", **fields: object) -> FineTuneRecord:
+    return FineTuneRecord.model_validate(
+        {
+            "job_id": job_id,
+            "model": "base",
+            "training_file": UNKNOWN_ID,
+            "validation_file": "file-fedcba9876543210fedcba98",
+            "suffix": "codes",
+            "seed": 7,
+            "metadata": {"lamina_method": "lori-d", "team": "search"},
+            "hyperparameters": Hyperparameters(n_epochs=3, batch_size="auto", learning_rate_multiplier=0.5),
+            **fields,
+        }
+    )
+
+
+def test_a_record_reads_back_whole_and_only_for_its_job(records: FineTuneRecords) -> None:
+    made = record()
+    records.put(made)
+    assert records.get("job-0123abcd") == made
+    assert records.get("job-ffff0000") is None  # a job posted to /tasks has none
+    other = record("job-00000001", suffix=None, metadata=None, validation_file=None)
+    records.put(other)
+    wanted = ["job-0123abcd", "job-ffff0000", "job-00000001", "job-0123abcd"]
+    assert records.many(wanted) == {"job-0123abcd": made, "job-00000001": other}
+    assert records.many(iter(["job-00000001"])) == {"job-00000001": other}  # any iterable, read once
+    assert records.many([]) == {}
+    replaced = record(suffix="again")
+    records.put(replaced)  # written again (as an atomic file replace would): the last one stays
+    assert records.get("job-0123abcd") == replaced
+
+
+@pytest.mark.parametrize("job_id", HOSTILE_JOB_IDS)
+def test_hostile_job_ids_have_no_record_and_are_never_written(records: FineTuneRecords, job_id: str) -> None:
+    assert records.get(job_id) is None
+    assert records.many([job_id, "job-0123abcd"]) == {}
+    with pytest.raises(JobNotFound):
+        records.put(record(job_id))
+
+
+@pytest.mark.parametrize("job_id", HOSTILE_JOB_IDS)
+def test_hostile_job_ids_are_refused_before_any_query(job_id: str) -> None:
+    nowhere = DatabaseFineTuneRecords("postgresql://nobody@127.0.0.1:1/none", "s")  # any query would fail
+    assert nowhere.get(job_id) is None
+    assert nowhere.many([job_id]) == {}
+    with pytest.raises(JobNotFound):
+        nowhere.put(record(job_id))
+
+
+def test_what_does_not_read_as_a_record_is_no_record(backend: str, place: tuple[str, str]) -> None:
+    records = open_records(backend, place)
+    records.put(record("job-00000001"))
+    garbage = {"job_id": "job-0123abcd", "model": "base"}  # no training file: not a record
+    if backend == "file":
+        (Path(place[0]) / "finetuning" / "jobs" / "job-0123abcd.json").write_text(json.dumps(garbage))
+    else:
+        with psycopg.connect(place[0]) as connection:
+            connection.execute(
+                "INSERT INTO lamina_finetuning_jobs (store, job_id, record) VALUES (%s, %s, %s)",
+                (place[1], "job-0123abcd", Jsonb(garbage)),
+            )
+    assert records.get("job-0123abcd") is None
+    assert list(records.many(["job-0123abcd", "job-00000001"])) == ["job-00000001"]
+
+
+def test_two_hosts_on_one_store_share_records_and_other_stores_do_not(database_url: str) -> None:
+    store = unique_store()
+    here, there = DatabaseFineTuneRecords(database_url, store), DatabaseFineTuneRecords(database_url, store)
+    elsewhere = DatabaseFineTuneRecords(database_url, unique_store())
+    made = record()
+    here.put(made)
+    assert there.get(made.job_id) == made and there.many([made.job_id]) == {made.job_id: made}
+    assert elsewhere.get(made.job_id) is None and elsewhere.many([made.job_id]) == {}
+    elsewhere.put(record(suffix="theirs"))  # the same job id in another store: its own row
+    assert here.get(made.job_id) == made
+
+
 # --- two servers, each with its own home, sharing a database and a bucket -----------------------
 
 
@@ -226,8 +322,33 @@ def test_a_file_uploaded_to_one_server_trains_a_job_created_on_another(
     assert not (tmp_path / "host-a" / "store" / "files").exists()  # a row, not a file on host a
     assert [f.id for f in sdk(b).files.list()] == [uploaded.id]
     assert sdk(b).files.content(uploaded.id).content == content
-    job = sdk(b).fine_tuning.jobs.create(training_file=uploaded.id, model="base", suffix="codes")
+    validation = sdk(a).files.create(file=("v.jsonl", content), purpose="fine-tune")
+    job = sdk(b).fine_tuning.jobs.create(
+        training_file=uploaded.id,
+        validation_file=validation.id,
+        model="base",
+        suffix="codes",
+        seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}},
+        metadata={"lamina_method": "lori-d", "team": "search"},
+    )
     task = a.get(f"/tasks/{job.model_extra['lamina_job_id']}").json()  # type: ignore[index]
     assert (task["name"], task["n_examples"]) == ("codes", 2)
+
+    # The job's OpenAI request reads back whole on the other server: retrieved, listed, its events.
+    assert not (tmp_path / "host-b" / "store" / "finetuning" / "jobs").exists()  # a row, not a file
+    retrieved = sdk(a).fine_tuning.jobs.retrieve(job.id)
+    (listed,) = sdk(a).fine_tuning.jobs.list().data
+    for seen in (retrieved, listed):
+        assert seen.id == job.id
+        assert (seen.training_file, seen.validation_file) == (uploaded.id, validation.id)
+        assert seen.metadata == {"lamina_method": "lori-d", "team": "search"}
+        assert (seen.hyperparameters.n_epochs, seen.hyperparameters.batch_size) == (3, 2)
+        assert seen.hyperparameters.learning_rate_multiplier == "auto"
+        assert seen.model_dump() == job.model_dump()
+    events = sdk(a).fine_tuning.jobs.list_events(job.id).data
+    assert any(e.message.startswith(f"validation_file {validation.id}") for e in events)
+
     assert sdk(b).files.delete(uploaded.id).deleted
+    assert sdk(b).files.delete(validation.id).deleted
     assert list(sdk(a).files.list()) == []
