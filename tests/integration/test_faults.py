@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -249,11 +250,13 @@ def test_a_version_damaged_on_disk_never_goes_live(stack: Stack, monkeypatch: py
 
     real_append = ledger_module.Ledger.append
 
-    def damage_then_append(ledger: ledger_module.Ledger, entries: list[dict]) -> list[dict]:
+    def damage_then_append(
+        ledger: ledger_module.Ledger, entries: list[dict], guard: Any = None
+    ) -> list[dict]:
         """The disk changes one bit of the new version after it was written, before it is read."""
         add = next(e for e in entries if e["op"] == "add_task")
         flip_last_byte(store_dir / "tasks" / add["task"] / f"v{add['version']}" / "adapter_model.safetensors")
-        return real_append(ledger, entries)
+        return real_append(ledger, entries, guard)
 
     monkeypatch.setattr(ledger_module.Ledger, "append", damage_then_append)
     store.publish("damaged", store.task_adapter(store.tasks()[0].name), {"method": METHOD}, live.method)
