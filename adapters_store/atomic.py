@@ -1,4 +1,5 @@
-"""One way to replace a file so that readers see the old content or the new, never half of it.
+"""One way to replace a file so that readers see the old content or the new, never half of it,
+and one way to hold a lock file across processes.
 
 The job board, the fine-tuning API's files and the stats cache all write this way; the store's
 versions are directories and have their own rename in :mod:`adapters_store.versions`.
@@ -6,10 +7,24 @@ versions are directories and have their own rename in :mod:`adapters_store.versi
 
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def locked_file(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block: every process on
+    this host that locks the same file waits its turn. The lock goes with the process if it dies."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:

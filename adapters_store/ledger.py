@@ -14,11 +14,13 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
+
+from adapters_store.atomic import locked_file
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +144,8 @@ class FileLedger(Ledger):
     def location(self) -> str:
         return str(self.root)
 
-    @contextmanager
-    def writer_lock(self) -> Iterator[None]:
-        with (self.root / LOCK_FILE).open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def writer_lock(self) -> AbstractContextManager[None]:
+        return locked_file(self.root / LOCK_FILE)
 
     def bind(self, fingerprint: str) -> str:
         path = self.root / STORE_FILE

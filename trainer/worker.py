@@ -12,7 +12,6 @@ else a file lock) so two workers never publish from the same starting state.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import socket
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery.signals import worker_ready
 
+from adapters_store.atomic import locked_file
 from adapters_store.database import UNAVAILABLE
 from adapters_store.errors import DiskFull, FenceLost, LiveChanged
 from adapters_store.events import redis_notifier
@@ -389,9 +389,5 @@ def store_turn(settings: LaminaSettings) -> Iterator[Any]:
                 log.warning("training lock expired (or Redis restarted) before release")
     else:
         settings.store_dir.mkdir(parents=True, exist_ok=True)
-        with open(settings.store_dir / ".train.lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield lambda: None
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with locked_file(settings.store_dir / ".train.lock"):
+            yield lambda: None

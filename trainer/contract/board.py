@@ -13,18 +13,16 @@ Part of the server↔trainer contract; imports nothing heavy. The job model itse
 
 from __future__ import annotations
 
-import fcntl
 import json
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from adapters_store.atomic import atomic_write
+from adapters_store.atomic import atomic_write, locked_file
 from trainer.config import ChatExample, ChatMessage, Example, TrainingExample
 from trainer.contract.jobs import Job, JobError, JobNotFound, JobRefused, JobStatus, Progress, PublicJob
 
@@ -127,14 +125,8 @@ class FileJobRecords:
             raise ValueError(f"unknown kind of examples: {kind!r}")
         return self.root / f"{checked_job_id(job_id)}.{kind}.jsonl"
 
-    @contextmanager
-    def locked(self, connection: object | None = None) -> Iterator[None]:
-        with open(self.root / ".lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def locked(self, connection: object | None = None) -> AbstractContextManager[None]:
+        return locked_file(self.root / ".lock")
 
     def write(self, job: Job) -> None:
         atomic_write(self._path(job.id), job.model_dump_json(indent=1))
