@@ -133,6 +133,10 @@ def serve(
     overrides = {k: v for k, v in {"host": host, "port": port, "model": model}.items() if v is not None}
     settings = load_settings(ServerSettings, **overrides)
     require_model(settings)
+    from trainer.contract.backends import database_problem
+
+    if problem := database_problem(settings):
+        fail(problem, 2)
     _use_log_format(settings.log_format)
     uvicorn.run(
         create_app(settings),

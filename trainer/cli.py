@@ -24,6 +24,11 @@ def worker(
     except ValidationError as error:  # one line naming the variable, as the `lamina` commands do
         typer.echo(f"lamina: {setting_error(error)}", err=True)
         raise typer.Exit(2) from None
+    from trainer.contract.backends import database_problem
+
+    if problem := database_problem(checked):
+        typer.echo(f"lamina: {problem}", err=True)
+        raise typer.Exit(2)
     use_log_format(checked.log_format)  # the worker module reads the settings again at import
     from trainer.worker import celery, settings
 

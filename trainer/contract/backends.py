@@ -32,6 +32,20 @@ def migrated(url: str) -> str:
     return _migrated(url)
 
 
+def database_problem(settings: LaminaSettings) -> str | None:
+    """One line saying why the database cannot be used (unreachable, refused the schema), for the
+    ``lamina serve`` and ``lamina worker`` commands to stop with at start; None when it can."""
+    if not settings.database_url:
+        return None
+    from adapters_store.database import UNAVAILABLE
+
+    try:
+        migrated(settings.database_url)
+    except UNAVAILABLE as error:
+        return f"LAMINA_DATABASE_URL: cannot reach PostgreSQL ({str(error).splitlines()[0]})"
+    return None
+
+
 def store_backends(settings: LaminaSettings) -> dict[str, Any]:
     """Keyword arguments for :class:`adapters_store.store.AdapterStore`: the ledger, the object
     storage and the store's shared name."""

@@ -152,6 +152,15 @@ class LaminaSettings(BaseSettings):
             )
         return self
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_is_postgresql(cls, value: str | None) -> str | None:
+        if value is not None and value.partition("://")[0].split("+")[0] not in ("postgresql", "postgres"):
+            raise ValueError(
+                "database_url must be a PostgreSQL URL: postgresql://user:password@host:5432/database"
+            )
+        return value
+
     @field_validator("max_lora_rank")
     @classmethod
     def _rank_is_a_vllm_slot(cls, value: int) -> int:

@@ -5,6 +5,9 @@ of its own, sees the job and reads the published version from the bucket."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from bench.object_storage import S3Server
 from tests.support.database import unique_store
 from trainer import worker
 from trainer.config import Example
-from trainer.contract.backends import open_board
+from trainer.contract.backends import database_problem, open_board
 from trainer.contract.board import JobStatus
 from trainer.contract.settings import LaminaSettings
 
@@ -59,3 +62,29 @@ def test_a_job_trained_on_one_host_is_published_for_every_host(
 def test_an_object_store_without_a_database_is_refused_naming_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="LAMINA_DATABASE_URL"):
         LaminaSettings(home=tmp_path, store="s3://bucket/prefix")
+
+
+def test_a_database_that_is_not_postgresql_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="PostgreSQL URL"):
+        LaminaSettings(home=tmp_path, database_url="mysql://lamina@db/lamina")
+
+
+def test_an_unreachable_database_stops_serve_and_worker_at_start_with_one_line(
+    tmp_path: Path, database_url: str
+) -> None:
+    assert database_problem(LaminaSettings(home=tmp_path, database_url=database_url)) is None
+    env = {
+        **os.environ,
+        "LAMINA_HOME": str(tmp_path),
+        "LAMINA_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x",
+    }
+    for command in (["lamina", "serve"], ["lamina-worker"]):
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / command[0]), *command[1:]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "LAMINA_DATABASE_URL: cannot reach PostgreSQL" in done.stderr.strip().splitlines()[-1]
