@@ -18,7 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from adapters_store.fingerprint import fingerprint_model
 from bench import serving_common as common
+from tests.support.backend import MULTI_HOST, stack_board, stack_store
 from tests.support.processes import RedisServer, RunningServer, start_server, stop_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.integration]
@@ -57,6 +59,9 @@ class Degraded:
         return list(httpx.get(f"{self.url}/tasks", timeout=10).json()["data"])
 
     def board_files(self) -> list[str]:
+        """What the job board holds: its files, or its rows when the store is in a database."""
+        if MULTI_HOST:
+            return [job.id for job in stack_board({"LAMINA_HOME": str(self.home)}).all()]
         jobs = self.home / "store" / "jobs"
         return sorted(p.name for p in jobs.iterdir() if not p.name.startswith(".")) if jobs.exists() else []
 
@@ -113,7 +118,10 @@ def test_without_the_queue_tasks_are_a_503_and_no_job_is_recorded(degraded: Degr
 def test_without_redis_a_publish_goes_live_through_the_ledger_poll(
     degraded: Degraded, base_model_dir: Path
 ) -> None:
-    store = common.open_store(degraded.home / "store", base_model_dir)  # a writer that cannot announce
+    # a writer that cannot announce
+    store = stack_store(
+        {"LAMINA_HOME": str(degraded.home)}, fingerprint_model(base_model_dir), base_model=str(base_model_dir)
+    )
     published = common.publish_random(
         store, "synthetic", common.target_shapes(base_model_dir), 2, 1, "lori-d", "concat"
     )

@@ -18,6 +18,7 @@ import redis
 
 from server.processes import ManagedProcess, ProcessFailed, free_port
 from server.processes import start_server as start_lamina_server
+from tests.support.backend import stack_env
 
 __all__ = ["REPO", "RedisServer", "RunningServer", "free_port", "start_server", "stop_server"]
 
@@ -32,7 +33,7 @@ def start_server(env_overrides: dict[str, str], log_path: Path) -> RunningServer
     """Start ``lamina serve`` and wait for /ready; fail with the server's log if it never is.
     Its state goes under the log's directory unless ``env_overrides`` says where: never the
     repository's own var/."""
-    env = {"LAMINA_HOME": str(log_path.parent / "home"), **env_overrides}
+    env = stack_env({"LAMINA_HOME": str(log_path.parent / "home"), **env_overrides})
     try:
         return start_lamina_server(env, log_path, name="server", timeout_s=SERVER_START_TIMEOUT_S, cwd=REPO)
     except ProcessFailed as failed:

@@ -3,7 +3,6 @@ process, and helpers to post tasks and wait for them. Shared by the service, fau
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 import uuid
@@ -19,6 +18,7 @@ import pytest
 import redis
 
 from server import processes
+from tests.support.backend import stack_env, stack_ledger
 from tests.support.processes import REPO, RunningServer, start_server, stop_server
 
 # Only a failing test waits this long: a 120-step job on the embedded model took over 240 s on
@@ -53,8 +53,7 @@ class Stack:
         return self.server.url
 
     def ledger(self) -> list[dict]:
-        text = (self.home / "store" / "ledger.jsonl").read_text()
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return stack_ledger({"LAMINA_HOME": str(self.home), **self.env})
 
 
 def require_redis(url: str = REDIS_URL) -> None:
@@ -96,7 +95,7 @@ def stop_together(*stops: Callable[[], object]) -> None:
 def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
     """The training worker in its own process group (so a test can kill all of it at once),
     its output appended to ``log_path``."""
-    return processes.start_worker(env, log_path, cwd=REPO).process
+    return processes.start_worker(stack_env(env), log_path, cwd=REPO).process
 
 
 def stop_worker(worker: subprocess.Popen) -> None:

@@ -6,7 +6,7 @@ the same store the same way.
 - ``LAMINA_DATABASE_URL``: the ledger, the writer lock and the job board in PostgreSQL (the
   schema is brought up to date once per process);
 - ``LAMINA_STORE=s3://...``: the versions' files in object storage too, each process keeping a
-  verified local copy under ``<home>/store``.
+  verified local copy under ``<home>/copies/<digest of the URL>``.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ command line. Imports nothing heavy: the API process uses it too.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 from typing import Literal, Self
@@ -44,7 +45,8 @@ class LaminaSettings(BaseSettings):
         None,
         description="Where the adapter store is: a directory (default <home>/store), or an object-storage URL "
         "(s3://bucket/prefix, any S3-compatible service) that every process reads through its own verified "
-        "local copy under <home>/store. A URL needs LAMINA_DATABASE_URL, which then holds the ledger.",
+        "local copy under <home>/copies/<digest of the URL>. A URL needs LAMINA_DATABASE_URL, which then "
+        "holds the ledger.",
     )
     database_url: str | None = Field(
         None,
@@ -196,10 +198,11 @@ class LaminaSettings(BaseSettings):
     @property
     def store_dir(self) -> Path:
         """The store's directory on this host: the store itself, or this host's local copy of a
-        store in object storage."""
-        if self.store is None or self.store_is_remote:
-            return self.home / "store"
-        return Path(self.store)
+        store in object storage, one folder per URL (a copy of one bucket's ``m1`` must never be
+        taken for another's, nor its numbers skipped by another store)."""
+        if self.store is not None and self.store_is_remote:
+            return self.home / "copies" / hashlib.sha256(self.store.encode()).hexdigest()[:16]
+        return Path(self.store) if self.store is not None else self.home / "store"
 
     @property
     def store_location(self) -> str:

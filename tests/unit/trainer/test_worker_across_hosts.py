@@ -88,3 +88,14 @@ def test_an_unreachable_database_stops_serve_and_worker_at_start_with_one_line(
         )
         assert done.returncode == 2, done.stderr[-2000:]
         assert "LAMINA_DATABASE_URL: cannot reach PostgreSQL" in done.stderr.strip().splitlines()[-1]
+
+
+def test_each_store_in_a_bucket_has_a_local_copy_of_its_own(tmp_path: Path) -> None:
+    """A user who points LAMINA_STORE at another bucket under the same home gets a new copy: the
+    first store's m1 is never taken for the second's, nor does it push the second's numbers on."""
+    url = "postgresql://lamina@db/lamina"
+    first = LaminaSettings(home=tmp_path, database_url=url, store="s3://bucket/one")
+    second = LaminaSettings(home=tmp_path, database_url=url, store="s3://bucket/two")
+    assert first.store_dir != second.store_dir
+    assert {first.store_dir.parent, second.store_dir.parent} == {tmp_path / "copies"}
+    assert LaminaSettings(home=tmp_path).store_dir == tmp_path / "store"
