@@ -19,7 +19,6 @@ Any fsspec filesystem works (``s3://`` through s3fs against AWS or any S3-compat
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -30,7 +29,7 @@ from typing import Any
 import fsspec
 
 from adapters_store.errors import CorruptVersion, StoreError
-from adapters_store.integrity import verify_tree
+from adapters_store.integrity import sha256_file, verify_tree
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ class ObjectStorage:
                     raise StoreError(
                         f"{label}: {relative} (sha256 {digest[:12]}…) is missing from {self.url}"
                     )
-                if _sha256(targets[relative]) != digest:
+                if sha256_file(targets[relative]) != digest:
                     raise CorruptVersion(
                         f"{label}: {relative} in {self.url} does not match its recorded sha256"
                     )
@@ -104,11 +103,3 @@ class ObjectStorage:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

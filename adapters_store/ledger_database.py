@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 from psycopg.types.json import Jsonb
 
 from adapters_store.database import connect, lock_key
@@ -55,10 +56,7 @@ class DatabaseLedger:
             connection.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("lamina-ledger", self.store),))
             if guard is not None:
                 guard(connection)  # e.g. the publisher's claim, checked and renewed in this transaction
-            row = connection.execute(
-                "SELECT coalesce(max(seq), 0) FROM lamina_ledger WHERE store = %s", (self.store,)
-            ).fetchone()
-            seq = int(row[0]) if row else 0
+            seq = self._last_seq(connection)
             ts = now()
             stamped = [{"seq": seq + i, "ts": ts, **entry} for i, entry in enumerate(entries, start=1)]
             with connection.cursor() as cursor:
@@ -84,9 +82,13 @@ class DatabaseLedger:
 
     def stamp(self) -> object:
         with connect(self.url) as connection:
-            row = connection.execute(
-                "SELECT coalesce(max(seq), 0) FROM lamina_ledger WHERE store = %s", (self.store,)
-            ).fetchone()
+            return self._last_seq(connection)
+
+    def _last_seq(self, connection: psycopg.Connection[Any]) -> int:
+        """The store's last ``seq`` (0: no entry yet)."""
+        row = connection.execute(
+            "SELECT coalesce(max(seq), 0) FROM lamina_ledger WHERE store = %s", (self.store,)
+        ).fetchone()
         return int(row[0]) if row else 0
 
     def bind(self, fingerprint: str) -> str:

@@ -43,9 +43,14 @@ def _services() -> tuple[str, Any]:
     return stack.enter_context(scratch_database()), stack.enter_context(s3_server())
 
 
+def _local_store(env: dict[str, str]) -> Path:
+    """The store directory a stack ``env`` names on files: ``LAMINA_STORE``, else ``<home>/store``."""
+    return Path(env.get("LAMINA_STORE") or Path(env["LAMINA_HOME"]) / "store")
+
+
 def _store_url(env: dict[str, str]) -> str:
     """The bucket prefix of the stack ``env`` describes: one per store directory it would use."""
-    local = env.get("LAMINA_STORE") or str(Path(env["LAMINA_HOME"]) / "store")
+    local = str(_local_store(env))
     return f"s3://lamina-test/stack-{hashlib.sha256(local.encode()).hexdigest()[:16]}"
 
 
@@ -70,7 +75,7 @@ def stack_store(env: dict[str, str], fingerprint: str, **options: Any) -> Adapte
     """The store of the stack ``env`` describes, opened from this process (as a third host when
     the store is in a bucket: with a local copy of its own under the stack's home)."""
     if not MULTI_HOST:
-        root = Path(env.get("LAMINA_STORE") or Path(env["LAMINA_HOME"]) / "store")
+        root = _local_store(env)
         return AdapterStore(root, fingerprint, **options)
     from adapters_store.blobs import ObjectStorage
     from adapters_store.ledger_database import DatabaseLedger
@@ -92,7 +97,7 @@ def stack_ledger(env: dict[str, str]) -> list[dict[str, Any]]:
     if not MULTI_HOST:
         import json
 
-        path = Path(env.get("LAMINA_STORE") or Path(env["LAMINA_HOME"]) / "store") / "ledger.jsonl"
+        path = _local_store(env) / "ledger.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     from adapters_store.ledger_database import DatabaseLedger
 
@@ -103,7 +108,7 @@ def stack_ledger(env: dict[str, str]) -> list[dict[str, Any]]:
 def stack_board(env: dict[str, str]) -> JobBoard:
     """The stack's job board, wherever it is kept."""
     if not MULTI_HOST:
-        return JobBoard(Path(env.get("LAMINA_STORE") or Path(env["LAMINA_HOME"]) / "store"))
+        return JobBoard(_local_store(env))
     from trainer.contract.board_database import DatabaseJobRecords
 
     database_url, _ = _services()

@@ -19,17 +19,13 @@ from trainer.contract.settings import LaminaSettings
 
 
 @cache
-def _migrated(url: str) -> str:
+def migrated(url: str) -> str:
+    """``url``, its schema brought up to date once per process: every backend built on it (here and
+    the server's fine-tuning files) calls this, so no construction migrates again."""
     from adapters_store.database import migrate
 
     migrate(url)
     return url
-
-
-def migrated(url: str) -> str:
-    """``url``, its schema brought up to date once per process: for the backends other packages
-    build (the server's fine-tuning files), which must not migrate on every construction."""
-    return _migrated(url)
 
 
 def database_problem(settings: LaminaSettings) -> str | None:
@@ -53,7 +49,7 @@ def store_backends(settings: LaminaSettings) -> dict[str, Any]:
     if settings.database_url:
         from adapters_store.ledger_database import DatabaseLedger
 
-        ledger = DatabaseLedger(_migrated(settings.database_url), settings.store_location)
+        ledger = DatabaseLedger(migrated(settings.database_url), settings.store_location)
     if settings.store is not None and settings.store_is_remote:
         from adapters_store.blobs import ObjectStorage
 
@@ -67,5 +63,5 @@ def open_board(settings: LaminaSettings) -> JobBoard:
     if settings.database_url:
         from trainer.contract.board_database import DatabaseJobRecords
 
-        return JobBoard(records=DatabaseJobRecords(_migrated(settings.database_url), settings.store_location))
+        return JobBoard(records=DatabaseJobRecords(migrated(settings.database_url), settings.store_location))
     return JobBoard(settings.store_dir)
